@@ -1,0 +1,73 @@
+"""Rank-0 printing, metrics as JSON lines (and accelerate trackers), and the loss plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def is_main_process() -> bool:
+    """True on the process that prints and writes (rank 0 under torchrun/accelerate, or alone)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def echo(*args, **kwargs) -> None:
+    """print() on the main process only; every user-facing line goes through here."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def warn(message: str) -> None:
+    """A warning line on stderr, main process only."""
+    if is_main_process():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class MetricsLog:
+    """Appends one JSON object per logging step to ``metrics.jsonl`` and forwards to accelerate's trackers."""
+
+    def __init__(self, path: Path, accelerator=None):
+        self.path = path
+        self.accelerator = accelerator
+        self.records: list[dict] = []
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        if not is_main_process():
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.accelerator is not None and self.accelerator.trackers:
+            values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            self.accelerator.log(values, step=record["step"])
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl file."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss(records: list[dict], out: Path) -> Path:
+    """Training loss (and eval loss where logged) against step, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

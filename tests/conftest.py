@@ -1,0 +1,61 @@
+"""Shared fixtures: real tiny models built in code, real processors, generated data. No downloads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory) -> Path:
+    """A fresh vlmtune cache per test session, so the builtin base is built (and tested) from scratch."""
+    path = Path(os.environ.get("VLMTUNE_TEST_CACHE") or tmp_path_factory.mktemp("vlmtune-cache"))
+    os.environ["VLMTUNE_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Qwen2-VL model folder with its tokenizer and processor."""
+    from vlmtune.builtin import write_random_init
+
+    return write_random_init(tmp_path_factory.mktemp("tiny-random"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """(model, processor) loaded from ``tiny_dir`` the way users load a model folder."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_pretrained(tiny_dir), AutoProcessor.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def base_dir() -> Path:
+    """The builtin pretrained base (built once per session)."""
+    from vlmtune.builtin import ensure_base
+
+    return ensure_base()
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """Generated shapes data: position task (train/eval) and two-image compare samples."""
+    from vlmtune.shapes import generate_shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    generate_shapes(out, 64, "position", seed=0, name="train")
+    generate_shapes(out, 16, "position", seed=1, name="eval")
+    generate_shapes(out, 8, "compare", seed=2, name="compare")
+    return out
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
