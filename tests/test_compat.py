@@ -62,6 +62,7 @@ TUNING = [
     ("all-freeze-language-model", {"lora_target": "all", "freeze_language_model": True}, (F, ALL, F, F)),
     ("all-vision-unfrozen", {"lora_target": "all", "freeze_vision_tower": False}, (ALL, ALL, ALL, F)),
     ("merger-vision-unfrozen", {"lora_target": "merger", "freeze_vision_tower": False}, (FULL, ALL, F, F)),
+    ("names-vision-unfrozen", {"lora_target": "q_proj,v_proj", "freeze_vision_tower": False}, (FULL, F, QV, F)),
     ("additional-merger-with-lm-lora", {"lora_target": "q_proj,v_proj", "additional_target": "merger"}, (F, FULL, QV, F)),
     ("additional-merger-default-target", {"additional_target": "merger"}, (F, FULL, ALL, F)),
     ("additional-merger-with-all", {"lora_target": "all", "additional_target": "merger"}, (F, FULL, ALL, F)),
@@ -307,7 +308,7 @@ ERRORS = [
     ("finetuning-freeze", {"finetuning_type": "freeze"}, "'finetuning_type: freeze' is not supported; use lora or full"),
     ("report_to-wandb", {"report_to": "wandb"}, "'report_to: wandb' is not supported; use tensorboard or none"),
     ("names-without-group", {"lora_target": "merger,q_proj", "freeze_language_model": True},
-     "lora_target names q_proj but freeze_language_model and freeze_vision_tower leave no group for them"),
+     "lora_target names q_proj but freeze_language_model: true leaves no group for them"),
     ("lora_rnk", {"lora_rnk": 8}, "unknown key 'lora_rnk' (did you mean 'lora_rank'?)"),
     ("cutof_len", {"cutof_len": 8}, "unknown key 'cutof_len' (did you mean 'cutoff_len'?)"),
 ]

@@ -101,24 +101,27 @@ def _tuning(raw: dict, lines: list[str], problems: list[str]) -> dict[str, dict]
 
     targets = _split_list(raw.get("lora_target", "all"))
     names = [t for t in targets if t not in GROUP_ALIASES and t != "all"]
+    fully_trained = {GROUP_ALIASES.get(t) for t in _split_list(raw.get("additional_target"))}
     lora_groups: dict[str, Any] = {}
     if "all" in targets:
+        # `all` means every linear layer of the groups that train, the projector included unless it is
+        # frozen or trained fully by additional_target.
         if not freeze_language:
             lora_groups["language_model"] = "all-linear"
-        if not freeze_projector:
+        if not freeze_projector and "projector" not in fully_trained:
             lora_groups["projector"] = "all-linear"
-        if not freeze_vision:
+        if not freeze_vision and "vision_tower" not in fully_trained:
             lora_groups["vision_tower"] = "all-linear"
     for t in targets:
         if t in GROUP_ALIASES:
             lora_groups[GROUP_ALIASES[t]] = "all-linear"
     if names:
-        if not freeze_language and lora_groups.get("language_model") != "all-linear":
+        # Layer names (q_proj, v_proj, ...) are the language model's; an unfrozen vision tower is then
+        # trained fully (below), as its layers have other names (Qwen2-VL: qkv, proj, fc1, fc2).
+        if freeze_language:
+            problems.append(f"lora_target names {', '.join(names)} but freeze_language_model: true leaves no group for them")
+        elif lora_groups.get("language_model") != "all-linear":
             lora_groups["language_model"] = names
-        if not freeze_vision and "vision_tower" not in lora_groups:
-            lora_groups["vision_tower"] = names
-        if freeze_language and freeze_vision:
-            problems.append(f"lora_target names {', '.join(names)} but freeze_language_model and freeze_vision_tower leave no group for them")
     for g, t in lora_groups.items():
         groups[g] = {"mode": "lora", "targets": t}
     # LLaMA-Factory's defaults: rank 8, alpha 2 x rank, no dropout.
@@ -175,8 +178,13 @@ def translate(raw: dict) -> tuple[dict, list[str], list[str]]:
             lines.append(f"{key}: {flat[key]} -> {path}")
     if TUNING_KEYS & set(flat):
         out["groups"] = _tuning(flat, lines, problems)
-    if "stage" in flat and flat["stage"] != "sft":
-        problems.append(f"'stage: {flat['stage']}' is not supported; vlmtune trains supervised fine-tuning (stage: sft)")
+    if "stage" in flat:
+        if flat["stage"] != "sft":
+            problems.append(f"'stage: {flat['stage']}' is not supported; vlmtune trains supervised fine-tuning (stage: sft)")
+        else:
+            lines.append("stage: sft -> not needed (vlmtune train is supervised fine-tuning)")
+    if "finetuning_type" in flat and flat["finetuning_type"] == "lora":
+        lines.append("finetuning_type: lora -> LoRA per group, as lora_target says")
     if flat.get("bf16") or flat.get("fp16"):
         dtype = "bfloat16" if flat.get("bf16") else "float16"
         _set(out, "model.dtype", dtype)

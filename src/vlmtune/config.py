@@ -198,26 +198,50 @@ def suggest(name: str, valid: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+_TYPE_LABELS = {"str", "int", "float", "bool", "dict", "list", "tuple", "none", "literal"}
+
+
 def format_validation_error(err: ValidationError, extra_valid: list[str] | None = None) -> list[str]:
     """Turns pydantic's errors into one line each, naming the key and what would be valid."""
-    problems = []
+    problems: list[str] = []
     for e in err.errors():
-        loc = tuple(e["loc"])
+        # pydantic puts the union member it tried into the location ("targets.list[str].0"); keep only keys and indexes.
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_LABELS)))
         key = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
             valid = _fields_at(loc) + (extra_valid or [] if len(loc) == 1 else [])
             problems.append(f"unknown key '{key}'{suggest(str(loc[-1]), valid)}; valid here: {', '.join(_fields_at(loc))}")
         else:
-            problems.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+            line = f"'{key}': {e['msg']} (got {e.get('input')!r})"
+            same_key = [i for i, p in enumerate(problems) if p.startswith(f"'{key}': ")]
+            if same_key:  # one line per key: a union reports each member's complaint
+                problems[same_key[0]] = problems[same_key[0]].replace(" (got", f", or {e['msg']} (got", 1)
+            else:
+                problems.append(line)
+    return problems
+
+
+def raw_problems(raw: dict) -> list[str]:
+    """Checks that need only the raw config dict, so they are reported even beside schema errors."""
+    problems = []
+    groups = raw.get("groups") if isinstance(raw.get("groups"), dict) else {}
+    for name in groups:
+        if name not in GROUPS:
+            problems.append(f"'groups.{name}' is not a component group{suggest(str(name), list(GROUPS))}; groups are {', '.join(GROUPS)}")
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    path = model.get("path", BUILTIN_MODEL)
+    if isinstance(path, str) and path != BUILTIN_MODEL:
+        p = Path(path)
+        if not p.is_dir():
+            problems.append(f"'model.path': '{p}' is not a local folder (vlmtune loads local model folders only; download it first, or use {BUILTIN_MODEL})")
+        elif not (p / "config.json").is_file():
+            problems.append(f"'model.path': '{p}' has no config.json")
     return problems
 
 
 def semantic_problems(cfg: Config) -> list[str]:
-    """Cross-field checks that a schema cannot express; every problem is collected."""
+    """Cross-field checks on a validated config that a schema cannot express."""
     problems = []
-    for name in cfg.groups:
-        if name not in GROUPS:
-            problems.append(f"'groups.{name}' is not a component group{suggest(name, list(GROUPS))}; groups are {', '.join(GROUPS)}")
     for name, g in cfg.groups.items():
         if isinstance(g.targets, str) and g.targets not in ("all-linear", "attention", "mlp"):
             problems.append(f"'groups.{name}.targets': '{g.targets}' is not all-linear, attention or mlp; give a list for module names, e.g. [{g.targets}]")
@@ -225,12 +249,6 @@ def semantic_problems(cfg: Config) -> list[str]:
             problems.append(f"'groups.{name}.targets' is an empty list")
     if not any(cfg.group(g).mode != "frozen" for g in GROUPS):
         problems.append("every group is frozen: set at least one of groups.<group>.mode to lora or full")
-    if cfg.model.path != BUILTIN_MODEL:
-        p = Path(cfg.model.path)
-        if not p.is_dir():
-            problems.append(f"'model.path': '{p}' is not a local folder (vlmtune loads local model folders only; download it first, or use {BUILTIN_MODEL})")
-        elif not (p / "config.json").is_file():
-            problems.append(f"'model.path': '{p}' has no config.json")
     return problems
 
 
@@ -254,6 +272,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, ech
     for line in lines:
         echo(line)
     merged = deep_merge({"groups": DEFAULT_GROUPS}, native)
+    problems += raw_problems(merged)
     try:
         cfg = Config.model_validate(merged)
     except ValidationError as e:

@@ -58,9 +58,10 @@ def label_segments(processor, chat: list[dict]) -> list[tuple[str, bool]]:
     for k, message in enumerate(chat):
         if message["role"] != "assistant":
             continue
-        start = len(render(chat[:k], tokenize=False, add_generation_prompt=True))
+        prompt = render(chat[:k], tokenize=False, add_generation_prompt=True)
         upto = render(chat[: k + 1], tokenize=False)
-        if not full.startswith(upto) or start > len(upto) or start < pos:
+        start = len(prompt)
+        if not (full.startswith(upto) and upto.startswith(prompt)) or start < pos:
             raise ValueError("the chat template does not render conversation prefixes as prefixes of the whole; "
                              "vlmtune cannot locate the assistant answers for label masking")
         segments.append((full[pos:start], False))

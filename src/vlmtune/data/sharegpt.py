@@ -95,12 +95,15 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
     turns = obj.get(key)
     if not isinstance(turns, list) or not turns:
         return None, [f"{where}: no '{key}' list of turns (expected 'messages' or 'conversations')"]
-    role_key = fmt.role_tag or ("role" if key == "messages" or "role" in turns[0] else "from")
+    first = turns[0] if isinstance(turns[0], dict) else {}
+    role_key = fmt.role_tag or ("role" if key == "messages" or "role" in first else "from")
     content_key = fmt.content_tag or ("content" if role_key == "role" else "value")
     problems: list[str] = []
     messages: list[tuple[str, str]] = []
+    turn_of: list[str] = []  # how each message is named in errors: its turn index in the file
     if fmt.system and obj.get(fmt.system):
         messages.append(("system", str(obj[fmt.system])))
+        turn_of.append(f"'{fmt.system}'")
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             problems.append(f"{where}: turn {i} is not an object")
@@ -114,6 +117,7 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
             problems.append(f"{where}: turn {i} has no text '{content_key}'")
             continue
         messages.append((role, content))
+        turn_of.append(str(i))
     if problems:
         return None, problems
     body = [r for r, _ in messages if r != "system"]
@@ -123,9 +127,9 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
         problems.append(f"{where}: roles out of order ({' -> '.join(body)}); expected user, assistant, user, assistant, ...")
     elif body[-1] != "assistant":
         problems.append(f"{where}: the last turn is from the user; a training sample ends with an assistant answer")
-    for i, (role, content) in enumerate(messages):
+    for turn, (role, content) in zip(turn_of, messages):
         if role == "assistant" and not content.strip():
-            problems.append(f"{where}: assistant turn {i} is empty")
+            problems.append(f"{where}: assistant turn {turn} is empty")
     raw_images = obj.get(fmt.images) or []
     if isinstance(raw_images, str):
         raw_images = [raw_images]
