@@ -15,7 +15,7 @@ import torch
 import transformers
 from torch import nn
 
-from real_configs import REAL_CONFIGS
+from tests.real_configs import REAL_CONFIGS
 from vlmtune.archs import GROUPS, REGISTRY, Layout, find_arch
 from vlmtune.groups import (
     assign_groups,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from tests.conftest import write_jsonl
 from vlmtune.config import DataConfig
 from vlmtune.data.dataset import resolve_source
 from vlmtune.data.sharegpt import DataError, Format, Sample, read_samples
