@@ -9,6 +9,16 @@ import pytest
 import torch
 
 
+def pytest_collection_modifyitems(config, items):
+    """GPU-only tests (marked ``gpu``) are skipped where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory) -> Path:
     """A fresh vlmtune cache per test session, so the builtin base is built (and tested) from scratch."""

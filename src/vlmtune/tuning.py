@@ -77,11 +77,12 @@ def build_plan(model: nn.Module, gmap: GroupMap, cfg: Config) -> list[GroupPlan]
     problems: list[str] = []
     plans: list[GroupPlan] = []
     unmatched_by_name: dict[str, list[str]] = {}
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
     for group in GROUPS:
         s = cfg.group(group)
         names = gmap.params_in(group)
         plan = GroupPlan(group=group, mode=s.mode, lr=cfg.group_lr(group), weight_decay=cfg.group_weight_decay(group),
-                         total_params=sum(p.numel() for n, p in model.named_parameters() if n in set(names)))
+                         total_params=sum(sizes[n] for n in names))
         if s.mode == "lora":
             plan.modules, unmatched = _lora_targets(model, gmap, group, s)
             plan.rank, plan.alpha, plan.dropout = s.rank, s.lora_alpha, s.dropout
