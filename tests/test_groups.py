@@ -22,7 +22,7 @@ from vlmtune.groups import (
     group_of,
     linear_modules,
     matches_target_name,
-    maximal_group_modules,
+    owner_modules,
     module_kind,
     pattern_match_length,
 )
@@ -232,11 +232,13 @@ def test_language_model_and_lm_head_linear_modules(real):
     assert linear_modules(model, groups, "lm_head") == ["lm_head"]
 
 
-def test_maximal_modules_of_real_models(real):
+def test_owner_modules_of_real_models(real):
     _, _, model, _, groups = real
-    assert maximal_group_modules(model, groups, "vision_tower") == ["model.visual.patch_embed", "model.visual.blocks"]
-    assert maximal_group_modules(model, groups, "projector") == ["model.visual.merger"]
-    assert maximal_group_modules(model, groups, "language_model") == ["model.language_model"]
+    vision = owner_modules(model, groups, "vision_tower")
+    assert vision[0] == "model.visual.patch_embed.proj" and not any("merger" in m for m in vision)
+    assert owner_modules(model, groups, "projector") == [
+        "model.visual.merger.ln_q", "model.visual.merger.mlp.0", "model.visual.merger.mlp.2"]
+    assert owner_modules(model, groups, "language_model")[0] == "model.language_model.embed_tokens"
 
 
 def test_peft_prefixed_names_resolve_the_same(real):
@@ -439,7 +441,7 @@ def test_matches_target_name(module_name, target, expected):
 
 
 # ---------------------------------------------------------------------------------------------
-# maximal_group_modules on a tiny real model (CPU, real weights)
+# owner_modules on a tiny real model (CPU, real weights)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -471,18 +473,21 @@ def test_tiny_model_is_what_was_asked(tiny):
     assert groups.layout == NESTED
 
 
-def test_maximal_group_modules_tiny(tiny):
+def test_owner_modules_tiny(tiny):
     model, groups = tiny
-    assert maximal_group_modules(model, groups, "vision_tower") == ["model.visual.patch_embed", "model.visual.blocks"]
-    assert maximal_group_modules(model, groups, "projector") == ["model.visual.merger"]
-    assert maximal_group_modules(model, groups, "language_model") == ["model.language_model"]
-    assert maximal_group_modules(model, groups, "lm_head") == ["lm_head"]
+    assert owner_modules(model, groups, "projector") == [
+        "model.visual.merger.ln_q", "model.visual.merger.mlp.0", "model.visual.merger.mlp.2"]
+    assert owner_modules(model, groups, "lm_head") == ["lm_head"]
+    # never a ModuleList or a container: every owner holds parameters of its own
+    for group in GROUPS:
+        for name in owner_modules(model, groups, group):
+            assert list(model.get_submodule(name).parameters(recurse=False)), name
 
 
 @pytest.mark.parametrize("group", GROUPS)
-def test_maximal_group_modules_cover_exactly_the_group(tiny, group):
+def test_owner_modules_cover_exactly_the_group(tiny, group):
     model, groups = tiny
-    chosen = maximal_group_modules(model, groups, group)
+    chosen = owner_modules(model, groups, group)
     covered = sorted(
         f"{m}.{n}" for m in chosen for n, _ in model.get_submodule(m).named_parameters()
     )

@@ -116,23 +116,16 @@ def matches_target_name(module_name: str, target: str) -> bool:
     return module_name == target or module_name.endswith("." + target)
 
 
-def maximal_group_modules(model: nn.Module, groups: GroupMap, group: str) -> list[str]:
-    """The largest submodules all of whose parameters belong to ``group``.
+def owner_modules(model: nn.Module, groups: GroupMap, group: str) -> list[str]:
+    """Modules of ``group`` that own parameters directly (linear, conv, norm, embedding leaves).
 
     A fully trained group is saved through peft's ``modules_to_save``, which takes module names.
-    Naming the maximal submodules (rather than the group's root) keeps a LoRA group nested inside it
-    (the projector inside the vision tower) out of the copy.
+    Leaf owners rather than the group's root, so that peft never wraps a ModuleList (which cannot be
+    iterated through its wrapper) or a container holding a LoRA group of its own (the projector
+    inside the vision tower).
     """
-    owned: dict[str, bool] = {}
-    for name, module in model.named_modules():
-        params = [n for n, _ in module.named_parameters(prefix=name, remove_duplicate=False)]
-        owned[name] = bool(params) and all(groups.group_of(p) == group for p in params)
-    chosen: list[str] = []
-    for name, is_owned in owned.items():
-        if not is_owned or not name:
-            continue
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        if parent and owned.get(parent, False):
-            continue
-        chosen.append(name)
-    return chosen
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and any(True for _ in module.parameters(recurse=False)) and groups.group_of(name) == group
+    ]

@@ -9,7 +9,7 @@ from torch import nn
 
 from vlmtune.archs import GROUPS
 from vlmtune.config import Config, ConfigError, GroupConfig
-from vlmtune.groups import GroupMap, linear_modules, matches_target_name, module_kind
+from vlmtune.groups import GroupMap, linear_modules, matches_target_name, module_kind, owner_modules
 
 ADAPTER = "default"
 
@@ -42,19 +42,6 @@ def _lora_targets(model: nn.Module, gmap: GroupMap, group: str, settings: GroupC
     selected = [n for n in linears if any(matches_target_name(n, x) for x in names)]
     unmatched = [x for x in names if not any(matches_target_name(n, x) for n in linears)]
     return selected, unmatched
-
-
-def _full_modules(model: nn.Module, gmap: GroupMap, group: str) -> list[str]:
-    """Modules that own parameters directly and belong to ``group``: saved whole by peft's modules_to_save.
-
-    Leaf owners rather than the group's root, so that peft never wraps a ModuleList (which cannot be
-    iterated through its wrapper) or a container holding a LoRA group of its own.
-    """
-    return [
-        name
-        for name, module in model.named_modules()
-        if name and any(True for _ in module.parameters(recurse=False)) and gmap.group_of(name) == group
-    ]
 
 
 def linear_names_by_group(model: nn.Module, gmap: GroupMap) -> str:
@@ -94,7 +81,7 @@ def build_plan(model: nn.Module, gmap: GroupMap, cfg: Config) -> list[GroupPlan]
                     f"groups.{group}: mode lora with targets {s.targets!r} resolves to no nn.Linear layer; "
                     f"the group contains {', '.join(contents) or 'no parameters'} ({linear_names_by_group(model, gmap)})")
         elif s.mode == "full":
-            plan.modules = _full_modules(model, gmap, group) if names else []
+            plan.modules = owner_modules(model, gmap, group) if names else []
             if not plan.modules:
                 problems.append(f"groups.{group}: mode full but the group has no parameters of its own "
                                 "(e.g. an lm_head tied to the input embeddings)")
