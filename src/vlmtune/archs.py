@@ -8,7 +8,7 @@ name, because the projector sits inside the vision tower (Qwen2-VL: ``model.visu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 GROUPS: tuple[str, ...] = ("vision_tower", "projector", "language_model", "lm_head")
 """The component groups every architecture entry names, in the order plans are printed."""
@@ -34,7 +34,6 @@ class ArchSpec:
     # group's LoRA targets say so. Path components, matched exactly, never as substrings.
     attention_containers: tuple[str, ...] = ("self_attn", "attn", "attention", "cross_attn")
     mlp_containers: tuple[str, ...] = ("mlp", "feed_forward", "ffn")
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _qwen_vl_layouts() -> tuple[Layout, ...]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 
@@ -17,12 +16,6 @@ def echo(*args, **kwargs) -> None:
     """print() on the main process only; every user-facing line goes through here."""
     if is_main_process():
         print(*args, **kwargs, flush=True)
-
-
-def warn(message: str) -> None:
-    """A warning line on stderr, main process only."""
-    if is_main_process():
-        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class MetricsLog:
@@ -42,11 +35,6 @@ class MetricsLog:
         if self.accelerator is not None and self.accelerator.trackers:
             values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             self.accelerator.log(values, step=record["step"])
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def plot_loss(records: list[dict], out: Path) -> Path:
