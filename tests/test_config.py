@@ -13,11 +13,14 @@ from vlmtune.archs import GROUPS
 from vlmtune.config import (
     BUILTIN_MODEL,
     DEFAULT_GROUPS,
+    AugmentConfig,
     Config,
     ConfigError,
     DataConfig,
+    EvalConfig,
     GroupConfig,
     ModelConfig,
+    StageConfig,
     TrainConfig,
     config_to_yaml,
     load_config,
@@ -333,7 +336,7 @@ def test_hub_id_is_not_accepted_as_model_path():
 
 def test_every_field_of_every_model_has_a_description():
     models = _models()
-    assert set(models) == {Config, ModelConfig, DataConfig, TrainConfig, GroupConfig}
+    assert set(models) == {Config, ModelConfig, DataConfig, AugmentConfig, TrainConfig, EvalConfig, GroupConfig, StageConfig}
     missing = [f"{m.__name__}.{name}" for m in models for name, f in m.model_fields.items()
                if not (f.description and f.description.strip())]
     assert missing == []
@@ -349,6 +352,8 @@ def _leaf_keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, obje
             out += _leaf_keys(field.annotation, key + ".")
         elif name == "groups" and model is Config:
             out += _leaf_keys(GroupConfig, "groups.<group>.")
+        elif name == "stages" and model is Config:
+            out += _leaf_keys(StageConfig, "stages[].")
         else:
             out.append((key, field))
     return out
@@ -358,7 +363,9 @@ def test_reference_lists_every_field_with_its_description_and_default():
     lines = reference()
     text = "\n".join(lines)
     leaves = _leaf_keys(Config)
-    assert len(leaves) == sum(len(m.model_fields) for m in (ModelConfig, DataConfig, TrainConfig, GroupConfig))
+    nested = {"augment"}  # DataConfig.augment is a section of its own
+    assert len(leaves) == sum(len(set(m.model_fields) - nested) for m in (
+        ModelConfig, DataConfig, AugmentConfig, TrainConfig, EvalConfig, GroupConfig, StageConfig))
     for key, field in leaves:
         entry = [line for line in lines if line.startswith(f"  {key} = ")]
         assert len(entry) == 1, key
@@ -394,7 +401,7 @@ def test_config_to_yaml_round_trip(tmp_path):
     ])
     text = config_to_yaml(cfg)
     raw = yaml.safe_load(text)
-    assert list(raw) == ["model", "groups", "data", "train"]
+    assert list(raw) == list(Config.model_fields)
     assert raw["train"]["adam_betas"] == [0.8, 0.95]
     path = _write(tmp_path / "config.yaml", text)
     again = load_config(path, echo=lambda line: pytest.fail(f"no translation expected, got {line!r}"))

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import write_jsonl
 from vlmtune.config import DataConfig
 from vlmtune.data.dataset import resolve_source
-from vlmtune.data.sharegpt import DataError, Format, Sample, read_samples
+from vlmtune.data.sharegpt import DataError, DuplicateFinder, Format, Problem, Sample, read_file, read_samples
 
 ASSETS = Path(__file__).parent / "assets"
 RED = ASSETS / "red_square.png"
@@ -317,11 +317,24 @@ def test_empty_file_holds_no_samples(data_dir):
     assert _errors(path) == [f"{path}: holds no samples"]
 
 
-def test_not_utf8(data_dir):
+def test_not_utf8_jsonl_names_the_line_and_reads_on(data_dir):
     path = data_dir / "t.jsonl"
-    path.write_bytes(b'{"messages": "\xff\xfe"}\n')
+    path.write_bytes(json.dumps(GOOD).encode() + b'\n{"messages": "\xff\xfe"}\n' + json.dumps(GOOD).encode() + b"\n")
+    (problem,) = _errors(path)
+    assert problem.startswith(f"{path}:2: not UTF-8 text (invalid start byte")
+
+
+def test_not_utf8_json_list_names_the_file(data_dir):
+    path = data_dir / "t.json"
+    path.write_bytes(b'[{"messages": "\xff\xfe"}]')
     (problem,) = _errors(path)
     assert problem.startswith(f"{path}: not UTF-8 text")
+
+
+def test_utf8_bom_is_accepted(data_dir):
+    path = data_dir / "t.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
+    assert [s.where for s in read_samples(path)] == [f"{path}:1"]
 
 
 def test_bad_json_place_in_a_json_list(data_dir):
@@ -369,3 +382,39 @@ def test_empty_answer_place_counts_turns_of_the_file_with_a_system_column(data_d
     }])
     problems = _errors(path, Format(system="system"))
     assert problems == [f"{path}:1: assistant turn 1 is empty"]
+
+
+# Each bad record's kind, as `vlmtune data check` counts it and `data.on_bad_sample: skip` reports it.
+KIND_OF = {
+    "image-missing": "image missing", "too-many-placeholders": "image count", "no-placeholder": "image count",
+    "placeholder-without-image": "image count", "roles-out-of-order": "roles out of order",
+    "assistant-first": "roles out of order", "system-not-first": "roles out of order", "ends-with-user": "roles out of order",
+    "unknown-role": "role", "unknown-from": "role", "empty-answer": "empty answer", "content-not-text": "bad sample",
+    "turn-not-object": "bad sample", "first-conversation-turn-not-object": "bad sample", "no-turns": "bad sample",
+    "empty-messages": "bad sample", "not-an-object": "bad sample",
+}
+
+
+@pytest.mark.parametrize("case", BAD_RECORDS, ids=[c[0] for c in BAD_RECORDS])
+def test_bad_sample_kind(data_dir, case):
+    name, record, _ = case
+    path = write_jsonl(data_dir / "bad.jsonl", [GOOD, record, GOOD])
+    got = list(read_file(path))
+    problems = [g for g in got if isinstance(g, Problem)]
+    assert [(p.where, p.kind) for p in problems] == [(f"{path}:2", KIND_OF[name])]
+    assert [g.where for g in got if isinstance(g, Sample)] == [f"{path}:1", f"{path}:3"]  # reading goes on
+
+
+def test_missing_role_key_is_a_role_problem(data_dir):
+    path = write_jsonl(data_dir / "t.jsonl", [{**GOOD, "messages": [{"content": "<image>a"}, _msg("assistant", "b")]}])
+    (problem,) = list(read_file(path))
+    assert problem == Problem(f"{path}:1", "role", "turn 0 has no 'role'; valid roles: user/human, assistant/gpt, system")
+
+
+def test_duplicates_name_the_first_place(data_dir):
+    path = write_jsonl(data_dir / "t.jsonl", [GOOD, CONVERSATIONS_RECORD, GOOD])
+    finder = DuplicateFinder()
+    found = [finder.check(s) for s in read_file(path)]
+    # the conversations spelling of the same turns and image is the same sample
+    assert [str(p) if p else None for p in found] == [
+        None, f"{path}:2: duplicate of {path}:1 (same messages and images)", f"{path}:3: duplicate of {path}:1 (same messages and images)"]

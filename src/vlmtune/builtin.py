@@ -17,7 +17,7 @@ import torch
 from vlmtune.data.dataset import cache_dir
 
 # Bump when anything below changes, so cached bases from another recipe are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 PRETRAIN = {
     "model": {"dtype": "float32"},
     "groups": {g: {"mode": "full"} for g in ("vision_tower", "projector", "language_model", "lm_head")},

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vlmtune.archs import GROUPS
 
@@ -59,6 +59,31 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = Field(False, description="allow a model folder's own Python code to run (off unless you trust the folder)")
 
 
+class AugmentConfig(_Strict):
+    """Seeded visual augmentation of the training split (torchvision transforms); evaluation data is never augmented."""
+
+    enabled: bool = Field(False, description="augment training images; each draw depends only on (seed, sample, epoch), so a resumed run sees the same images")
+    seed: int = Field(0, description="seed of the augmentation draws")
+    crop_scale: tuple[float, float] = Field((0.8, 1.0), description="random resized crop: range of the kept area fraction ([1, 1] turns cropping off); the crop is resized back to the image's size, so the processor's pixel bounds and image-token count are unchanged")
+    crop_ratio: tuple[float, float] = Field((0.75, 4 / 3), description="random resized crop: range of the crop's aspect ratio (width / height)")
+    brightness: float = Field(0.2, ge=0, description="colour jitter: brightness factor drawn from [1 - x, 1 + x] (0 turns it off)")
+    contrast: float = Field(0.2, ge=0, description="colour jitter: contrast factor drawn from [1 - x, 1 + x]")
+    saturation: float = Field(0.2, ge=0, description="colour jitter: saturation factor drawn from [1 - x, 1 + x]")
+    hue: float = Field(0.0, ge=0, le=0.5, description="colour jitter: hue shift drawn from [-x, x]; off by default because answers may name colours")
+    rotation: float = Field(5.0, ge=0, le=180, description="small rotation: angle in degrees drawn from [-x, x]")
+    flip: bool = Field(False, description="horizontal flip with probability 0.5; off by default because answers may say left or right")
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _ordered_range(cls, value: tuple[float, float], info) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high:
+            raise ValueError(f"needs 0 < low <= high, got [{low}, {high}]")
+        if info.field_name == "crop_scale" and high > 1:
+            raise ValueError(f"is a fraction of the image's area, at most 1, got [{low}, {high}]")
+        return value
+
+
 class DataConfig(_Strict):
     """Training and evaluation data."""
 
@@ -72,6 +97,9 @@ class DataConfig(_Strict):
     builtin_train_samples: int = Field(512, gt=0, description="number of generated samples for builtin shapes training data")
     builtin_eval_samples: int = Field(64, gt=0, description="number of generated samples for builtin shapes evaluation data")
     num_workers: int = Field(0, ge=0, description="data-loader worker processes")
+    on_bad_sample: Literal["error", "skip"] = Field("error", description="a bad sample (bad JSON line, unknown role, missing or corrupt image, ...) stops the run listing every problem (error), or is left out, counted by kind and named in the run folder (skip)")
+    decode_images: bool = Field(True, description="fully decode every image before training to find corrupt or truncated files (a few ms per image); false reads only image headers")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="visual augmentation of the training split")
 
 
 class TrainConfig(_Strict):
@@ -95,6 +123,36 @@ class TrainConfig(_Strict):
     save_steps: int | None = Field(None, gt=0, description="write a checkpoint every N steps")
     report_to: list[Literal["tensorboard"]] = Field(default_factory=list, description="extra trackers through accelerate (tensorboard)")
     progress_bar: bool = Field(True, description="show a progress bar with loss, learning rate and samples/s")
+    save_total_limit: int | None = Field(None, gt=0, description="keep only the newest N checkpoint-STEP folders (stage folders and final/ are always kept); empty keeps all")
+    resume: Literal["never", "auto"] = Field("never", description="auto: continue from the newest complete checkpoint in output_dir (weights, optimizer, scheduler, RNG, data position, stage); `vlmtune train --resume` sets it")
+    force_resume: bool = Field(False, description="resume even though model, groups, data or stages differ from the checkpoint's config (`--force-resume`)")
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss or gradient norm: stop (naming stage, step and the last good checkpoint) or skip that optimizer step and count it")
+    max_nonfinite_skips: int = Field(10, ge=0, description="with on_nonfinite: skip, stop after this many skipped steps in one run")
+    check_gradient_flow: bool = Field(True, description="at the first step of every stage, check that every trained group gets finite non-zero gradients and no frozen group gets any (stops with the group's name otherwise)")
+
+
+class StageConfig(_Strict):
+    """One stage of a progressive run; anything it does not set comes from the top level."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="stage name; its checkpoint is written to output_dir/<name>/")
+    groups: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-group settings that differ from the top-level groups (mode, lr, dropout, ...); LoRA weights and fully-trained weights carry over between stages")
+    steps: int | None = Field(None, gt=0, description="optimizer steps in this stage; empty means train.max_steps (or epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over this stage's training data (used when steps is empty)")
+    learning_rate: float | None = Field(None, gt=0, description="rate of groups without their own lr in this stage; empty means train.learning_rate")
+    warmup_steps: int | None = Field(None, ge=0, description="warmup steps of this stage's schedule; empty means the top-level warmup")
+    scheduler: Literal["cosine", "linear", "constant"] | None = Field(None, description="schedule of this stage; empty means train.scheduler")
+    data: dict[str, Any] = Field(default_factory=dict, description="data settings that differ in this stage, e.g. {train: file.jsonl, eval: other.jsonl}")
+
+
+class EvalConfig(_Strict):
+    """What `vlmtune eval` and the evaluation during training measure."""
+
+    samples: int | None = Field(64, gt=0, description="evaluate on the first N eval samples; empty means every sample")
+    batch_size: int = Field(16, gt=0, description="sequences per forward pass while scoring and generating")
+    max_new_tokens: int = Field(32, gt=0, description="longest generated answer (greedy decoding) for exact match, BLEU-4 and ROUGE")
+    generate_in_training: bool = Field(True, description="generate answers (exact match, BLEU-4, ROUGE) in the evaluations during training, not only in `vlmtune eval`")
+    alignment: bool = Field(True, description="measure vision-language alignment: image-ablation gap, caption retrieval, projector-to-answer similarity")
+    retrieval_k: int = Field(8, ge=2, description="caption retrieval group size: each image ranks the distinct answers of its group of K samples (chance = 1/candidates)")
 
 
 class Config(_Strict):
@@ -104,6 +162,8 @@ class Config(_Strict):
     groups: dict[str, GroupConfig] = Field(default_factory=dict, description="per component group: mode, LoRA settings, learning rate")
     data: DataConfig = Field(default_factory=DataConfig, description="the data")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the loop")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation: metrics, generation and alignment settings")
+    stages: list[StageConfig] = Field(default_factory=list, description="progressive training: stages run in order in one command, each writing output_dir/<name>/; empty means one stage")
 
     def group(self, name: str) -> GroupConfig:
         return self.groups.get(name) or GroupConfig()
@@ -152,12 +212,23 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
         node = out
-        for part in path[:-1]:
-            nxt = node.get(part)
-            if not isinstance(nxt, dict):
-                nxt = node[part] = {}
-            node = nxt
-        node[path[-1]] = value
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):  # stages.1.steps=5: an index into a list
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError([f"override '{text}': '{'.'.join(path[:depth])}' has {len(node)} entries, "
+                                       f"'{part}' is not an index 0..{len(node) - 1}"], "command line")
+                part = int(part)
+                if last:
+                    node[part] = value
+                elif not isinstance(node[part], (dict, list)):
+                    node[part] = {}
+            elif last:
+                node[part] = value
+            elif not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            if not last:
+                node = node[part]
     return out
 
 
@@ -182,6 +253,8 @@ def _fields_at(loc: tuple) -> list[str]:
     parent = loc[:-1]
     if parent and parent[0] == "groups":
         return list(GroupConfig.model_fields) if len(parent) == 2 else []
+    if parent and parent[0] == "stages":
+        return list(StageConfig.model_fields) if len(parent) == 2 else []
     model: type[BaseModel] = Config
     for part in parent:
         field = model.model_fields.get(str(part))
@@ -278,6 +351,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, ech
     except ValidationError as e:
         raise ConfigError(problems + format_validation_error(e, sorted(LLAMA_FACTORY_KEYS)), source) from None
     problems += semantic_problems(cfg)
+    if not problems and cfg.stages:
+        from vlmtune.stages import stage_problems
+
+        problems += stage_problems(cfg)
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -300,6 +377,9 @@ def reference(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
         elif name == "groups" and model is Config:
             lines.append(f"{key}.<{'|'.join(GROUPS)}>:  {field.description}")
             lines += reference(GroupConfig, f"{key}.<group>.")
+        elif name == "stages" and model is Config:
+            lines.append(f"{key}[]:  {field.description}")
+            lines += reference(StageConfig, f"{key}[].")
         else:
             default = field.get_default(call_default_factory=True)
             lines.append(f"  {key} = {default!r}\n      {field.description}")

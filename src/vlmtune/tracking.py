@@ -21,10 +21,14 @@ def echo(*args, **kwargs) -> None:
 class MetricsLog:
     """Appends one JSON object per logging step to ``metrics.jsonl`` and forwards to accelerate's trackers."""
 
-    def __init__(self, path: Path, accelerator=None):
+    def __init__(self, path: Path, accelerator=None, keep: int = 0):
+        """Starts ``path`` afresh, or keeps its first ``keep`` lines (a resumed run drops what came after its checkpoint)."""
         self.path = path
         self.accelerator = accelerator
-        self.records: list[dict] = []
+        old = path.read_text(encoding="utf-8").splitlines()[:keep] if keep and path.is_file() else []
+        self.records: list[dict] = [json.loads(line) for line in old]
+        if is_main_process():
+            path.write_text("".join(line + "\n" for line in old), encoding="utf-8")
 
     def log(self, record: dict) -> None:
         self.records.append(record)
@@ -51,6 +55,11 @@ def plot_loss(records: list[dict], out: Path) -> Path:
         ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
+    for r in records:
+        if "stage_start" in r:  # stage boundaries of a progressive run
+            ax.axvline(r["step"], color="grey", linestyle="--", linewidth=0.8)
+            ax.annotate(r["stage_start"], (r["step"], 1), xycoords=("data", "axes fraction"),
+                        xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (answer tokens)")
     ax.grid(alpha=0.3)

@@ -1,29 +1,50 @@
-"""The training recipe: config -> model -> trainability -> data -> optimizer -> loop -> outputs.
+"""The training recipe: config -> model -> trainability -> data -> for each stage: optimizer, loop, checkpoint.
 
-Reads top to bottom. accelerate places the model and data and synchronises processes, so
-``accelerate launch -m vlmtune train CONFIG`` runs this same code unchanged.
+Reads top to bottom: ``train`` sets up the run (or resumes it), ``run_stage`` trains one stage. accelerate
+places the model and data and synchronises processes, so ``accelerate launch -m vlmtune train CONFIG``
+runs this same code unchanged.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from vlmtune.checkpoint import adapter_size, save_checkpoint
-from vlmtune.config import Config, config_to_yaml
+from vlmtune.checkpoint import STEP_FOLDER, TMP_SUFFIX, adapter_size, begin, commit, prune, recover, save_checkpoint, write_model
+from vlmtune.config import Config, ConfigError, config_to_yaml
 from vlmtune.data.collate import collate
 from vlmtune.data.dataset import VLMDataset, build_dataset
-from vlmtune.groups import assign_groups
+from vlmtune.doctor import check_gradients, group_grad_norms
+from vlmtune.evaluate import evaluate_model, plot_metrics, report_table
+from vlmtune.groups import GroupMap, assign_groups
 from vlmtune.modeling import arch_for, load_model
 from vlmtune.optim import build_optimizer, build_scheduler, describe, param_groups
+from vlmtune.resume import STATE_DIR, Progress, TrainerState, config_changes, latest, read_state, restore_rng, write_rng, write_state
+from vlmtune.sampler import EpochSampler
+from vlmtune.stages import Stage, resolve_stages
 from vlmtune.tracking import MetricsLog, echo, plot_loss
-from vlmtune.tuning import apply_plan, build_plan, plan_table
+from vlmtune.tuning import GroupPlan, build_plan, plan_table, set_trainable, union_plans, wrap
+
+NONFINITE_EXIT = 3
+GRADIENT_FLOW_EXIT = 4
+
+
+class RunStopped(RuntimeError):
+    """The run ended early on purpose (a signal, a non-finite loss); the message says what to do next."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -36,17 +57,35 @@ class RunResult:
     first_eval_loss: float | None
     last_eval_loss: float | None
     last_loss: float | None
+    stage_dirs: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """What every stage of a run shares."""
+
+    cfg: Config
+    accelerator: object
+    out: Path
+    processor: object
+    gmap: GroupMap
+    metrics: MetricsLog
+    run_params: set[str]  # parameters any stage trains: the weights a resume state holds
+    last_checkpoint: Path | None = None
+    first_eval: float | None = None
+    last_eval: float | None = None
+    last_loss: float | None = None
 
 
 def make_loader(ds: VLMDataset, processor, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
-    """A DataLoader with the padding collator; shuffling is seeded."""
+    """A DataLoader with the padding collator; its order depends only on (seed, epoch) (see EpochSampler)."""
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     video_token = getattr(processor, "video_token", None)
     fn = partial(collate, pad_id=pad_id, image_token_id=tok.convert_tokens_to_ids(processor.image_token),
                  video_token_id=tok.convert_tokens_to_ids(video_token) if video_token else None)
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=fn, generator=gen, num_workers=workers)
+    return DataLoader(ds, batch_size=batch_size, sampler=EpochSampler(len(ds), seed, shuffle), collate_fn=fn,
+                      num_workers=workers, generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -63,118 +102,391 @@ def evaluate_loss(model, loader, accelerator) -> float:
     return float(total[0] / total[1].clamp(min=1))
 
 
+class StopSignals:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) become a request to save and stop at the next step; a second
+    signal acts as usual (the atomic checkpoint write keeps the previous checkpoint safe)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
 def train(cfg: Config) -> RunResult:
-    """Runs one fine-tuning job as configured and writes its outputs to ``cfg.train.output_dir``."""
+    """Runs a fine-tuning job (every stage, in order) and writes its outputs to ``cfg.train.output_dir``.
+
+    Raises:
+        RunStopped: a signal asked the run to stop (a checkpoint was written) or the loss became non-finite.
+        ConfigError: the plan is invalid, or a resume would mix runs with different settings.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     t = cfg.train
     out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, log_with=t.report_to or None,
                               project_dir=str(out))
     set_seed(t.seed)
+    stages = resolve_stages(cfg)
+    resume_from = prepare_output_dir(out, cfg, stages, accelerator)
     if accelerator.is_main_process:
         (out / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
-        (out / "metrics.jsonl").write_text("", encoding="utf-8")
-    if t.report_to:
-        accelerator.init_trackers("vlmtune")
 
-    # Model and trainability: every parameter in one group, each group frozen, LoRA or full.
+    # Model and trainability: every parameter in one group; each stage makes each group frozen, LoRA or full.
+    # LoRA that trains in any stage is injected now (B = 0 until it trains), so adapters carry over.
     model, processor = load_model(cfg.model, accelerator.device, echo=echo)
     gmap = assign_groups([n for n, _ in model.named_parameters()], arch_for(model, cfg.model))
-    plans = build_plan(model, gmap, cfg)
+    stage_plans = [build_plan(model, gmap, s.cfg) for s in stages]
+    union = union_plans(stage_plans)
     torch.manual_seed(t.seed)  # new LoRA weights depend on the seed only
-    model = apply_plan(model, gmap, plans)
+    model = wrap(model, union)
+    set_trainable(model, gmap, union)
+    run_params = {n for n, p in model.named_parameters() if p.requires_grad}
     echo(f"model: {type(model).__name__} ({gmap.arch.name}, layout {gmap.layout.name})")
-    echo(plan_table(plans))
 
-    # Data: samples that fit max_length, never cut inside an image.
-    train_ds = build_dataset(cfg.data.train, cfg.data, processor, "train")
-    eval_ds = build_dataset(cfg.data.eval, cfg.data, processor, "eval") if cfg.data.eval else None
-    for name, ds in (("train", train_ds), ("eval", eval_ds)):
-        if ds is not None:
-            echo(f"{name} data: {len(ds)} samples")
-            for line in ds.report.lines(cfg.data.max_length):
-                echo(f"  {line}")
-    if len(train_ds) == 0:
-        raise ValueError("no training sample fits data.max_length; raise it or set data.too_long: downscale")
-    loader = make_loader(train_ds, processor, t.batch_size, True, t.seed, cfg.data.num_workers)
-    eval_loader = make_loader(eval_ds, processor, t.batch_size, False, t.seed, 0) if eval_ds else None
+    progress, state = Progress(), None
+    if resume_from is not None:
+        state = read_state(resume_from, accelerator.process_index)
+        load_trainable(model, state, run_params)
+        progress = state.progress
+        echo(f"resuming from {resume_from}: stage {progress.stage_index + 1}/{len(stages)}, "
+             f"{progress.stage_step} steps into it, run step {progress.global_step}")
+    metrics = MetricsLog(out / "metrics.jsonl", accelerator, keep=progress.metrics_lines)
+    if t.report_to:
+        accelerator.init_trackers("vlmtune")
+    run = Run(cfg, accelerator, out, processor, gmap, metrics, run_params, last_checkpoint=resume_from)
 
-    # Optimizer: one parameter group per component (its own learning rate and weight decay).
-    groups = param_groups(model, gmap, plans)
-    for line in describe(groups):
-        echo(line)
-    optimizer = build_optimizer(groups, t.adam_betas)
-    steps_per_epoch = max(1, math.ceil(len(loader) / accelerator.num_processes / t.grad_accum))
-    total = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
-    warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total)
-    scheduler = build_scheduler(optimizer, t.scheduler, warmup, total)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
-    trainable = [p for g in groups for p in g["params"]]
+    stage_dirs = []
+    with StopSignals() as signals:
+        for stage, plans in zip(stages, stage_plans):
+            if stage.index >= progress.stage_index:
+                resuming = state if state is not None and progress.stage_step > 0 else None
+                model = run_stage(run, model, stage, len(stages), plans, progress, resuming, signals)
+                state = None
+            if stage.named:
+                stage_dirs.append(out / stage.name)
 
-    metrics = MetricsLog(out / "metrics.jsonl", accelerator)
-    first_eval = last_eval = None
-    if eval_loader is not None:
-        first_eval = last_eval = evaluate_loss(model, eval_loader, accelerator)
-        metrics.log({"step": 0, "eval_loss": first_eval})
-        echo(f"eval loss before training: {first_eval:.4f}")
-
-    # The loop.
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc="train", disable=not (t.progress_bar and accelerator.is_main_process), dynamic_ncols=True)
-    model.train()
-    step, window_loss, window_n, window_samples, last_loss = 0, 0.0, 0, 0, None
-    window_start = time.perf_counter()
-    while step < total:
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if t.max_grad_norm:
-                        accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach().float().item()
-            window_n += 1
-            window_samples += batch["input_ids"].shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            if step % t.logging_steps == 0 or step == total:
-                elapsed = time.perf_counter() - window_start
-                last_loss = window_loss / window_n
-                record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": window_samples / max(elapsed, 1e-9)}
-                record.update({f"lr/{g['name']}": lr for g, lr in zip(groups, scheduler.get_last_lr())})
-                metrics.log(record)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
-                window_loss, window_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
-            if eval_loader is not None and t.eval_steps and step % t.eval_steps == 0 and step != total:
-                last_eval = evaluate_loss(model, eval_loader, accelerator)
-                metrics.log({"step": step, "eval_loss": last_eval})
-            if t.save_steps and step % t.save_steps == 0 and step != total and accelerator.is_main_process:
-                save_checkpoint(accelerator.unwrap_model(model), processor, cfg, out / f"checkpoint-{step}")
-            if step >= total:
-                break
-    bar.close()
-
-    if eval_loader is not None:
-        last_eval = evaluate_loss(model, eval_loader, accelerator)
-        metrics.log({"step": step, "eval_loss": last_eval})
-        echo(f"eval loss after training: {last_eval:.4f} (before: {first_eval:.4f})")
     accelerator.wait_for_everyone()
     final = out / "final"
     if accelerator.is_main_process:
         save_checkpoint(accelerator.unwrap_model(model), processor, cfg, final)
         plot_loss(metrics.records, out / "loss.png")
+        if any(k.startswith("eval/") for r in metrics.records for k in r):
+            plot_metrics(out / "metrics.jsonl", out / "metrics.png")
         echo(f"wrote {final} ({adapter_size(final) / 1e6:.2f} MB of weights), {out / 'metrics.jsonl'}, {out / 'loss.png'}")
     accelerator.end_training()
-    return RunResult(out, final, step, first_eval, last_eval, last_loss)
+    return RunResult(out, final, progress.global_step, run.first_eval, run.last_eval, run.last_loss, stage_dirs)
+
+
+def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPlan], progress: Progress,
+              state: TrainerState | None, signals: StopSignals):
+    """Trains one stage: its trainable groups, data, optimizer and schedule; writes its folder at the end."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    cfg, t, acc = stage.cfg, stage.cfg.train, run.accelerator
+    unwrapped = acc.unwrap_model(model)
+    set_trainable(unwrapped, run.gmap, plans)
+    if progress.stage_step == 0:
+        progress.epoch = progress.batch_in_epoch = 0
+        progress.stage_start_step[stage.name] = progress.global_step
+        run.metrics.log({"step": progress.global_step, "stage_start": stage.name})
+    progress.stage_name = stage.name
+    trained = [f"{p.group} ({p.mode})" for p in plans if p.mode != "frozen"]
+    frozen = [p.group for p in plans if p.mode == "frozen"]
+    echo(f"\nstage {stage.index + 1}/{n_stages} '{stage.name}': trains {', '.join(trained)}; frozen: {', '.join(frozen) or '-'}")
+    echo(plan_table(plans))
+
+    # Data: samples that fit max_length, never cut inside an image.
+    train_ds = build_dataset(cfg.data.train, cfg.data, run.processor, "train")
+    eval_ds = build_dataset(cfg.data.eval, cfg.data, run.processor, "eval") if cfg.data.eval else None
+    for name, ds in (("train", train_ds), ("eval", eval_ds)):
+        if ds is not None:
+            echo(f"{name} data: {len(ds)} samples")
+            for line in ds.report.lines(cfg.data.max_length):
+                echo(f"  {line}")
+    if acc.is_main_process:
+        report = {"train": train_ds.report.to_dict(), "eval": eval_ds.report.to_dict() if eval_ds else None}
+        name = f"data_report-{stage.name}.json" if stage.named else "data_report.json"
+        (run.out / name).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    if len(train_ds) == 0:
+        raise ValueError("no training sample fits data.max_length; raise it or set data.too_long: downscale")
+    loader = make_loader(train_ds, run.processor, t.batch_size, True, t.seed, cfg.data.num_workers)
+    sampler = loader.sampler
+    eval_loader = make_loader(eval_ds, run.processor, t.batch_size, False, t.seed, 0) if eval_ds else None
+
+    # Optimizer: one parameter group per component (its own learning rate and weight decay), new each stage.
+    groups = param_groups(unwrapped, run.gmap, plans)
+    for line in describe(groups):
+        echo(line)
+    optimizer = build_optimizer(groups, t.adam_betas)
+    steps_per_epoch = max(1, math.ceil(len(loader) / acc.num_processes / t.grad_accum))
+    total = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
+    warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total)
+    scheduler = build_scheduler(optimizer, t.scheduler, warmup, total)
+    acc.free_memory()  # a stage changes what trains: wrap the model afresh (DDP registers trainable parameters once)
+    model, optimizer, loader = acc.prepare(unwrapped, optimizer, loader)
+    if eval_loader is not None:
+        eval_loader = acc.prepare(eval_loader)
+    trainable = [p for g in groups for p in g["params"]]
+    if state is not None:
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+
+    if eval_loader is not None and progress.global_step == 0:
+        run.first_eval = run.last_eval = evaluate(run, model, eval_loader, eval_ds, cfg, stage, progress, show=True)
+        echo(f"eval loss before training: {run.first_eval:.4f}")
+    before = fingerprints(unwrapped, run.run_params)
+    # The random streams (dropout) continue from the checkpoint, or start from the seed at a stage's start.
+    restore_rng(state.rng_file) if state is not None else set_seed(t.seed + stage.index)
+
+    # The loop.
+    bar = tqdm(total=total, initial=progress.stage_step, desc=stage.name,
+               disable=not (t.progress_bar and acc.is_main_process), dynamic_ncols=True)
+    model.train()
+    window_loss, window_n, window_samples, bad_window, grad_norms = 0.0, 0, 0, False, {}
+    first_step = progress.stage_step  # the gradient-flow check runs on the first step this process takes
+    window_start = time.perf_counter()
+    while progress.stage_step < total:
+        sampler.start = progress.batch_in_epoch * t.batch_size * acc.num_processes
+        loader.set_epoch(progress.epoch)
+        train_ds.set_epoch(progress.epoch)  # augmentation draws depend on (seed, sample, epoch)
+        for batch in loader:
+            progress.batch_in_epoch += 1
+            with acc.accumulate(model):
+                loss = model(**batch).loss
+                value = loss.detach().float()
+                if all_finite(value, acc):
+                    acc.backward(loss)
+                    window_loss += value.item()
+                    window_n += 1
+                elif not bad_window:  # one count per optimizer step, however many micro-batches are bad
+                    nonfinite(run, stage, progress, f"loss {value.item()}")
+                    bad_window = True
+                window_samples += batch["input_ids"].shape[0] * acc.num_processes
+                if acc.sync_gradients:
+                    if t.check_gradient_flow and progress.stage_step == first_step and not bad_window:
+                        check_flow(run, model, plans, stage)
+                    if (progress.stage_step + 1) % t.logging_steps == 0 or progress.stage_step + 1 == total:
+                        grad_norms = group_grad_norms(acc.unwrap_model(model), run.gmap)
+                    norm = acc.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm else None
+                    if not bad_window and norm is not None and not all_finite(norm.detach().float(), acc):
+                        nonfinite(run, stage, progress, f"gradient norm {norm.item()}")
+                        bad_window = True
+                    if not bad_window:
+                        optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if not acc.sync_gradients:
+                continue
+            progress.stage_step += 1
+            progress.global_step += 1
+            bad_window = False
+            bar.update(1)
+            step = progress.stage_step
+            if (step % t.logging_steps == 0 or step == total) and window_n:
+                elapsed = time.perf_counter() - window_start
+                run.last_loss = window_loss / window_n
+                record = {"step": progress.global_step, "stage": stage.name, "loss": run.last_loss,
+                          "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9)}
+                record.update({f"lr/{g['name']}": lr for g, lr in zip(groups, scheduler.get_last_lr())})
+                record.update({f"grad_norm/{group}": value for group, value in grad_norms.items()})
+                if progress.nonfinite_skips:
+                    record["nonfinite_skips"] = progress.nonfinite_skips
+                run.metrics.log(record)
+                bar.set_postfix(loss=f"{run.last_loss:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
+                window_loss, window_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+            if eval_loader is not None and t.eval_steps and step % t.eval_steps == 0 and step != total:
+                run.last_eval = evaluate(run, model, eval_loader, eval_ds, cfg, stage, progress)
+            if t.save_steps and step % t.save_steps == 0 and step != total:
+                save_resumable(run, model, run.out / f"checkpoint-{progress.global_step}", progress, optimizer, scheduler)
+            if stop_requested(signals, acc):
+                folder = save_resumable(run, model, run.out / f"checkpoint-{progress.global_step}", progress, optimizer, scheduler)
+                name = signal.Signals(signals.signum or signal.SIGTERM).name
+                raise RunStopped(f"stopped by {name} at stage '{stage.name}' step {step}/{total} (run step "
+                                 f"{progress.global_step}); saved {folder}. Run the same command with --resume "
+                                 "to continue from there.", 128 + (signals.signum or signal.SIGTERM))
+            if step >= total:
+                break
+        else:
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+    bar.close()
+
+    if eval_loader is not None:
+        run.last_eval = evaluate(run, model, eval_loader, eval_ds, cfg, stage, progress, show=True)
+        echo(f"eval loss after stage '{stage.name}': {run.last_eval:.4f}"
+             + (f" (before training: {run.first_eval:.4f})" if run.first_eval is not None else ""))
+    report_changes(run, stage, plans, before, fingerprints(unwrapped, run.run_params), progress)
+    progress.stage_index, progress.stage_step = stage.index + 1, 0
+    progress.epoch = progress.batch_in_epoch = 0
+    if stage.named:
+        save_resumable(run, model, run.out / stage.name, progress, None, None)
+    return model
+
+
+def evaluate(run: Run, model, eval_loader, eval_ds: VLMDataset, cfg: Config, stage: Stage, progress: Progress,
+             show: bool = False) -> float:
+    """Answer loss over the whole eval set (all processes), plus language and alignment metrics on
+    ``eval.samples`` of it (main process); logged as one record. Returns the loss."""
+    acc = run.accelerator
+    loss = evaluate_loss(model, eval_loader, acc)
+    record = {"step": progress.global_step, "stage": stage.name, "eval_loss": loss}
+    if acc.is_main_process:
+        record.update(evaluate_model(model, run.processor, eval_ds, cfg.eval, accelerator=acc, arch=run.gmap.arch))
+        if show:
+            echo(report_table(record))
+    run.metrics.log(record)
+    acc.wait_for_everyone()
+    return loss
+
+
+def check_flow(run: Run, model, plans: list[GroupPlan], stage: Stage) -> None:
+    """The first step's gradients reach every trained group and no frozen one, or the run stops naming it."""
+    result = check_gradients(run.accelerator.unwrap_model(model), run.gmap, plans)
+    if not result.ok:
+        raise RunStopped(f"stage '{stage.name}', first step: {result}\n  (`vlmtune doctor CONFIG` runs the same check "
+                         "without training; train.check_gradient_flow: false skips it)", GRADIENT_FLOW_EXIT)
+    echo(str(result))
+
+
+def prepare_output_dir(out: Path, cfg: Config, stages: list[Stage], accelerator) -> Path | None:
+    """Cleans up an interrupted save and picks the checkpoint to resume from (None: start afresh).
+
+    Starting afresh removes an earlier run's checkpoints from ``out`` so that a later ``--resume`` never
+    mixes two runs; resuming refuses a checkpoint whose model, groups, data or stages differ unless forced.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        for line in recover(out):
+            echo(line)
+    accelerator.wait_for_everyone()
+    found = latest(out)
+    if cfg.train.resume == "auto":
+        if found is None:
+            echo(f"resume: no complete checkpoint in {out}; starting from the beginning")
+            return None
+        changes = config_changes(found / "config.yaml", cfg.model_dump(mode="json"))
+        if changes and not cfg.train.force_resume:
+            raise ConfigError([f"{c}" for c in changes] + [
+                "these settings differ from the checkpoint's; resuming would mix two different runs. Use the "
+                "checkpoint's settings, another train.output_dir, or --force-resume to resume anyway"],
+                f"resume from {found}")
+        for c in changes:
+            echo(f"warning: resuming although {c} (forced)")
+        return found
+    names = {"final"} | {s.name for s in stages if s.named}
+    stale = sorted(p for p in out.iterdir() if p.is_dir() and (p / "config.yaml").is_file()
+                   and (p.name in names or STEP_FOLDER.match(p.name) or (p / STATE_DIR).is_dir()))
+    if stale:
+        echo(f"{out} holds checkpoints of an earlier run ({', '.join(p.name for p in stale)}); starting afresh "
+             "removes them (`vlmtune train CONFIG --resume` continues a run instead)")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for p in stale:
+                shutil.rmtree(p)
+    accelerator.wait_for_everyone()
+    return None
+
+
+def load_trainable(model, state: TrainerState, run_params: set[str]) -> None:
+    """Copies a checkpoint's trainable weights into the model; they must be exactly the plan's."""
+    missing, unexpected = run_params - set(state.weights), set(state.weights) - run_params
+    if missing or unexpected:
+        raise ConfigError([f"{state.folder}: its trainable weights do not match this config's plan "
+                           f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})"], "resume")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.weights.items():
+            params[name].copy_(value)
+
+
+def save_resumable(run: Run, model, folder: Path, progress: Progress, optimizer, scheduler) -> Path:
+    """Writes a loadable checkpoint plus everything a resume needs, atomically; every process takes part
+    (each writes its own RNG state), the main process writes the rest and renames."""
+    acc = run.accelerator
+    progress.metrics_lines = len(run.metrics.records)
+    tmp = folder.with_name(folder.name + TMP_SUFFIX)
+    if acc.is_main_process:
+        begin(folder)
+    acc.wait_for_everyone()
+    write_rng(tmp, acc.process_index)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        write_model(unwrapped, run.processor, run.cfg, tmp)
+        weights = {n: p for n, p in unwrapped.named_parameters() if n in run.run_params}
+        write_state(tmp, progress, weights, optimizer, scheduler)
+        commit(tmp, folder)
+        for p in prune(run.out, run.cfg.train.save_total_limit):
+            echo(f"removed {p.name} (train.save_total_limit={run.cfg.train.save_total_limit})")
+    acc.wait_for_everyone()
+    run.last_checkpoint = folder
+    return folder
+
+
+def all_finite(value: torch.Tensor, accelerator) -> bool:
+    """True when the value is finite on every process (so all processes take the same branch)."""
+    ok = torch.isfinite(value).all().float().reshape(1)
+    if accelerator.num_processes > 1:
+        ok = accelerator.reduce(ok.to(accelerator.device), reduction="sum") / accelerator.num_processes
+    return bool(ok.item() == 1.0)
+
+
+def nonfinite(run: Run, stage: Stage, progress: Progress, what: str) -> None:
+    """Stops the run (default) or counts a skipped step; never writes over the last good checkpoint."""
+    t = run.cfg.train
+    where = f"stage '{stage.name}', step {progress.stage_step + 1} (run step {progress.global_step + 1})"
+    last = str(run.last_checkpoint) if run.last_checkpoint else "none (no checkpoint was written yet)"
+    if t.on_nonfinite == "skip" and progress.nonfinite_skips < t.max_nonfinite_skips:
+        progress.nonfinite_skips += 1
+        echo(f"warning: non-finite {what} at {where}; step skipped ({progress.nonfinite_skips} of at most "
+             f"{t.max_nonfinite_skips}, train.max_nonfinite_skips)")
+        return
+    why = "" if t.on_nonfinite == "stop" else f" after {progress.nonfinite_skips} skipped steps (train.max_nonfinite_skips)"
+    raise RunStopped(f"non-finite {what} at {where}{why}. Stopped; nothing was saved after the last good checkpoint: "
+                     f"{last}\n  Lower the learning rate or check the data, then resume with --resume, or set "
+                     "train.on_nonfinite: skip",
+                     NONFINITE_EXIT)
+
+
+def stop_requested(signals: StopSignals, accelerator) -> bool:
+    flag = torch.tensor([1.0 if signals.signum is not None else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return bool(flag.item() > 0)
+
+
+@torch.no_grad()
+def fingerprints(model, names: set[str]) -> dict[str, tuple[float, float, int]]:
+    """(sum, sum of squares, size) per parameter, in float64: enough to tell which tensors a stage changed."""
+    return {n: (p.double().sum().item(), p.double().square().sum().item(), p.numel())
+            for n, p in model.named_parameters() if n in names}
+
+
+def report_changes(run: Run, stage: Stage, plans: list[GroupPlan], before: dict, after: dict, progress: Progress) -> None:
+    """Logs, per group, how many of the run's trainable tensors and parameters this stage changed."""
+    record = {"step": progress.global_step, "stage_end": stage.name}
+    for plan in plans:
+        names = [n for n in before if run.gmap.group_of(n) == plan.group]
+        if not names:
+            continue
+        changed = [n for n in names if before[n] != after[n]]
+        n_params = sum(after[n][2] for n in changed)
+        record[f"changed_params/{plan.group}"] = n_params
+        echo(f"stage '{stage.name}': {plan.group} ({plan.mode}) changed {len(changed)} of {len(names)} tensors "
+             f"({n_params:,} parameters)")
+    run.metrics.log(record)

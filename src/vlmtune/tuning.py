@@ -130,30 +130,70 @@ def lora_config(plans: list[GroupPlan]):
 
 
 def apply_plan(model: nn.Module, gmap: GroupMap, plans: list[GroupPlan]) -> nn.Module:
-    """Freezes, wraps and unfreezes per the plan; returns the model to train (a PeftModel if any group uses LoRA)."""
-    by_group = {p.group: p for p in plans}
-    if any(p.mode == "lora" for p in plans):
-        from peft import get_peft_model
+    """Wraps the model for the plan and sets what trains; returns a PeftModel if any group uses LoRA."""
+    model = wrap(model, plans)
+    set_trainable(model, gmap, plans)
+    return model
 
-        model = get_peft_model(model, lora_config(plans))
-        # peft has one dropout for all LoRA layers; give each group its own.
-        for name, module in model.named_modules():
-            drop = getattr(module, "lora_dropout", None)
-            if isinstance(drop, nn.ModuleDict) and ADAPTER in drop:
-                p = by_group[gmap.group_of(name)]
-                drop[ADAPTER] = nn.Dropout(p.dropout) if p.dropout > 0 else nn.Identity()
-    else:
-        for name, param in model.named_parameters():
-            param.requires_grad_(by_group[gmap.group_of(name)].mode == "full")
+
+def wrap(model: nn.Module, plans: list[GroupPlan]) -> nn.Module:
+    """Injects LoRA into every LoRA group's layers and copies full groups' modules (peft modules_to_save).
+
+    For a run with stages, ``plans`` is the union over stages (see ``union_plans``): a LoRA that only trains
+    in a later stage exists from the start with B = 0, so it changes nothing until it trains.
+    """
+    if not any(p.mode == "lora" for p in plans):
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(plans))
+
+
+def is_lora_param(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name or ".lora_embedding_" in name or ".lora_magnitude_vector" in name
+
+
+def set_trainable(model: nn.Module, gmap: GroupMap, plans: list[GroupPlan]) -> None:
+    """Sets requires_grad and LoRA dropout per group for one stage's plan; counts each group's trainable parameters.
+
+    On a PeftModel, a LoRA group trains its lora_A/lora_B only and a full group its modules_to_save copy;
+    on a plain model a full group trains its own weights. Everything else is frozen.
+    """
+    by_group = {p.group: p for p in plans}
+    peft = hasattr(model, "peft_config")
     for p in plans:
         p.trainable_params = 0
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            group = gmap.group_of(name)
-            mode = by_group[group].mode
-            assert mode != "frozen", f"{name} is trainable but its group {group} is frozen"
-            by_group[group].trainable_params += param.numel()
-    return model
+        plan = by_group[gmap.group_of(name)]
+        if peft:
+            train = (plan.mode == "lora" and is_lora_param(name)) or (plan.mode == "full" and ".modules_to_save." in name)
+        else:
+            train = plan.mode == "full"
+        param.requires_grad_(train)
+        if train:
+            plan.trainable_params += param.numel()
+    # peft has one dropout for all LoRA layers; give each group its own (and a frozen group none: it costs time).
+    for name, module in model.named_modules():
+        drop = getattr(module, "lora_dropout", None)
+        if isinstance(drop, nn.ModuleDict) and ADAPTER in drop:
+            plan = by_group[gmap.group_of(name)]
+            rate = plan.dropout if plan.mode == "lora" else 0.0
+            drop[ADAPTER] = nn.Dropout(rate) if rate > 0 else nn.Identity()
+
+
+def union_plans(stage_plans: list[list[GroupPlan]]) -> list[GroupPlan]:
+    """One plan covering every stage: a group is LoRA (or full) if it is in any stage, with that stage's modules.
+
+    Stage checks (``vlmtune.stages.stage_problems``) guarantee a group never switches between lora and
+    full and keeps its LoRA rank, alpha and targets in every stage where it is LoRA.
+    """
+    union = []
+    for i, first in enumerate(stage_plans[0]):
+        candidates = [plans[i] for plans in stage_plans]
+        chosen = next((p for p in candidates if p.mode == "lora"), None) or next(
+            (p for p in candidates if p.mode == "full"), first)
+        union.append(chosen)
+    return union
 
 
 def plan_table(plans: list[GroupPlan]) -> str:

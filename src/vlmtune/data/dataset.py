@@ -1,14 +1,19 @@
-"""Data sources -> a training dataset whose every sample fits max_length without cutting an image.
+"""Data sources -> a training dataset whose every sample was checked and fits max_length without cutting an image.
 
 Sources: a JSON/JSONL file, a name in ``dataset_dir/dataset_info.json`` (LLaMA-Factory's registry of
-datasets), or ``builtin:shapes:TASK`` (generated on demand). Over-long samples are dropped, downscaled or
-text-truncated as configured; each is counted and the first few are named in the report.
+datasets), or ``builtin:shapes:TASK`` (generated on demand). Every sample goes through ``check_sample``, the
+same checks ``vlmtune data check`` reports: its images are opened and decoded, compared with the
+processor's minimum size, and its length (image tokens included) is held against ``data.max_length``. Bad
+samples stop the run with every problem listed (``data.on_bad_sample: error``) or are skipped and counted
+(``skip``); over-long ones are dropped, downscaled or text-truncated as configured. All of it is in the report.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,13 +21,18 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vlmtune.config import BUILTIN_DATA_PREFIX, DataConfig
+from vlmtune.data.augment import Augmenter
 from vlmtune.data.collate import IGNORE, encode_text, image_token_counts, load_images, process_images, to_chat
-from vlmtune.data.sharegpt import DataError, Format, Sample, read_samples
+from vlmtune.data.sharegpt import DataError, DuplicateFinder, Format, Problem, Sample, read_file
 
 
 def cache_dir() -> Path:
     """Where generated data and the builtin model are kept (``VLMTUNE_CACHE``, else ~/.cache/vlmtune)."""
     return Path(os.environ.get("VLMTUNE_CACHE", Path.home() / ".cache" / "vlmtune"))
+
+
+def _source_error(message: str) -> DataError:
+    return DataError([Problem("", "file missing", message, whole_file=True)])
 
 
 def resolve_source(spec: str, data: DataConfig, split: str) -> tuple[Path, Format]:
@@ -36,7 +46,7 @@ def resolve_source(spec: str, data: DataConfig, split: str) -> tuple[Path, Forma
 
         task = spec[len(BUILTIN_DATA_PREFIX):]
         if task not in shapes.TASKS:
-            raise DataError([f"'{spec}': unknown builtin task '{task}'; valid: {', '.join(BUILTIN_DATA_PREFIX + t for t in shapes.TASKS)}"])
+            raise _source_error(f"'{spec}': unknown builtin task '{task}'; valid: {', '.join(BUILTIN_DATA_PREFIX + t for t in shapes.TASKS)}")
         n = data.builtin_train_samples if split == "train" else data.builtin_eval_samples
         seed = 0 if split == "train" else 1  # disjoint draws for train and eval
         out = cache_dir() / "shapes" / f"{task}-{split}-{n}-s{seed}"
@@ -50,35 +60,86 @@ def resolve_source(spec: str, data: DataConfig, split: str) -> tuple[Path, Forma
     if data.dataset_dir:
         info_path = Path(data.dataset_dir) / "dataset_info.json"
         if not info_path.is_file():
-            raise DataError([f"dataset '{spec}': not a file, and {info_path} does not exist"])
+            raise _source_error(f"dataset '{spec}': not a file, and {info_path} does not exist")
         info = json.loads(info_path.read_text(encoding="utf-8"))
         if spec not in info:
-            raise DataError([f"dataset '{spec}': not a file and not a name in {info_path} (names: {', '.join(sorted(info))})"])
+            raise _source_error(f"dataset '{spec}': not a file and not a name in {info_path} (names: {', '.join(sorted(info))})")
         entry = info[spec]
         cols, tags = entry.get("columns", {}), entry.get("tags", {})
         fmt = Format(messages=cols.get("messages"), images=cols.get("images", "images"), system=cols.get("system"),
                      role_tag=tags.get("role_tag"), content_tag=tags.get("content_tag"), user_tag=tags.get("user_tag"),
                      assistant_tag=tags.get("assistant_tag"), system_tag=tags.get("system_tag"))
         return Path(data.dataset_dir) / entry["file_name"], fmt
-    raise DataError([f"data file '{spec}' does not exist (give a JSON/JSONL path, a dataset_info.json name with data.dataset_dir, or {BUILTIN_DATA_PREFIX}TASK)"])
+    raise _source_error(f"data file '{spec}' does not exist (give a JSON/JSONL path, a dataset_info.json name with data.dataset_dir, or {BUILTIN_DATA_PREFIX}TASK)")
+
+
+def iter_split(specs: str | list[str], data: DataConfig, split: str,
+               duplicates: DuplicateFinder | None = None) -> Iterator[Sample | Problem]:
+    """Every sample and every reading problem of a split's sources, in order, streamed.
+
+    A sample repeating an earlier one of the split yields a "duplicate" problem (a warning) before it.
+    """
+    duplicates = duplicates if duplicates is not None else DuplicateFinder()
+    for spec in [specs] if isinstance(specs, str) else specs:
+        try:
+            path, fmt = resolve_source(spec, data, split)
+        except DataError as e:
+            yield from e.found
+            continue
+        for got in read_file(path, fmt):
+            if isinstance(got, Sample) and (dup := duplicates.check(got)) is not None:
+                yield dup
+            yield got
 
 
 @dataclass
 class LengthReport:
-    """What the length limit did."""
+    """What the checks and the length limit did to a split: kept, over-long, skipped and duplicate samples."""
 
     kept: int = 0
     dropped: list[str] = field(default_factory=list)
     downscaled: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
+    skipped: list[Problem] = field(default_factory=list)  # every problem of every skipped sample
+    duplicates: list[Problem] = field(default_factory=list)  # kept: a repeated sample trains twice
+
+    def skipped_samples(self) -> list[str]:
+        """Places of the skipped samples, each once, in order."""
+        return list(dict.fromkeys(p.where or str(p) for p in self.skipped))
+
+    def skipped_by_kind(self) -> dict[str, int]:
+        """Problem count per kind among skipped samples."""
+        return dict(Counter(p.kind for p in self.skipped))
 
     def lines(self, max_length: int) -> list[str]:
         out = []
+        if self.skipped:
+            kinds = ", ".join(f"{kind} {n}" for kind, n in self.skipped_by_kind().items())
+            out.append(f"{len(self.skipped_samples())} bad sample(s) skipped (data.on_bad_sample: skip): {kinds}")
+            out += [f"  skipped {p}" for p in self.skipped[:10]]
+            if len(self.skipped) > 10:
+                out.append(f"  ... and {len(self.skipped) - 10} more problem(s), all in the run folder's data report")
         for what, items in (("dropped", self.dropped), ("downscaled", self.downscaled), ("text-truncated", self.truncated)):
             if items:
                 first = ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
                 out.append(f"{len(items)} sample(s) over max_length={max_length} {what} (image tokens are never cut): {first}")
+        if self.duplicates:
+            first = ", ".join(str(p) for p in self.duplicates[:3]) + (" ..." if len(self.duplicates) > 3 else "")
+            out.append(f"{len(self.duplicates)} duplicate sample(s) kept (each trains as often as it appears): {first}")
         return out
+
+    def to_dict(self) -> dict:
+        """Everything as plain JSON data, for the run folder."""
+        return {
+            "kept": self.kept,
+            "dropped": self.dropped,
+            "downscaled": self.downscaled,
+            "truncated": self.truncated,
+            "skipped_samples": len(self.skipped_samples()),
+            "skipped_by_kind": self.skipped_by_kind(),
+            "skipped": [p.to_dict() for p in self.skipped],
+            "duplicates": [p.to_dict() for p in self.duplicates],
+        }
 
 
 @dataclass
@@ -89,52 +150,139 @@ class _Item:
     length: int
 
 
-class VLMDataset(Dataset):
-    """Samples that fit; ``__getitem__`` decodes images and returns token ids, labels and pixel inputs."""
+@dataclass
+class Checked:
+    """What ``check_sample`` found for one sample."""
 
-    def __init__(self, samples: list[Sample], processor, data: DataConfig):
+    sample: Sample
+    problems: list[Problem]  # errors (image unreadable or too small), or the "too long" warning
+    item: _Item | None  # what the dataset keeps; None when the sample is bad or dropped
+    outcome: str  # "kept", "downscaled", "truncated", "dropped" or "bad"
+    length: int | None = None  # tokens at the configured pixel bounds, image tokens included
+    image_tokens: int = 0
+
+
+def min_image_size(processor) -> tuple[int, int]:
+    """(shortest side, pixels) below which the processor has to invent detail: one merged patch per side,
+    and its own ``min_pixels`` (Qwen2-VL's ``size["shortest_edge"]`` is a pixel count)."""
+    ip = processor.image_processor
+    side = (getattr(ip, "patch_size", None) or 1) * (getattr(ip, "merge_size", None) or 1)
+    size = getattr(ip, "size", None) or {}
+    return side, int(size.get("shortest_edge") or 0) if "longest_edge" in size else 0
+
+
+def inspect_images(sample: Sample, processor, decode: bool = True) -> tuple[list[tuple[int, int]], list[Problem]]:
+    """(height, width) of each image, opening one at a time, and the problems found.
+
+    With ``decode`` every pixel is read, which finds truncated and corrupt files that open fine.
+    """
+    min_side, min_pixels = min_image_size(processor)
+    sizes, problems = [], []
+    for p in sample.images:
+        try:
+            with Image.open(p) as im:
+                size = (im.height, im.width)
+                if decode:
+                    im.load()
+        except Exception as e:  # PIL raises several types for corrupt files
+            problems.append(Problem(sample.where, "image unreadable", f"image '{p}' cannot be opened: {e}"))
+            continue
+        sizes.append(size)
+        h, w = size
+        if min(h, w) < min_side or h * w < min_pixels:
+            problems.append(Problem(sample.where, "image too small", f"image '{p}' is {w}x{h}, smaller than the processor's "
+                                    f"minimum ({min_side} px a side, {min_pixels} pixels); it would be upscaled"))
+    return sizes, problems
+
+
+def check_sample(sample: Sample, processor, data: DataConfig) -> Checked:
+    """Images opened (and decoded), sizes checked, length with image tokens against ``data.max_length``."""
+    sizes, problems = inspect_images(sample, processor, data.decode_images)
+    if problems:
+        return Checked(sample, problems, None, "bad")
+    limit, policy = data.max_length, data.too_long
+    try:
+        enc = _encode(processor, data, sample, sizes, data.image_max_pixels)
+    except ValueError as e:  # the chat template cannot place the answers or the images
+        return Checked(sample, [Problem(sample.where, "bad sample", str(e))], None, "bad")
+    length = len(enc.input_ids)
+    image_tokens = sum(e - s for s, e in enc.image_spans)
+    done = Checked(sample, [], None, "kept", length, image_tokens)
+    if length <= limit:
+        done.item = _Item(sample, data.image_max_pixels, None, length)
+        return done
+    if policy == "downscale" and sample.images:
+        max_pixels = data.image_max_pixels or processor.image_processor.size.get("longest_edge")
+        floor = data.image_min_pixels or processor.image_processor.size.get("shortest_edge") or 1
+        small = enc
+        while len(small.input_ids) > limit and max_pixels // 2 >= floor:
+            max_pixels //= 2
+            small = _encode(processor, data, sample, sizes, max_pixels)
+        if len(small.input_ids) <= limit:
+            done.item, done.outcome = _Item(sample, max_pixels, None, len(small.input_ids)), "downscaled"
+    if policy == "truncate" and done.item is None:
+        image_end = max((e for _, e in enc.image_spans), default=0)
+        if image_end <= limit and any(l != IGNORE for l in enc.labels[:limit]):
+            done.item, done.outcome = _Item(sample, data.image_max_pixels, limit, limit), "truncated"
+    if done.item is None:
+        done.outcome = "dropped"
+    done.problems.append(Problem(sample.where, "too long", f"{length} tokens ({image_tokens} of them image tokens for "
+                                 f"{len(sample.images)} image(s)) > data.max_length={limit}; data.too_long={policy}: {done.outcome}"))
+    return done
+
+
+def _encode(processor, data: DataConfig, sample: Sample, sizes: list[tuple[int, int]], max_pixels: int | None):
+    counts = image_token_counts(processor, sizes, data.image_min_pixels, max_pixels)
+    return encode_text(processor, to_chat(sample), counts)
+
+
+class VLMDataset(Dataset):
+    """Samples that passed the checks and fit; ``__getitem__`` decodes (and, for training, augments) images and
+    returns token ids, labels and pixel inputs."""
+
+    def __init__(self, samples: Iterable[Sample | Problem], processor, data: DataConfig, split: str = "train"):
+        """Checks every sample (see ``check_sample``).
+
+        Args:
+            samples: samples, with the problems found while reading them at their places (``iter_split``).
+            split: "train" or "eval"; only the train split is augmented (``data.augment``).
+
+        Raises:
+            DataError: with ``data.on_bad_sample: error``, every error found; with ``skip``, the problems
+                about whole files (missing, unparsable), which are never skipped.
+        """
         self.processor = processor
         self.data = data
+        self.split = split
+        self.epoch = 0
+        self.augment = Augmenter(data.augment) if split == "train" and data.augment.enabled else None
         self.report = LengthReport()
         self.items: list[_Item] = []
-        for sample in samples:
-            item = self._fit(sample)
-            if item is not None:
-                self.items.append(item)
+        errors: list[Problem] = []
+        for got in samples:
+            if isinstance(got, Problem):
+                problems = [got]
+            else:
+                checked = check_sample(got, processor, data)
+                problems = checked.problems
+                if checked.item is not None and not any(p.is_error for p in problems):
+                    self.items.append(checked.item)
+                {"dropped": self.report.dropped, "downscaled": self.report.downscaled,
+                 "truncated": self.report.truncated}.get(checked.outcome, []).append(got.where)
+            for p in problems:
+                if p.kind == "duplicate":
+                    self.report.duplicates.append(p)
+                elif p.is_error:
+                    errors.append(p)
+        fatal = errors if data.on_bad_sample == "error" else [p for p in errors if p.whole_file]
+        if fatal:
+            raise DataError(fatal)
+        self.report.skipped = errors
         self.report.kept = len(self.items)
 
-    def _length(self, sample: Sample, max_pixels: int | None):
-        sizes = []
-        for p in sample.images:
-            try:
-                with Image.open(p) as im:
-                    sizes.append((im.height, im.width))
-            except Exception as e:
-                raise DataError([f"{sample.where}: image '{p}' cannot be opened: {e}"]) from e
-        counts = image_token_counts(self.processor, sizes, self.data.image_min_pixels, max_pixels)
-        return encode_text(self.processor, to_chat(sample), counts)
-
-    def _fit(self, sample: Sample) -> _Item | None:
-        limit, policy = self.data.max_length, self.data.too_long
-        max_pixels = self.data.image_max_pixels or self.processor.image_processor.size.get("longest_edge")
-        enc = self._length(sample, max_pixels)
-        if len(enc.input_ids) <= limit:
-            return _Item(sample, self.data.image_max_pixels, None, len(enc.input_ids))
-        if policy == "downscale" and sample.images:
-            floor = self.data.image_min_pixels or self.processor.image_processor.size.get("shortest_edge") or 1
-            while len(enc.input_ids) > limit and max_pixels // 2 >= floor:
-                max_pixels //= 2
-                enc = self._length(sample, max_pixels)
-            if len(enc.input_ids) <= limit:
-                self.report.downscaled.append(sample.where)
-                return _Item(sample, max_pixels, None, len(enc.input_ids))
-        if policy == "truncate":
-            image_end = max((e for _, e in enc.image_spans), default=0)
-            if image_end <= limit and any(l != IGNORE for l in enc.labels[:limit]):
-                self.report.truncated.append(sample.where)
-                return _Item(sample, self.data.image_max_pixels, limit, limit)
-        self.report.dropped.append(sample.where)
-        return None
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch that augmentation draws depend on (call at the start of every epoch)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
@@ -145,6 +293,8 @@ class VLMDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
         images = load_images(item.sample)
+        if self.augment is not None:
+            images = [self.augment(im, index, self.epoch, k) for k, im in enumerate(images)]
         pixels = process_images(self.processor, images, self.data.image_min_pixels, item.max_pixels)
         merge = getattr(self.processor.image_processor, "merge_size", 1)
         counts = [int(g.prod()) // merge**2 for g in pixels["image_grid_thw"]] if images else []
@@ -158,15 +308,9 @@ class VLMDataset(Dataset):
 
 
 def build_dataset(specs: str | list[str], data: DataConfig, processor, split: str) -> VLMDataset:
-    """Reads every source of a split and applies the length limit."""
-    samples: list[Sample] = []
-    problems: list[str] = []
-    for spec in [specs] if isinstance(specs, str) else specs:
-        try:
-            path, fmt = resolve_source(spec, data, split)
-            samples += read_samples(path, fmt)
-        except DataError as e:
-            problems += e.problems
-    if problems:
-        raise DataError(problems)
-    return VLMDataset(samples, processor, data)
+    """Reads every source of a split, checks every sample and applies the length limit.
+
+    Raises:
+        DataError: see ``VLMDataset``; every problem is listed, each naming its file and line.
+    """
+    return VLMDataset(iter_split(specs, data, split), processor, data, split=split)

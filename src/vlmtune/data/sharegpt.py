@@ -1,14 +1,20 @@
-"""Read multimodal ShareGPT data (LLaMA-Factory's format) into typed samples; errors name file:line.
+"""Read multimodal ShareGPT data (LLaMA-Factory's format) into typed samples; every problem names its place.
 
 Two spellings are accepted, in JSON (a list) or JSONL (an object per line):
 ``{"messages": [{"role": "user", "content": "<image>..."}, ...], "images": ["a.png"]}`` and
 ``{"conversations": [{"from": "human", "value": "<image>..."}, {"from": "gpt", ...}], "images": [...]}``.
 Image paths are relative to the data file's folder (absolute paths are kept).
+
+Reading streams: ``read_file`` yields each sample or problem in file order (JSONL a line at a time), so a
+100k-sample file is checked without holding it; ``read_samples`` collects a file and raises once with every problem.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,13 +26,54 @@ ROLE_ALIASES = {
     "system": "system",
 }
 
+# Every kind of problem, in the order summaries list them: kind -> what it means.
+KINDS: dict[str, str] = {
+    "file missing": "a data file (or dataset name) that does not exist",
+    "bad JSON": "a JSON file or JSONL line that does not parse, or a file that is not a list of samples",
+    "not UTF-8": "bytes that are not UTF-8 text",
+    "no samples": "a data file without a single sample",
+    "bad sample": "a record that is not a conversation (not an object, no turns, a turn without text)",
+    "role": "a turn whose role is missing or unknown",
+    "roles out of order": "turns not alternating user, assistant (system first only, ending with an answer)",
+    "empty answer": "an assistant turn with no text",
+    "image count": "'<image>' placeholders not matching the number of images",
+    "image missing": "an image file that does not exist",
+    "image unreadable": "an image that cannot be opened or fully decoded (corrupt or truncated)",
+    "image too small": "an image smaller than the processor's minimum",
+    "too long": "a sample over data.max_length, image tokens included (handled by data.too_long)",
+    "duplicate": "the same messages and images as an earlier sample",
+}
+# Kinds that a run survives without data.on_bad_sample: too-long samples follow data.too_long, duplicates train twice.
+WARNING_KINDS = frozenset({"too long", "duplicate"})
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the data, at its place (``file:line``, ``file[index]`` or a file)."""
+
+    where: str
+    kind: str
+    message: str
+    whole_file: bool = False  # about a whole source (missing, unparsable JSON list): never skipped
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+    @property
+    def is_error(self) -> bool:
+        return self.kind not in WARNING_KINDS
+
+    def to_dict(self) -> dict:
+        return {"where": self.where, "kind": self.kind, "message": self.message}
+
 
 class DataError(ValueError):
-    """Problems found in a data file, each naming its place."""
+    """Problems found in data, each naming its place; ``problems`` as text, ``found`` as Problems."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        shown = "\n".join(f"  - {p}" for p in problems[:20])
+    def __init__(self, problems: list[str | Problem]):
+        self.found = [p if isinstance(p, Problem) else Problem("", "bad sample", p) for p in problems]
+        self.problems = [str(p) for p in problems]
+        shown = "\n".join(f"  - {p}" for p in self.problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         super().__init__(f"{len(problems)} data problem(s):\n{shown}{more}")
 
@@ -54,32 +101,66 @@ class Format:
     system_tag: str | None = None
 
 
-def _records(path: Path) -> list[tuple[str, object]]:
-    """(place, parsed object) for each record of a JSON or JSONL file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"]) from e
-    stripped = text.lstrip()
-    if path.suffix == ".json" or stripped.startswith("["):
+def is_json_list(path: Path) -> bool:
+    """A ``.json`` file, or any file whose first non-blank character is ``[``, holds one JSON list."""
+    if path.suffix == ".json":
+        return True
+    with path.open("rb") as f:
+        while chunk := f.read(4096):
+            stripped = chunk.lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()
+            if stripped:
+                return stripped.startswith(b"[")
+    return False
+
+
+def iter_records(path: Path) -> Iterator[tuple[str, object] | Problem]:
+    """(place, parsed object) for each record of a JSON or JSONL file, or a Problem where one does not parse.
+
+    JSONL is read a line at a time; a bad or non-UTF-8 line is reported at its line and reading goes on.
+    """
+    if is_json_list(path):
+        try:
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            yield Problem(str(path), "not UTF-8", f"not UTF-8 text ({e.reason} at byte {e.start})", whole_file=True)
+            return
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError([f"{path}:{e.lineno}: bad JSON: {e.msg}"]) from e
+            yield Problem(f"{path}:{e.lineno}", "bad JSON", f"bad JSON: {e.msg}", whole_file=True)
+            return
         if not isinstance(data, list):
-            raise DataError([f"{path}: a .json data file must hold a list of samples, found {type(data).__name__}"])
-        return [(f"{path}[{i}]", obj) for i, obj in enumerate(data)]
-    records, problems = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path}:{lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            problems.append(f"{path}:{lineno}: bad JSON line: {e.msg}")
-    if problems:
-        raise DataError(problems)
-    return records
+            yield Problem(str(path), "bad JSON", f"a .json data file must hold a list of samples, found {type(data).__name__}",
+                          whole_file=True)
+            return
+        for i, obj in enumerate(data):
+            yield f"{path}[{i}]", obj
+        return
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                yield Problem(where, "not UTF-8", f"not UTF-8 text ({e.reason} at byte {e.start} of the line)")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield Problem(where, "bad JSON", f"bad JSON line: {e.msg} at column {e.colno}")
+
+
+def count_records(path: Path) -> int | None:
+    """Lines of a JSONL file (an upper bound on its samples, for a progress bar); None for a JSON list."""
+    if not path.is_file() or is_json_list(path):
+        return None
+    n = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            n += chunk.count(b"\n")
+    return n
 
 
 def _role(raw: str, fmt: Format) -> str | None:
@@ -87,18 +168,22 @@ def _role(raw: str, fmt: Format) -> str | None:
     return custom.get(raw) if raw in custom and raw is not None else ROLE_ALIASES.get(raw)
 
 
-def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Sample | None, list[str]]:
-    """One record -> a Sample, or the list of problems that prevent it."""
+def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Sample | None, list[Problem]]:
+    """One record -> a Sample, or the problems that prevent it (every one, each with its kind)."""
+
+    def problem(kind: str, message: str) -> Problem:
+        return Problem(where, kind, message)
+
     if not isinstance(obj, dict):
-        return None, [f"{where}: a sample must be a JSON object, found {type(obj).__name__}"]
+        return None, [problem("bad sample", f"a sample must be a JSON object, found {type(obj).__name__}")]
     key = fmt.messages or ("messages" if "messages" in obj else "conversations")
     turns = obj.get(key)
     if not isinstance(turns, list) or not turns:
-        return None, [f"{where}: no '{key}' list of turns (expected 'messages' or 'conversations')"]
+        return None, [problem("bad sample", f"no '{key}' list of turns (expected 'messages' or 'conversations')")]
     first = turns[0] if isinstance(turns[0], dict) else {}
     role_key = fmt.role_tag or ("role" if key == "messages" or "role" in first else "from")
     content_key = fmt.content_tag or ("content" if role_key == "role" else "value")
-    problems: list[str] = []
+    problems: list[Problem] = []
     messages: list[tuple[str, str]] = []
     turn_of: list[str] = []  # how each message is named in errors: its turn index in the file
     if fmt.system and obj.get(fmt.system):
@@ -106,15 +191,18 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
         turn_of.append(f"'{fmt.system}'")
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            problems.append(f"{where}: turn {i} is not an object")
+            problems.append(problem("bad sample", f"turn {i} is not an object"))
+            continue
+        if role_key not in turn:
+            problems.append(problem("role", f"turn {i} has no '{role_key}'; valid roles: user/human, assistant/gpt, system"))
             continue
         role = _role(str(turn.get(role_key)), fmt)
         if role is None:
-            problems.append(f"{where}: turn {i} has role {turn.get(role_key)!r}; valid: user/human, assistant/gpt, system")
+            problems.append(problem("role", f"turn {i} has role {turn.get(role_key)!r}; valid: user/human, assistant/gpt, system"))
             continue
         content = turn.get(content_key)
         if not isinstance(content, str):
-            problems.append(f"{where}: turn {i} has no text '{content_key}'")
+            problems.append(problem("bad sample", f"turn {i} has no text '{content_key}'"))
             continue
         messages.append((role, content))
         turn_of.append(str(i))
@@ -122,27 +210,49 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
         return None, problems
     body = [r for r, _ in messages if r != "system"]
     if any(r == "system" for r, _ in messages[1:]) or not body:
-        problems.append(f"{where}: a system message may only come first, and a conversation needs user and assistant turns")
+        problems.append(problem("roles out of order", "a system message may only come first, and a conversation needs user and assistant turns"))
     elif any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(body)):
-        problems.append(f"{where}: roles out of order ({' -> '.join(body)}); expected user, assistant, user, assistant, ...")
+        problems.append(problem("roles out of order", f"roles out of order ({' -> '.join(body)}); expected user, assistant, user, assistant, ..."))
     elif body[-1] != "assistant":
-        problems.append(f"{where}: the last turn is from the user; a training sample ends with an assistant answer")
+        problems.append(problem("roles out of order", "the last turn is from the user; a training sample ends with an assistant answer"))
     for turn, (role, content) in zip(turn_of, messages):
         if role == "assistant" and not content.strip():
-            problems.append(f"{where}: assistant turn {turn} is empty")
+            problems.append(problem("empty answer", f"assistant turn {turn} is empty"))
     raw_images = obj.get(fmt.images) or []
     if isinstance(raw_images, str):
         raw_images = [raw_images]
     images = [Path(p) if Path(p).is_absolute() else base / p for p in raw_images]
     n_placeholders = sum(c.count(IMAGE_PLACEHOLDER) for _, c in messages)
     if n_placeholders != len(images):
-        problems.append(f"{where}: {n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(images)} image(s); each image needs one placeholder where it appears")
+        problems.append(problem("image count", f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(images)} image(s); each image needs one placeholder where it appears"))
     for p in images:
         if not p.is_file():
-            problems.append(f"{where}: image '{p}' does not exist")
+            problems.append(problem("image missing", f"image '{p}' does not exist"))
     if problems:
         return None, problems
     return Sample(messages=messages, images=images, where=where), []
+
+
+def read_file(path: str | Path, fmt: Format | None = None) -> Iterator[Sample | Problem]:
+    """Each sample of one data file, or each problem, in file order (streamed; nothing is skipped silently)."""
+    p = Path(path)
+    if not p.is_file():
+        yield Problem("", "file missing", f"data file '{p}' does not exist", whole_file=True)
+        return
+    fmt = fmt or Format()
+    empty = True
+    for record in iter_records(p):
+        empty = False
+        if isinstance(record, Problem):
+            yield record
+            continue
+        where, obj = record
+        sample, problems = parse_record(obj, where, p.parent, fmt)
+        yield from problems
+        if sample is not None:
+            yield sample
+    if empty:
+        yield Problem(str(p), "no samples", "holds no samples", whole_file=True)
 
 
 def read_samples(path: str | Path, fmt: Format | None = None) -> list[Sample]:
@@ -151,18 +261,31 @@ def read_samples(path: str | Path, fmt: Format | None = None) -> list[Sample]:
     Raises:
         DataError: the file is missing or unreadable, or any sample is bad; every problem is listed.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError([f"data file '{p}' does not exist"])
-    fmt = fmt or Format()
     samples, problems = [], []
-    for where, obj in _records(p):
-        sample, errs = parse_record(obj, where, p.parent, fmt)
-        problems += errs
-        if sample is not None:
-            samples.append(sample)
+    for got in read_file(path, fmt):
+        (problems if isinstance(got, Problem) else samples).append(got)
     if problems:
         raise DataError(problems)
-    if not samples:
-        raise DataError([f"{p}: holds no samples"])
     return samples
+
+
+class DuplicateFinder:
+    """Remembers a 16-byte digest per sample (messages and image paths), so 100k samples cost ~2 MB."""
+
+    def __init__(self):
+        self.first: dict[bytes, str] = {}
+
+    @staticmethod
+    def key(sample: Sample) -> bytes:
+        images = [os.path.normpath(os.path.abspath(p)) for p in sample.images]
+        text = json.dumps([sample.messages, images], ensure_ascii=False)
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+    def check(self, sample: Sample, remember: bool = True) -> Problem | None:
+        """A "duplicate" problem naming the first place of the same sample, or None (and remembers it)."""
+        k = self.key(sample)
+        if k in self.first:
+            return Problem(sample.where, "duplicate", f"duplicate of {self.first[k]} (same messages and images)")
+        if remember:
+            self.first[k] = sample.where
+        return None
