@@ -61,19 +61,93 @@ def _qwen_vl_layouts() -> tuple[Layout, ...]:
     return (nested, flat)
 
 
+def _qwen3_vl_layouts() -> tuple[Layout, ...]:
+    # Qwen3-VL feeds the language model from the final merger and from one "deepstack" merger per
+    # chosen vision layer (model.visual.deepstack_merger_list.N); all of them map vision features
+    # into the LLM width, so all are projector parameters although they sit under model.visual.
+    return (
+        Layout(
+            name="nested (model.visual / model.language_model)",
+            patterns={
+                "vision_tower": ("model.visual",),
+                "projector": ("model.visual.merger", "model.visual.deepstack_merger_list"),
+                "language_model": ("model.language_model",),
+                "lm_head": ("lm_head",),
+            },
+        ),
+    )
+
+
+def _llava_style_layouts(extra_projector: tuple[str, ...] = ()) -> tuple[Layout, ...]:
+    # LLaVA-style models (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Gemma 3, PaliGemma, InternVL, Mistral 3):
+    # transformers >= 4.52 nests them as model.vision_tower / model.multi_modal_projector /
+    # model.language_model / lm_head; before that the language model was a whole causal LM under
+    # language_model (language_model.model, language_model.lm_head). ``extra_projector`` names
+    # parameters outside the projector module that only exist to place image features in the LLM
+    # input, such as LLaVA-NeXT's learned ``image_newline`` separator.
+    nested = Layout(
+        name="nested (model.vision_tower / model.multi_modal_projector / model.language_model)",
+        patterns={
+            "vision_tower": ("model.vision_tower",),
+            "projector": ("model.multi_modal_projector", *(f"model.{p}" for p in extra_projector)),
+            "language_model": ("model.language_model",),
+            "lm_head": ("lm_head",),
+        },
+    )
+    flat = Layout(
+        name="flat (vision_tower / multi_modal_projector / language_model.model)",
+        patterns={
+            "vision_tower": ("vision_tower",),
+            "projector": ("multi_modal_projector", *extra_projector),
+            "language_model": ("language_model.model",),
+            "lm_head": ("language_model.lm_head",),
+        },
+    )
+    return (nested, flat)
+
+
+def _idefics3_layouts() -> tuple[Layout, ...]:
+    # Idefics3 and SmolVLM: SigLIP under model.vision_model, pixel-shuffle + linear under model.connector.
+    return (
+        Layout(
+            name="nested (model.vision_model / model.connector / model.text_model)",
+            patterns={
+                "vision_tower": ("model.vision_model",),
+                "projector": ("model.connector",),
+                "language_model": ("model.text_model",),
+                "lm_head": ("lm_head",),
+            },
+        ),
+    )
+
+
+def _entry(name: str, model_types: tuple[str, ...], layouts: tuple[Layout, ...], description: str) -> ArchSpec:
+    return ArchSpec(name=name, model_types=model_types, layouts=layouts, description=description)
+
+
 REGISTRY: dict[str, ArchSpec] = {
-    "qwen2_vl": ArchSpec(
-        name="qwen2_vl",
-        model_types=("qwen2_vl",),
-        layouts=_qwen_vl_layouts(),
-        description="Qwen2-VL (vision tower model.visual, projector model.visual.merger)",
-    ),
-    "qwen2_5_vl": ArchSpec(
-        name="qwen2_5_vl",
-        model_types=("qwen2_5_vl",),
-        layouts=_qwen_vl_layouts(),
-        description="Qwen2.5-VL (vision tower model.visual, projector model.visual.merger)",
-    ),
+    "qwen2_vl": _entry("qwen2_vl", ("qwen2_vl",), _qwen_vl_layouts(),
+                       "Qwen2-VL (vision tower model.visual, projector model.visual.merger)"),
+    "qwen2_5_vl": _entry("qwen2_5_vl", ("qwen2_5_vl",), _qwen_vl_layouts(),
+                         "Qwen2.5-VL (vision tower model.visual, projector model.visual.merger)"),
+    "qwen3_vl": _entry("qwen3_vl", ("qwen3_vl",), _qwen3_vl_layouts(),
+                       "Qwen3-VL (projector model.visual.merger + model.visual.deepstack_merger_list)"),
+    "llava": _entry("llava", ("llava",), _llava_style_layouts(),
+                    "LLaVA 1.5 and Pixtral (projector model.multi_modal_projector)"),
+    "llava_next": _entry("llava_next", ("llava_next",), _llava_style_layouts(("image_newline",)),
+                         "LLaVA-NeXT (projector model.multi_modal_projector + model.image_newline)"),
+    "llava_onevision": _entry("llava_onevision", ("llava_onevision",), _llava_style_layouts(("image_newline",)),
+                              "LLaVA-OneVision (projector model.multi_modal_projector + model.image_newline)"),
+    "idefics3": _entry("idefics3", ("idefics3", "smolvlm"), _idefics3_layouts(),
+                       "Idefics3 and SmolVLM (vision model.vision_model, projector model.connector)"),
+    "gemma3": _entry("gemma3", ("gemma3",), _llava_style_layouts(),
+                     "Gemma 3 (projector model.multi_modal_projector)"),
+    "paligemma": _entry("paligemma", ("paligemma",), _llava_style_layouts(),
+                        "PaliGemma (projector model.multi_modal_projector)"),
+    "internvl": _entry("internvl", ("internvl",), _llava_style_layouts(),
+                       "InternVL, transformers-native checkpoints (*-hf) (projector model.multi_modal_projector)"),
+    "mistral3": _entry("mistral3", ("mistral3",), _llava_style_layouts(),
+                       "Mistral 3 / Mistral Small 3.1 (Pixtral vision, projector model.multi_modal_projector)"),
 }
 
 

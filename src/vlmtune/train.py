@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlmtune.checkpoint import STEP_FOLDER, TMP_SUFFIX, adapter_size, begin, commit, prune, recover, save_checkpoint, write_model
-from vlmtune.config import Config, ConfigError, config_to_yaml
+from vlmtune.config import BUILTIN_MODEL, Config, ConfigError, config_to_yaml
 from vlmtune.data.collate import collate
 from vlmtune.data.dataset import VLMDataset, build_dataset
 from vlmtune.doctor import check_gradients, group_grad_norms
@@ -137,8 +137,14 @@ def train(cfg: Config) -> RunResult:
 
     t = cfg.train
     out = Path(t.output_dir)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # find_unused_parameters: a process whose batch has no image never runs the vision path; without it DDP
+    # waits forever for those gradients (other tools hang exactly there).
+    # cpu=True where there is no GPU: accelerate only forms a multi-process (gloo) group on CPU when told so.
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, log_with=t.report_to or None,
-                              project_dir=str(out))
+                              project_dir=str(out), cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(t.seed)
     stages = resolve_stages(cfg)
     resume_from = prepare_output_dir(out, cfg, stages, accelerator)
@@ -147,6 +153,10 @@ def train(cfg: Config) -> RunResult:
 
     # Model and trainability: every parameter in one group; each stage makes each group frozen, LoRA or full.
     # LoRA that trains in any stage is injected now (B = 0 until it trains), so adapters carry over.
+    if accelerator.num_processes > 1 and cfg.model.path == BUILTIN_MODEL:
+        if accelerator.is_main_process:
+            build_base_alone()
+        accelerator.wait_for_everyone()
     model, processor = load_model(cfg.model, accelerator.device, echo=echo)
     gmap = assign_groups([n for n, _ in model.named_parameters()], arch_for(model, cfg.model))
     stage_plans = [build_plan(model, gmap, s.cfg) for s in stages]
@@ -258,7 +268,7 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
                disable=not (t.progress_bar and acc.is_main_process), dynamic_ncols=True)
     model.train()
     window_loss, window_n, window_samples, bad_window, grad_norms = 0.0, 0, 0, False, {}
-    first_step = progress.stage_step  # the gradient-flow check runs on the first step this process takes
+    flow_checked, window_images = not t.check_gradient_flow, 0
     window_start = time.perf_counter()
     while progress.stage_step < total:
         sampler.start = progress.batch_in_epoch * t.batch_size * acc.num_processes
@@ -266,9 +276,12 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
         train_ds.set_epoch(progress.epoch)  # augmentation draws depend on (seed, sample, epoch)
         for batch in loader:
             progress.batch_in_epoch += 1
+            window_images += int("pixel_values" in batch)
             with acc.accumulate(model):
                 loss = model(**batch).loss
                 value = loss.detach().float()
+                if acc.num_processes > 1:
+                    loss = loss * token_share(batch, acc)
                 if all_finite(value, acc):
                     acc.backward(loss)
                     window_loss += value.item()
@@ -278,8 +291,10 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
                     bad_window = True
                 window_samples += batch["input_ids"].shape[0] * acc.num_processes
                 if acc.sync_gradients:
-                    if t.check_gradient_flow and progress.stage_step == first_step and not bad_window:
-                        check_flow(run, model, plans, stage)
+                    if not flow_checked and not bad_window and any_process(window_images > 0, acc):
+                        check_flow(run, model, plans, stage)  # needs an image: text-only batches never reach the projector
+                        flow_checked = True
+                    window_images = 0
                     if (progress.stage_step + 1) % t.logging_steps == 0 or progress.stage_step + 1 == total:
                         grad_norms = group_grad_norms(acc.unwrap_model(model), run.gmap)
                     norm = acc.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm else None
@@ -297,17 +312,21 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
             bad_window = False
             bar.update(1)
             step = progress.stage_step
-            if (step % t.logging_steps == 0 or step == total) and window_n:
-                elapsed = time.perf_counter() - window_start
-                run.last_loss = window_loss / window_n
-                record = {"step": progress.global_step, "stage": stage.name, "loss": run.last_loss,
-                          "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9)}
-                record.update({f"lr/{g['name']}": lr for g, lr in zip(groups, scheduler.get_last_lr())})
-                record.update({f"grad_norm/{group}": value for group, value in grad_norms.items()})
-                if progress.nonfinite_skips:
-                    record["nonfinite_skips"] = progress.nonfinite_skips
-                run.metrics.log(record)
-                bar.set_postfix(loss=f"{run.last_loss:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
+            if step % t.logging_steps == 0 or step == total:
+                sums = torch.tensor([window_loss, window_n], dtype=torch.float64, device=acc.device)
+                if acc.num_processes > 1:  # the logged loss is the mean over every process's micro-batches
+                    sums = acc.reduce(sums, reduction="sum")
+                if sums[1] > 0:
+                    elapsed = time.perf_counter() - window_start
+                    run.last_loss = float(sums[0] / sums[1])
+                    record = {"step": progress.global_step, "stage": stage.name, "loss": run.last_loss,
+                              "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9)}
+                    record.update({f"lr/{g['name']}": lr for g, lr in zip(groups, scheduler.get_last_lr())})
+                    record.update({f"grad_norm/{group}": value for group, value in grad_norms.items()})
+                    if progress.nonfinite_skips:
+                        record["nonfinite_skips"] = progress.nonfinite_skips
+                    run.metrics.log(record)
+                    bar.set_postfix(loss=f"{run.last_loss:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
                 window_loss, window_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
             if eval_loader is not None and t.eval_steps and step % t.eval_steps == 0 and step != total:
                 run.last_eval = evaluate(run, model, eval_loader, eval_ds, cfg, stage, progress)
@@ -438,6 +457,31 @@ def save_resumable(run: Run, model, folder: Path, progress: Progress, optimizer,
     return folder
 
 
+def token_share(batch: dict, accelerator) -> torch.Tensor:
+    """Scales this process's mean answer loss so that DDP's gradient average equals the mean over every
+    answer token of the global batch (what one process with the whole batch computes)."""
+    n = (batch["labels"][:, 1:] != -100).sum().to(torch.float32)
+    total = accelerator.reduce(n.clone(), reduction="sum")
+    return n * accelerator.num_processes / total.clamp(min=1)
+
+
+def build_base_alone() -> None:
+    """Builds the builtin base in a single-process child (its pretraining is a one-process run whatever launched
+    this one, so the cached base is the same however it was first built)."""
+    import os
+    import subprocess
+    import sys
+
+    from vlmtune.builtin import base_dir
+
+    if (base_dir() / "model.safetensors").is_file():
+        return
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                        "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
+    subprocess.run([sys.executable, "-c", "from vlmtune.builtin import ensure_base; ensure_base()"], env=env, check=True)
+
+
 def all_finite(value: torch.Tensor, accelerator) -> bool:
     """True when the value is finite on every process (so all processes take the same branch)."""
     ok = torch.isfinite(value).all().float().reshape(1)
@@ -463,11 +507,16 @@ def nonfinite(run: Run, stage: Stage, progress: Progress, what: str) -> None:
                      NONFINITE_EXIT)
 
 
-def stop_requested(signals: StopSignals, accelerator) -> bool:
-    flag = torch.tensor([1.0 if signals.signum is not None else 0.0], device=accelerator.device)
+def any_process(flag: bool, accelerator) -> bool:
+    """True when the flag is set on any process (so all processes take the same branch)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, reduction="sum")
-    return bool(flag.item() > 0)
+        value = accelerator.reduce(value, reduction="sum")
+    return bool(value.item() > 0)
+
+
+def stop_requested(signals: StopSignals, accelerator) -> bool:
+    return any_process(signals.signum is not None, accelerator)
 
 
 @torch.no_grad()

@@ -7,6 +7,16 @@ The prompt is built by the processor's own chat template. The text is cut at ass
 boundaries (found by rendering each prefix of the conversation, which must be a prefix of the whole),
 each piece is tokenized on its own, and each image placeholder is expanded to as many image tokens
 as the processor makes features for that image.
+
+Two ways to expand the images, both through the family's real processor:
+    * counted (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the image processor says how many tokens an image of a given
+      size makes (``get_number_of_image_patches``), so lengths are known without decoding a pixel, and
+      ``image_min_pixels``/``image_max_pixels`` are the processor's own pixel bounds;
+    * processor (every other family): each piece goes through ``processor(text=..., images=...)``, which
+      expands its image placeholders in the family's own way (LLaVA's repeated ``<image>``, Idefics3's tiles
+      with row/column tags, Gemma 3's ``<start_of_image>`` block, Pixtral's rows with ``[IMG_BREAK]``, ...);
+      the pixel inputs and any extra model inputs (``image_sizes``, ``pixel_attention_mask``,
+      ``token_type_ids``) are the processor's, and ``image_max_pixels`` downscales the image before it.
 """
 
 from __future__ import annotations
@@ -144,8 +154,117 @@ def process_images(processor, images: list[Image.Image], min_pixels: int | None,
     return dict(ip(images=images, return_tensors="pt", **kwargs))
 
 
+PER_TOKEN = "per_token"
+"""Item key holding the processor's per-token inputs (``token_type_ids``, ...): padded like ``input_ids``."""
+
+
+def counts_image_tokens(processor) -> bool:
+    """True where image tokens are counted from image sizes alone (the Qwen-VL image processors)."""
+    ip = getattr(processor, "image_processor", None)
+    return hasattr(ip, "merge_size") and hasattr(ip, "get_number_of_image_patches")
+
+
+def expanded_image_token(processor) -> str:
+    """The token a processor repeats once per image feature (Gemma 3 renders ``<start_of_image>`` in the
+    template but repeats ``<image_soft_token>``)."""
+    return getattr(processor.tokenizer, "image_token", None) or processor.image_token
+
+
+def image_runs(ids: list[int], image_id: int) -> list[tuple[int, int]]:
+    """[start, end) of every maximal run of ``image_id`` in ``ids``."""
+    spans, start = [], None
+    for i, t in enumerate([*ids, None]):
+        if t == image_id and start is None:
+            start = i
+        elif t != image_id and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def downscale(images: list[Image.Image], max_pixels: int | None) -> list[Image.Image]:
+    """Images over ``max_pixels`` shrunk to fit it, keeping the aspect ratio (processor-expanded families)."""
+    if not max_pixels:
+        return images
+    out = []
+    for im in images:
+        if im.width * im.height > max_pixels:
+            scale = (max_pixels / (im.width * im.height)) ** 0.5
+            im = im.resize((max(1, int(im.width * scale)), max(1, int(im.height * scale))), Image.BICUBIC)
+        out.append(im)
+    return out
+
+
+def encode_with_processor(processor, chat: list[dict], images: list[Image.Image]) -> tuple[Encoded, dict, dict]:
+    """Token ids, labels, per-token inputs and pixel inputs of a conversation, the processor expanding its images.
+
+    Each answer/prompt piece goes through the processor with the images whose placeholders it holds, so the
+    answers' token places are exact whatever a family's image expansion looks like.
+
+    Returns:
+        (encoded, per-token inputs such as ``token_type_ids``, pixel inputs for the model).
+
+    Raises:
+        ValueError: the placeholders the template rendered do not match the images.
+    """
+    placeholder = processor.image_token
+    image_id = processor.tokenizer.convert_tokens_to_ids(expanded_image_token(processor))
+    ids: list[int] = []
+    labels: list[int] = []
+    per_token: dict[str, list[int]] = {}
+    pixel_parts: list[dict] = []
+    pending = list(images)
+    for text, is_answer in label_segments(processor, chat):
+        n = text.count(placeholder)
+        if n > len(pending):
+            raise ValueError("the chat template produced more image tokens than the sample has images")
+        seg_images, pending = pending[:n], pending[n:]
+        out = processor(text=[text], images=seg_images or None, add_special_tokens=False, return_tensors="pt")
+        seg = out["input_ids"][0].tolist()
+        for key, value in out.items():
+            if key in ("input_ids", "attention_mask"):
+                continue
+            if torch.is_tensor(value) and value.shape == out["input_ids"].shape:
+                per_token.setdefault(key, [0] * len(ids)).extend(value[0].tolist())
+        for values in per_token.values():  # keys a piece did not return are 0 there
+            values.extend([0] * (len(ids) + len(seg) - len(values)))
+        if seg_images:
+            pixel_parts.append({k: v for k, v in out.items() if k not in per_token and k not in ("input_ids", "attention_mask")})
+        ids += seg
+        labels += seg if is_answer else [IGNORE] * len(seg)
+    if pending:
+        raise ValueError(f"the chat template rendered {len(images) - len(pending)} image placeholder(s) for {len(images)} image(s)")
+    pixels = pixel_parts[0] if len(pixel_parts) == 1 else {}
+    if len(pixel_parts) > 1:  # images in several turns: one call, so the processor batches (pads) them its way
+        full = processor.apply_chat_template(chat, tokenize=False)
+        out = processor(text=[full], images=images, add_special_tokens=False, return_tensors="pt")
+        if out["input_ids"][0].tolist() != ids:
+            raise ValueError("the processor tokenizes the conversation differently from its turns; "
+                             "vlmtune cannot locate the assistant answers for label masking")
+        pixels = {k: v for k, v in out.items() if k not in per_token and k not in ("input_ids", "attention_mask")}
+    return Encoded(input_ids=ids, labels=labels, image_spans=image_runs(ids, image_id)), per_token, pixels
+
+
+def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenates along dim 0, zero-padding every other dim to the largest (LLaVA-NeXT patch counts,
+    Idefics3 tile counts, Pixtral image sizes differ between samples; each model drops the padding)."""
+    if all(p.shape[1:] == parts[0].shape[1:] for p in parts):
+        return torch.cat(parts, dim=0)
+    shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    out = []
+    for p in parts:
+        padded = p.new_zeros((p.shape[0], *shape))
+        padded[tuple(slice(0, s) for s in p.shape)] = p
+        out.append(padded)
+    return torch.cat(out, dim=0)
+
+
 def collate(batch: list[dict], pad_id: int, image_token_id: int, video_token_id: int | None = None) -> dict:
-    """Right-pads token ids (labels with -100) and concatenates the images' pixel inputs."""
+    """Right-pads token ids (labels with -100) and concatenates the images' pixel inputs.
+
+    Items of processor-expanded families carry their per-token inputs under ``PER_TOKEN`` (padded with 0);
+    for the counted (Qwen-VL) families the M-RoPE ``mm_token_type_ids`` are made here from the token ids.
+    """
     width = max(len(b["input_ids"]) for b in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -156,13 +275,22 @@ def collate(batch: list[dict], pad_id: int, image_token_id: int, video_token_id:
         labels[i, :n] = torch.as_tensor(b["labels"])
         attention[i, :n] = 1
     out = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-    # M-RoPE needs to know which tokens are image (1) or video (2) tokens.
-    mm = (input_ids == image_token_id).long()
-    if video_token_id is not None:
-        mm[input_ids == video_token_id] = 2
-    out["mm_token_type_ids"] = mm
-    for key in sorted({k for b in batch for k in b} - {"input_ids", "labels"}):
+    if any(PER_TOKEN in b for b in batch):
+        for key in sorted({k for b in batch for k in b.get(PER_TOKEN, {})}):
+            values = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, b in enumerate(batch):
+                row = b.get(PER_TOKEN, {}).get(key)
+                if row is not None:
+                    values[i, : len(row)] = torch.as_tensor(row)
+            out[key] = values
+    else:
+        # M-RoPE needs to know which tokens are image (1) or video (2) tokens.
+        mm = (input_ids == image_token_id).long()
+        if video_token_id is not None:
+            mm[input_ids == video_token_id] = 2
+        out["mm_token_type_ids"] = mm
+    for key in sorted({k for b in batch for k in b} - {"input_ids", "labels", PER_TOKEN}):
         parts = [b[key] for b in batch if key in b]
         if parts:
-            out[key] = torch.cat(parts, dim=0)
+            out[key] = _pad_cat(parts)
     return out

