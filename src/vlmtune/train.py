@@ -27,6 +27,7 @@ from vlmtune.data.dataset import VLMDataset, build_dataset
 from vlmtune.doctor import check_gradients, group_grad_norms
 from vlmtune.evaluate import evaluate_model, plot_metrics, report_table
 from vlmtune.groups import GroupMap, assign_groups
+from vlmtune.loss import answer_loss
 from vlmtune.modeling import arch_for, load_model
 from vlmtune.optim import build_optimizer, build_scheduler, describe, param_groups
 from vlmtune.resume import STATE_DIR, Progress, TrainerState, config_changes, latest, read_state, restore_rng, write_rng, write_state
@@ -77,14 +78,16 @@ class Run:
     last_loss: float | None = None
 
 
-def make_loader(ds: VLMDataset, processor, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
+def make_loader(ds: VLMDataset, processor, batch_size: int, shuffle: bool, seed: int, workers: int,
+                group_by_length: bool = False) -> DataLoader:
     """A DataLoader with the padding collator; its order depends only on (seed, epoch) (see EpochSampler)."""
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     video_token = getattr(processor, "video_token", None)
     fn = partial(collate, pad_id=pad_id, image_token_id=tok.convert_tokens_to_ids(processor.image_token),
                  video_token_id=tok.convert_tokens_to_ids(video_token) if video_token else None)
-    return DataLoader(ds, batch_size=batch_size, sampler=EpochSampler(len(ds), seed, shuffle), collate_fn=fn,
+    sampler = EpochSampler(len(ds), seed, shuffle, ds.lengths() if group_by_length else None, batch_size)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=fn,
                       num_workers=workers, generator=torch.Generator().manual_seed(seed))
 
 
@@ -94,9 +97,9 @@ def evaluate_loss(model, loader, accelerator) -> float:
     model.eval()
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for batch in loader:
-        out = model(**batch)
+        loss = answer_loss(model, batch)
         n = (batch["labels"][:, 1:] != -100).sum()
-        total += torch.stack([out.loss.double() * n, n.double()])
+        total += torch.stack([loss.double() * n, n.double()])
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / total[1].clamp(min=1))
@@ -234,7 +237,7 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
         (run.out / name).write_text(json.dumps(report, indent=1), encoding="utf-8")
     if len(train_ds) == 0:
         raise ValueError("no training sample fits data.max_length; raise it or set data.too_long: downscale")
-    loader = make_loader(train_ds, run.processor, t.batch_size, True, t.seed, cfg.data.num_workers)
+    loader = make_loader(train_ds, run.processor, t.batch_size, True, t.seed, cfg.data.num_workers, t.group_by_length)
     sampler = loader.sampler
     eval_loader = make_loader(eval_ds, run.processor, t.batch_size, False, t.seed, 0) if eval_ds else None
 
@@ -269,6 +272,7 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
     model.train()
     window_loss, window_n, window_samples, bad_window, grad_norms = 0.0, 0, 0, False, {}
     flow_checked, window_images = not t.check_gradient_flow, 0
+    window_tokens = torch.zeros(2)  # real and padded-to token counts, for the padding fraction
     window_start = time.perf_counter()
     while progress.stage_step < total:
         sampler.start = progress.batch_in_epoch * t.batch_size * acc.num_processes
@@ -277,8 +281,9 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
         for batch in loader:
             progress.batch_in_epoch += 1
             window_images += int("pixel_values" in batch)
+            window_tokens += torch.tensor([batch["attention_mask"].sum().item(), batch["attention_mask"].numel()])
             with acc.accumulate(model):
-                loss = model(**batch).loss
+                loss = answer_loss(model, batch, t.label_only_logits)
                 value = loss.detach().float()
                 if acc.num_processes > 1:
                     loss = loss * token_share(batch, acc)
@@ -322,12 +327,14 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
                     record = {"step": progress.global_step, "stage": stage.name, "loss": run.last_loss,
                               "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9)}
                     record.update({f"lr/{g['name']}": lr for g, lr in zip(groups, scheduler.get_last_lr())})
+                    record["padding"] = 1.0 - float(window_tokens[0] / window_tokens[1].clamp(min=1))
                     record.update({f"grad_norm/{group}": value for group, value in grad_norms.items()})
                     if progress.nonfinite_skips:
                         record["nonfinite_skips"] = progress.nonfinite_skips
                     run.metrics.log(record)
                     bar.set_postfix(loss=f"{run.last_loss:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
                 window_loss, window_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+                window_tokens.zero_()
             if eval_loader is not None and t.eval_steps and step % t.eval_steps == 0 and step != total:
                 run.last_eval = evaluate(run, model, eval_loader, eval_ds, cfg, stage, progress)
             if t.save_steps and step % t.save_steps == 0 and step != total:
