@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from vlmtune.alignment import (EvalItem, caption_retrieval, encode, image_ablation, projector_alignment,
                                projector_module, rank_metrics, score)

@@ -17,7 +17,7 @@ import transformers
 
 from tests.real_configs_families import FAMILY_CONFIGS
 from vlmtune.archs import GROUPS, REGISTRY, arch_from_dict, find_arch
-from vlmtune.groups import assign_groups, linear_modules
+from vlmtune.groups import assign_groups, group_of, linear_modules, strip_peft_prefix
 
 # repo id -> (registry entry, the projector's module roots, published parameter count or None)
 EXPECTED = {
@@ -120,3 +120,104 @@ def test_user_entry_covers_a_family_without_editing_the_package():
         "vision_tower": ["model.vision_tower"], "projector": ["model.multi_modal_projector"],
         "language_model": ["model.language_model"], "lm_head": ["lm_head"]}})
     assert assign_groups(names, user).param_groups == assign_groups(names, REGISTRY["llava"]).param_groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Two training steps per family: tiny random model, real processor and chat template
+# ---------------------------------------------------------------------------------------------
+
+ASSETS = __import__("pathlib").Path(__file__).parent / "assets"
+
+
+def _data(tmp_path):
+    from tests.conftest import write_jsonl
+
+    records = [
+        {"messages": [{"role": "user", "content": "<image>What color is the shape?"}, {"role": "assistant", "content": "red"}],
+         "images": [str(ASSETS / "red_square.png")]},
+        {"messages": [{"role": "user", "content": "<image>What color is the shape?"}, {"role": "assistant", "content": "blue"}],
+         "images": [str(ASSETS / "blue_circle.png")]},
+        {"messages": [{"role": "user", "content": "Describe a square."}, {"role": "assistant", "content": "a red square"}]},
+    ]
+    return write_jsonl(tmp_path / "train.jsonl", records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava", "llava_next", "idefics3", "gemma3", "internvl", "mistral3"])
+def test_two_training_steps_move_the_projector(family, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.tiny_families import save_family
+    from vlmtune.cli import main
+
+    folder = save_family(family, tmp_path / "model")
+    # Gemma 3 projects with a bare weight matrix (no nn.Linear for LoRA), so its projector trains fully.
+    projector = "{mode: full, lr: 1.0e-2}" if family == "gemma3" else "{mode: lora, rank: 4, alpha: 8, targets: all-linear, lr: 1.0e-2}"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"model: {{path: {folder}}}\n"
+        "groups:\n"
+        "  vision_tower: {mode: frozen}\n"
+        f"  projector: {projector}\n"
+        "  language_model: {mode: lora, rank: 4, alpha: 8, targets: attention, lr: 1.0e-2}\n"
+        "  lm_head: {mode: frozen}\n"
+        f"data: {{train: {_data(tmp_path)}, max_length: 256}}\n"
+        f"train: {{output_dir: {tmp_path / 'run'}, max_steps: 2, batch_size: 3, warmup_steps: 0, logging_steps: 1, "
+        "eval_steps: 100, save_steps: 100, seed: 0, progress_bar: false}\n",
+        encoding="utf-8",
+    )
+    assert main(["train", str(cfg)]) == 0
+    weights = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+    layout = find_arch(family).layouts[0]  # the layout of the installed transformers' module names
+
+    def group(key: str) -> str | None:
+        return group_of(strip_peft_prefix(key).replace(".lora_A", "").replace(".lora_B", ""), layout)
+
+    projector_keys = [k for k in weights if group(k) == "projector"]
+    assert projector_keys, sorted(weights)
+    if family == "gemma3":
+        base = dict(transformers.AutoModelForImageTextToText.from_pretrained(folder).named_parameters())
+        moved = [k for k in projector_keys if not torch.equal(weights[k], base[strip_peft_prefix(k)])]
+        assert any(k.endswith("mm_input_projection_weight") for k in moved), projector_keys
+    else:
+        lora_b = [k for k in projector_keys if "lora_B" in k]
+        if family == "qwen3_vl":  # the deepstack mergers are projector LoRA too, and train
+            assert any("deepstack_merger_list.0.linear_fc1.lora_B" in k for k in lora_b)
+        zero = [k for k in lora_b if weights[k].abs().sum() == 0]
+        assert lora_b and not zero, f"projector LoRA B must have moved from zero: {zero}"
+    assert any(".self_attn." in k and "lora_A" in k and group(k) == "language_model" for k in weights)
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3", "gemma3"])
+def test_evaluation_and_generation_run_on_processor_expanded_families(family, tmp_path):
+    """Eval (loss, generation, ablation, retrieval, projector cosine) encodes through the family's processor."""
+    from tests.tiny_families import save_family
+    from vlmtune.config import DataConfig, EvalConfig
+    from vlmtune.data.dataset import build_dataset
+    from vlmtune.evaluate import evaluate_model
+
+    folder = save_family(family, tmp_path / "model")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(folder)
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    ds = build_dataset(str(_data(tmp_path)), DataConfig(max_length=512), processor, "eval")
+    metrics = evaluate_model(model, processor, ds, EvalConfig(retrieval_k=2, max_new_tokens=4), arch=find_arch(family))
+    for key in ("eval/loss", "eval/exact_match", "eval/ablation_gap_blank", "eval/retrieval_r1", "eval/projector_cos_gap"):
+        assert key in metrics and metrics[key] == metrics[key], (key, metrics)  # present and not NaN
+    assert metrics["eval/alignment_samples"] == 2  # the two samples with an image
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3", "gemma3"])
+def test_doctor_passes_on_processor_expanded_families(family, tmp_path, capsys):
+    from tests.tiny_families import save_family
+    from vlmtune.cli import main
+
+    folder = save_family(family, tmp_path / "model")
+    projector = "{mode: full}" if family == "gemma3" else "{mode: lora, rank: 4}"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {{path: {folder}}}\ngroups: {{projector: {projector}, language_model: {{mode: lora, rank: 4, "
+                   f"targets: attention}}}}\ndata: {{train: {_data(tmp_path)}, max_length: 512}}\ntrain: {{batch_size: 3}}\n",
+                   encoding="utf-8")
+    rc = main(["doctor", str(cfg)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "PASS  dimensions: image tokens" in out and "PASS  gradient flow" in out

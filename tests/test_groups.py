@@ -503,10 +503,11 @@ def test_owner_modules_cover_exactly_the_group(tiny, group):
 
 def test_unknown_model_type_lists_supported():
     with pytest.raises(ValueError) as err:
-        find_arch("llava_next")
+        find_arch("mllama")
     msg = str(err.value)
-    assert "'llava_next'" in msg
-    assert "Supported: qwen2_5_vl, qwen2_vl." in msg
+    assert "'mllama'" in msg
+    assert ("Supported: gemma3, idefics3, internvl, llava, llava_next, llava_onevision, mistral3, paligemma, "
+            "qwen2_5_vl, qwen2_vl, qwen3_vl, smolvlm.") in msg
     assert "model.arch_entry" in msg
 
 

@@ -49,7 +49,7 @@ def test_same_arguments_give_identical_bytes(tmp_path):
     for task in ("pretrain", "compare"):
         a = generate_shapes(tmp_path / "a", 40, task, seed=3, name=task)
         b = generate_shapes(tmp_path / "b", 40, task, seed=3, name=task)
-        assert a.name == f"{task}.jsonl"
+        assert a.name == b.name == f"{task}.jsonl"
     files_a, files_b = _folder_bytes(tmp_path / "a"), _folder_bytes(tmp_path / "b")
     assert files_a == files_b
     assert len(files_a) == 2 + 40 + 80  # two JSONL files, 1 image per pretrain and 2 per compare sample

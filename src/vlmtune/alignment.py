@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from vlmtune.archs import ArchSpec
-from vlmtune.data.collate import IGNORE, collate, encode_text, load_images, process_images, to_chat
+from vlmtune.data.collate import IGNORE, PER_TOKEN, collate, encode_example, load_images, to_chat
 from vlmtune.data.sharegpt import Sample
 
 BLANK_RGB = (255, 255, 255)  # the "blank image": white, the same size as the true image
@@ -78,11 +78,10 @@ def encode(processor, item: EvalItem, images: list[Image.Image] | None = None, a
         last = max(i for i, (r, _) in enumerate(messages) if r == "assistant")
         messages[last] = ("assistant", answer)
     images = item.images if images is None else images
-    pixels = process_images(processor, images, item.min_pixels, item.max_pixels)
-    merge = getattr(processor.image_processor, "merge_size", 1)
-    counts = [int(g.prod()) // merge**2 for g in pixels["image_grid_thw"]] if images else []
-    enc = encode_text(processor, to_chat(Sample(messages, item.sample.images, item.sample.where)), counts)
-    return {"input_ids": enc.input_ids, "labels": enc.labels, **pixels}
+    chat = to_chat(Sample(messages, item.sample.images, item.sample.where))
+    enc, per_token, pixels = encode_example(processor, chat, images, item.min_pixels, item.max_pixels)
+    extra = {PER_TOKEN: per_token} if per_token is not None else {}
+    return {"input_ids": enc.input_ids, "labels": enc.labels, **extra, **pixels}
 
 
 def token_ids(processor) -> tuple[int, int]:

@@ -156,6 +156,22 @@ def _doctor(args: argparse.Namespace) -> int:
     return doctor(load_config(args.config, args.overrides, echo=echo), echo=echo)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from vlmtune.bench import run_from_args
+
+    return run_from_args(args)
+
+
+def _add_bench_command(sub) -> None:
+    from vlmtune.bench import add_arguments
+
+    p = sub.add_parser("bench", help="time vlmtune's trainer against a plain transformers + peft loop (same training)",
+                       description="Runs the same LoRA training through vlmtune and through a plain reference loop, "
+                                   "alternately, and prints s/step, samples/s, tokens/s, peak memory and the ratios.")
+    add_arguments(p)
+    p.set_defaults(func=_bench)
+
+
 def _add_check_commands(sub) -> None:
     """`data check`, `data preview` and `doctor`."""
     data = sub.add_parser("data", help="check or preview data before training")
@@ -197,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
     _add_commands(sub)
     _add_check_commands(sub)
+    _add_bench_command(sub)
     return parser
 
 

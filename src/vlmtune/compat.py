@@ -96,7 +96,7 @@ def _tuning(raw: dict, lines: list[str], problems: list[str]) -> dict[str, dict]
             groups["projector"]["mode"] = "frozen"
         if freeze_language:
             groups["language_model"]["mode"] = groups["lm_head"]["mode"] = "frozen"
-        lines.append(f"finetuning_type: full -> " + ", ".join(f"groups.{g}.mode={s['mode']}" for g, s in groups.items()))
+        lines.append("finetuning_type: full -> " + ", ".join(f"groups.{g}.mode={s['mode']}" for g, s in groups.items()))
         return groups
 
     targets = _split_list(raw.get("lora_target", "all"))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vlmtune.archs import GROUPS
+from vlmtune.data.collate import expanded_image_token
 from vlmtune.groups import GroupMap
 from vlmtune.tuning import GroupPlan
 
@@ -195,7 +196,7 @@ def check_dimensions(model: nn.Module, gmap: GroupMap, batch: dict, image_token_
     error = None
     try:
         with torch.no_grad():
-            inner.get_image_features(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+            inner.get_image_features(**image_inputs(inner, batch))
     except Exception as e:  # a width mismatch raises inside the projector; the hooks saw where
         error = e
     finally:
@@ -230,19 +231,36 @@ def check_dimensions(model: nn.Module, gmap: GroupMap, batch: dict, image_token_
 
     # image tokens -> features
     tokens = int((batch["input_ids"] == image_token_id).sum())
-    grids = batch["image_grid_thw"].tolist()
-    merge = getattr(getattr(inner.config, "vision_config", None), "spatial_merge_size", 1)
-    expected = sum(t * h * w for t, h, w in grids) // merge**2
-    features = seen["out"][0] if "out" in seen else expected
     place = f"{where}: " if where else ""
+    if "image_grid_thw" in batch:  # Qwen-VL: the count follows from the image grid
+        grids = batch["image_grid_thw"].tolist()
+        merge = getattr(getattr(inner.config, "vision_config", None), "spatial_merge_size", 1)
+        expected = sum(t * h * w for t, h, w in grids) // merge**2
+        source, why = f"grid(s) {grids}", f" (patches / spatial_merge_size^2 = {expected})"
+        fail_source = f"its image grid(s) {grids}"
+    else:  # every projector output row but the width is one feature (images x tokens per image x width)
+        expected = math.prod(seen["out"][:-1]) if "out" in seen else None
+        source = fail_source = "its image(s)"
+        why = ""
+    features = math.prod(seen["out"][:-1]) if "out" in seen else expected
     if tokens != features:
         results.append(CheckResult(names[2], "FAIL", [
-            f"{place}{tokens} image placeholder tokens but the vision path produces {features} features for its image grid(s) "
-            f"{grids} (patches / spatial_merge_size^2 = {expected}); the processor and the model disagree on how many "
-            "tokens an image takes (compare the processor's merge_size and patch_size with the model's vision config)"]))
+            f"{place}{tokens} image placeholder tokens but the vision path produces {features} features for {fail_source}{why}; "
+            "the processor and the model disagree on how many tokens an image takes (compare the processor's "
+            "patch and merge sizes with the model's vision config)"]))
     else:
-        results.append(CheckResult(names[2], "PASS", [f"{place}{tokens} image tokens = {features} features for grid(s) {grids}"]))
+        results.append(CheckResult(names[2], "PASS", [f"{place}{tokens} image tokens = {features} features for {source}"]))
     return results
+
+
+def image_inputs(model: nn.Module, batch: dict) -> dict:
+    """The batch's inputs that ``get_image_features`` takes (pixel values, grids, sizes, masks)."""
+    import inspect
+
+    params = inspect.signature(model.get_image_features).parameters
+    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {k: v for k, v in batch.items()
+            if k in params or (open_kwargs and k.startswith(("pixel_", "image_")) and k != "image_token_id")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +396,7 @@ def batch_of(items: list[dict], processor, device: torch.device) -> dict:
 def run_checks(model: nn.Module, processor, gmap: GroupMap, plans: list[GroupPlan], items: list[dict], wheres: list[str],
                device: torch.device, max_length: int, batch_size: int) -> list[CheckResult]:
     """Every check on a built, planned model and real processed samples."""
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(expanded_image_token(processor))
     with_image = next((i for i, it in enumerate(items) if "pixel_values" in it), 0)
     results = check_dimensions(model, gmap, batch_of(items[with_image:with_image + 1], processor, device),
                                image_token_id, wheres[with_image])

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from vlmtune.alignment import EvalItem, token_ids
-from vlmtune.data.collate import load_images, process_images, to_chat
+from vlmtune.data.collate import PER_TOKEN, counts_image_tokens, downscale, load_images, pad_cat, process_images, to_chat
 from vlmtune.data.sharegpt import IMAGE_PLACEHOLDER, Sample
 
 
@@ -53,6 +53,17 @@ def prompt_features(processor, messages: list[tuple[str, str]], images: list[Ima
     tok = processor.tokenizer
     _, image_id = token_ids(processor)
     text = processor.apply_chat_template(to_chat(Sample(messages)), tokenize=False, add_generation_prompt=True)
+    if not counts_image_tokens(processor):  # the family's processor expands the placeholders itself
+        if text.count(processor.image_token) != len(images):
+            raise ValueError(f"the prompt has {text.count(processor.image_token)} '{IMAGE_PLACEHOLDER}' placeholder(s) "
+                             f"for {len(images)} image(s)")
+        out = processor(text=[text], images=downscale(images, max_pixels) or None, add_special_tokens=False,
+                        return_tensors="pt")
+        ids = out["input_ids"][0].tolist()
+        per_token = {k: v[0].tolist() for k, v in out.items()
+                     if k not in ("input_ids", "attention_mask") and torch.is_tensor(v) and v.shape == out["input_ids"].shape}
+        pixels = {k: v for k, v in out.items() if k not in per_token and k not in ("input_ids", "attention_mask")}
+        return {"input_ids": ids, PER_TOKEN: per_token, **pixels}
     pixels = process_images(processor, images, min_pixels, max_pixels)
     merge = getattr(processor.image_processor, "merge_size", 1)
     counts = [int(g.prod()) // merge**2 for g in pixels["image_grid_thw"]] if images else []
@@ -81,9 +92,19 @@ def left_padded(features: list[dict], pad_id: int, image_id: int) -> dict:
         n = len(f["input_ids"])
         ids[i, width - n:] = torch.as_tensor(f["input_ids"])
         mask[i, width - n:] = 1
-    out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == image_id).long()}
-    for key in sorted({k for f in features for k in f} - {"input_ids"}):
-        out[key] = torch.cat([f[key] for f in features if key in f], dim=0)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if any(PER_TOKEN in f for f in features):  # processor-expanded families: their own per-token inputs
+        for key in sorted({k for f in features for k in f.get(PER_TOKEN, {})}):
+            values = torch.zeros_like(ids)
+            for i, f in enumerate(features):
+                row = f.get(PER_TOKEN, {}).get(key)
+                if row is not None:
+                    values[i, width - len(row):] = torch.as_tensor(row)
+            out[key] = values
+    else:  # Qwen-VL M-RoPE: which tokens are image tokens
+        out["mm_token_type_ids"] = (ids == image_id).long()
+    for key in sorted({k for f in features for k in f} - {"input_ids", PER_TOKEN}):
+        out[key] = pad_cat([f[key] for f in features if key in f])
     return out
 
 

@@ -245,7 +245,22 @@ def encode_with_processor(processor, chat: list[dict], images: list[Image.Image]
     return Encoded(input_ids=ids, labels=labels, image_spans=image_runs(ids, image_id)), per_token, pixels
 
 
-def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+def encode_example(processor, chat: list[dict], images: list[Image.Image], min_pixels: int | None,
+                   max_pixels: int | None) -> tuple[Encoded, dict | None, dict]:
+    """Token ids, labels and model inputs of a conversation with its (decoded) images, for any family.
+
+    Returns:
+        (encoded, per-token inputs or None for the counted Qwen-VL families, pixel inputs).
+    """
+    if counts_image_tokens(processor):
+        pixels = process_images(processor, images, min_pixels, max_pixels)
+        merge = getattr(processor.image_processor, "merge_size", 1)
+        counts = [int(g.prod()) // merge**2 for g in pixels["image_grid_thw"]] if images else []
+        return encode_text(processor, chat, counts), None, pixels
+    return encode_with_processor(processor, chat, downscale(images, max_pixels))
+
+
+def pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenates along dim 0, zero-padding every other dim to the largest (LLaVA-NeXT patch counts,
     Idefics3 tile counts, Pixtral image sizes differ between samples; each model drops the padding)."""
     if all(p.shape[1:] == parts[0].shape[1:] for p in parts):
@@ -292,5 +307,5 @@ def collate(batch: list[dict], pad_id: int, image_token_id: int, video_token_id:
     for key in sorted({k for b in batch for k in b} - {"input_ids", "labels", PER_TOKEN}):
         parts = [b[key] for b in batch if key in b]
         if parts:
-            out[key] = _pad_cat(parts)
+            out[key] = pad_cat(parts)
     return out

@@ -27,11 +27,11 @@ from vlmtune.data.collate import (
     PER_TOKEN,
     counts_image_tokens,
     downscale,
+    encode_example,
     encode_text,
     encode_with_processor,
     image_token_counts,
     load_images,
-    process_images,
     to_chat,
 )
 from vlmtune.data.sharegpt import DataError, DuplicateFinder, Format, Problem, Sample, read_file
@@ -315,14 +315,9 @@ class VLMDataset(Dataset):
         if self.augment is not None:
             images = [self.augment(im, index, self.epoch, k) for k, im in enumerate(images)]
         extra = {}
-        if counts_image_tokens(self.processor):
-            pixels = process_images(self.processor, images, self.data.image_min_pixels, item.max_pixels)
-            merge = getattr(self.processor.image_processor, "merge_size", 1)
-            counts = [int(g.prod()) // merge**2 for g in pixels["image_grid_thw"]] if images else []
-            enc = encode_text(self.processor, to_chat(item.sample), counts)
-        else:
-            enc, per_token, pixels = encode_with_processor(self.processor, to_chat(item.sample),
-                                                           downscale(images, item.max_pixels))
+        enc, per_token, pixels = encode_example(self.processor, to_chat(item.sample), images,
+                                                self.data.image_min_pixels, item.max_pixels)
+        if per_token is not None:
             extra[PER_TOKEN] = {k: v[: item.truncate_at] for k, v in per_token.items()}
         ids, labels = enc.input_ids, enc.labels
         if item.truncate_at is not None:

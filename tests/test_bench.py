@@ -1,0 +1,93 @@
+"""`vlmtune bench`: the workloads are what they claim, the presets have the shapes they name, and a real run of
+both sides (tiny preset) prints the table with ratios computed from the measured numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlmtune.bench_setup import PRESETS, build_processor, count_text_tokens, make_workload, model_config
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(PRESETS["tiny"])
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_fixed_workload_has_exact_text_tokens_and_one_image(processor):
+    preset = PRESETS["tiny"]
+    path = make_workload(preset, "fixed", 6, processor)
+    rows = _rows(path)
+    assert len(rows) == 6
+    from PIL import Image
+
+    for row in rows:
+        assert count_text_tokens(processor, row["messages"], 1) == preset.text_tokens
+        assert len(row["images"]) == 1
+        with Image.open(path.parent / row["images"][0]) as im:
+            assert im.size == (preset.fixed_side, preset.fixed_side)
+
+
+def test_variable_workload_answers_images_and_sizes(processor):
+    preset = PRESETS["tiny"]
+    path = make_workload(preset, "variable", 16, processor)
+    rows = _rows(path)
+    tok = processor.tokenizer
+    answers = [len(tok(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"]) for r in rows]
+    assert all(5 <= n <= 200 for n in answers) and len(set(answers)) > 4
+    assert sum(len(r["images"]) == 2 for r in rows) == 4  # a quarter
+    from PIL import Image
+
+    sizes = set()
+    for r in rows:
+        for name in r["images"]:
+            with Image.open(path.parent / name) as im:
+                assert im.height in preset.variable_sides and im.width in preset.variable_sides
+                sizes.add(im.size)
+    assert len(sizes) > 3
+
+
+@pytest.mark.parametrize("preset, params, vision", [
+    ("gpu-2b", 2_208_985_600, 665_271_296),  # Qwen2-VL-2B-Instruct: 2.21B parameters, 665M in the vision tower
+    ("cpu", 8_957_824, 2_793_088),
+])
+def test_preset_model_shapes_on_meta(processor, preset, params, vision):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(model_config(PRESETS[preset].shape, processor.tokenizer))
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert sum(p.numel() for n, p in model.named_parameters() if ".visual." in n) == vision
+    assert model.config.tie_word_embeddings
+
+
+@pytest.mark.slow
+def test_bench_runs_both_sides_and_prints_ratios(tmp_path, capsys):
+    from vlmtune.cli import main
+
+    out = tmp_path / "results.json"
+    assert main(["bench", "--preset", "tiny", "--workload", "fixed", "--steps", "3", "--warmup", "1", "--rounds", "1",
+                 "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    printed = capsys.readouterr().out
+    assert "vlmtune/reference" in printed and "s/step" in printed and f"wrote {out}" in printed
+    result = json.loads(out.read_text())["workloads"]["fixed"]
+    for side in ("vlmtune", "reference"):
+        run = result["runs"][side][0]
+        assert len(run["step_s"]) == 3 and all(s > 0 for s in run["step_s"])
+        assert run["peak_rss_bytes"] > 100 * 2**20
+        assert result[side]["measured_steps"] == 2
+        assert result[side]["s_per_step"] == pytest.approx(sorted(run["step_s"][1:])[0] / 2 + sorted(run["step_s"][1:])[1] / 2)
+    for metric, ratio in result["ratio"].items():
+        assert ratio == pytest.approx(result["vlmtune"][metric] / result["reference"][metric])
+    c = result["checks"]
+    # Both sides trained the same thing: same wrapped modules, same tokens and labels, same starting loss.
+    assert c["same_lora_modules"] and c["lora_modules"] == 2 * 7 + 2
+    assert c["same_tokens_and_labels"]
+    assert c["first_step_loss"][0] == pytest.approx(c["first_step_loss"][1], rel=1e-5)
+    assert f"{result['ratio']['s_per_step']:.3f}" in printed
