@@ -82,3 +82,14 @@ def test_a_process_whose_batch_has_no_image_does_not_hang(base_dir, shapes_dir, 
     _run([str(config), f"train.output_dir={one}", "train.batch_size=2", "train.max_steps=8"], 1)
     _run([str(config), f"train.output_dir={two}", "train.batch_size=1", "train.max_steps=8"], 2)
     assert _max_rel_diff(one / "final", two / "final") <= 1e-4
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED"),
+                                        ("deepspeed_zero3", "DEEPSPEED"), ("multi_node", "MULTI_GPU")])
+def test_example_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(Path(__file__).parent.parent / "examples" / "accelerate" / f"{name}.yaml"))
+    assert str(cfg.distributed_type).endswith(kind)
+    if kind == "DEEPSPEED":
+        assert cfg.deepspeed_config["zero_stage"] == int(name[-1])

@@ -57,19 +57,23 @@ def commit(tmp: Path, out: Path) -> Path:
     return out
 
 
-def write_model(model, processor, cfg: Config, folder: Path) -> None:
+def write_model(model, processor, cfg: Config, folder: Path, state_dict: dict | None = None) -> None:
     """The loadable part: ``adapter_config.json`` + ``adapter_model.safetensors`` for a PeftModel (LoRA weights
     and the fully-trained groups' modules_to_save), ``config.json`` + ``model.safetensors`` for a plain model;
-    the processor (tokenizer, chat template); and the run's resolved ``config.yaml``."""
-    model.save_pretrained(folder, safe_serialization=True)
+    the processor (tokenizer, chat template); and the run's resolved ``config.yaml``. ``state_dict``: weights
+    gathered from processes that each hold a shard (FSDP, ZeRO-3), written instead of the local ones."""
+    if state_dict is None:
+        model.save_pretrained(folder, safe_serialization=True)
+    else:
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     processor.save_pretrained(folder)
     (folder / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
 
 
-def save_checkpoint(model, processor, cfg: Config, out: Path) -> Path:
+def save_checkpoint(model, processor, cfg: Config, out: Path, state_dict: dict | None = None) -> Path:
     """Writes a loadable checkpoint folder atomically (no resume state)."""
     tmp = begin(out)
-    write_model(model, processor, cfg, tmp)
+    write_model(model, processor, cfg, tmp, state_dict)
     return commit(tmp, out)
 
 

@@ -194,8 +194,9 @@ def train(cfg: Config) -> RunResult:
 
     accelerator.wait_for_everyone()
     final = out / "final"
+    state_dict = gathered_state_dict(accelerator, model)
     if accelerator.is_main_process:
-        save_checkpoint(accelerator.unwrap_model(model), processor, cfg, final)
+        save_checkpoint(accelerator.unwrap_model(model), processor, cfg, final, state_dict)
         plot_loss(metrics.records, out / "loss.png")
         if any(k.startswith("eval/") for r in metrics.records for k in r):
             plot_metrics(out / "metrics.jsonl", out / "metrics.png")
@@ -446,16 +447,22 @@ def save_resumable(run: Run, model, folder: Path, progress: Progress, optimizer,
     acc = run.accelerator
     progress.metrics_lines = len(run.metrics.records)
     tmp = folder.with_name(folder.name + TMP_SUFFIX)
+    sharded = sharded_engine(acc)
     if acc.is_main_process:
         begin(folder)
     acc.wait_for_everyone()
-    write_rng(tmp, acc.process_index)
+    if not sharded:
+        write_rng(tmp, acc.process_index)
+    state_dict = gathered_state_dict(acc, model)
     acc.wait_for_everyone()
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
-        write_model(unwrapped, run.processor, run.cfg, tmp)
-        weights = {n: p for n, p in unwrapped.named_parameters() if n in run.run_params}
-        write_state(tmp, progress, weights, optimizer, scheduler)
+        write_model(unwrapped, run.processor, run.cfg, tmp, state_dict)
+        if sharded:  # optimizer states are sharded across processes there; vlmtune does not gather them yet
+            echo(f"note: {folder.name} holds the weights but no resume state ({sharded} shards the optimizer)")
+        else:
+            weights = {n: p for n, p in unwrapped.named_parameters() if n in run.run_params}
+            write_state(tmp, progress, weights, optimizer, scheduler)
         commit(tmp, folder)
         for p in prune(run.out, run.cfg.train.save_total_limit):
             echo(f"removed {p.name} (train.save_total_limit={run.cfg.train.save_total_limit})")
@@ -487,6 +494,18 @@ def build_base_alone() -> None:
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                         "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
     subprocess.run([sys.executable, "-c", "from vlmtune.builtin import ensure_base; ensure_base()"], env=env, check=True)
+
+
+def sharded_engine(accelerator) -> str | None:
+    """'FSDP' or 'DEEPSPEED' when parameters or optimizer states are split across processes, else None."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    return kind if kind in ("FSDP", "DEEPSPEED") else None
+
+
+def gathered_state_dict(accelerator, model) -> dict | None:
+    """Under FSDP / DeepSpeed ZeRO-3 the full weights exist only when gathered: every process must call this
+    (accelerate's get_state_dict), and the main process writes them. None elsewhere (the model saves itself)."""
+    return accelerator.get_state_dict(model) if sharded_engine(accelerator) else None
 
 
 def all_finite(value: torch.Tensor, accelerator) -> bool:
