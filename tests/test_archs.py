@@ -143,7 +143,8 @@ def _data(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3_vl", "llava", "llava_next", "idefics3", "gemma3", "internvl", "mistral3"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava", "llava_next", "llava_onevision", "idefics3", "gemma3", "internvl",
+                                    "mistral3", "paligemma"])
 def test_two_training_steps_move_the_projector(family, tmp_path):
     from safetensors.torch import load_file
 
@@ -188,7 +189,65 @@ def test_two_training_steps_move_the_projector(family, tmp_path):
     assert any(".self_attn." in k and "lora_A" in k and group(k) == "language_model" for k in weights)
 
 
-@pytest.mark.parametrize("family", ["llava", "idefics3", "gemma3"])
+def _batch(family: str, tmp_path):
+    from tests.tiny_families import FAMILIES
+    from vlmtune.config import DataConfig
+    from vlmtune.data.collate import collate
+    from vlmtune.data.dataset import build_dataset
+
+    cfg, processor = FAMILIES[family]()
+    ds = build_dataset(str(_data(tmp_path)), DataConfig(max_length=256), processor, "eval")
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(getattr(tok, "image_token", None) or processor.image_token)
+    return cfg, processor, collate([ds[i] for i in range(len(ds))], tok.pad_token_id, image_id), image_id
+
+
+def test_paligemma_answer_is_the_causal_suffix(tmp_path):
+    """PaliGemma is a prefix-LM: token_type_ids 0 (image, question: bidirectional), 1 (answer: causal)."""
+    from PIL import Image
+
+    from vlmtune.data.collate import IGNORE
+
+    cfg, processor, batch, _ = _batch("paligemma", tmp_path)
+    # The image sample, token for token as upstream's fine-tuning call encodes it (prefix + suffix=answer).
+    image = Image.open(ASSETS / "red_square.png").convert("RGB")
+    ref = processor(text=["<image>What color is the shape?"], images=[image], suffix=["red"], return_tensors="pt")
+    n = ref["input_ids"].shape[1]
+    assert int(batch["attention_mask"][0].sum()) == n
+    for key in ("input_ids", "token_type_ids", "labels"):
+        assert batch[key][0, :n].tolist() == ref[key][0].tolist(), key
+    # The text-only sample: "<bos>Describe a square.\n" is the prefix, "a red square<eos>" the suffix.
+    tok = processor.tokenizer
+    prefix = tok("<bos>Describe a square.\n", add_special_tokens=False)["input_ids"]
+    suffix = tok("a red square<eos>", add_special_tokens=False)["input_ids"]
+    m = len(prefix) + len(suffix)
+    assert batch["input_ids"][2, :m].tolist() == prefix + suffix
+    assert batch["token_type_ids"][2, :m].tolist() == [0] * len(prefix) + [1] * len(suffix)
+    assert batch["labels"][2, :m].tolist() == [IGNORE] * len(prefix) + suffix
+    # With these types the model cannot see the answer ahead: changing the last answer token leaves every earlier
+    # logit alone. Marking the answer as prefix (all 0) would let it (the test of the test).
+    torch.manual_seed(0)
+    model = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
+    inputs = {k: batch[k][:1, :n] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    changed = dict(inputs, input_ids=inputs["input_ids"].clone())
+    changed["input_ids"][0, -1] = tok.convert_tokens_to_ids("<pad>")
+
+    def logits(x: dict) -> torch.Tensor:
+        with torch.no_grad():
+            return model(**x, pixel_values=batch["pixel_values"][:1]).logits[0, :-1]
+
+    assert torch.allclose(logits(inputs), logits(changed))
+    all_prefix = {k: dict(v, token_type_ids=torch.zeros_like(v["token_type_ids"])) for k, v in (("a", inputs), ("b", changed))}
+    assert not torch.allclose(logits(all_prefix["a"]), logits(all_prefix["b"]))
+
+
+def test_gemma3_token_types_still_mark_only_image_tokens(tmp_path):
+    _, _, batch, image_id = _batch("gemma3", tmp_path)
+    assert batch["token_type_ids"].tolist() == (batch["input_ids"] == image_id).long().tolist()
+    assert (batch["labels"] != -100).any() and not batch["token_type_ids"][batch["labels"] != -100].any()
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "gemma3", "paligemma", "internvl", "mistral3", "qwen3_vl"])
 def test_evaluation_and_generation_run_on_processor_expanded_families(family, tmp_path):
     """Eval (loss, generation, ablation, retrieval, projector cosine) encodes through the family's processor."""
     from tests.tiny_families import save_family
@@ -206,7 +265,7 @@ def test_evaluation_and_generation_run_on_processor_expanded_families(family, tm
     assert metrics["eval/alignment_samples"] == 2  # the two samples with an image
 
 
-@pytest.mark.parametrize("family", ["llava", "idefics3", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "gemma3", "paligemma", "internvl", "mistral3", "qwen3_vl"])
 def test_doctor_passes_on_processor_expanded_families(family, tmp_path, capsys):
     from tests.tiny_families import save_family
     from vlmtune.cli import main

@@ -53,6 +53,14 @@ CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n" + _par
 # Gemma 3: "<start_of_turn>user\n...<end_of_turn>\n<start_of_turn>model\n".
 GEMMA_TEMPLATE = ("<bos>{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
                   + _parts("<start_of_image>") + "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+# PaliGemma has no chat template upstream; it is fine-tuned as prefix -> suffix (big_vision's PaliGemma README):
+# "<image>...<bos>question\n" then "answer<eos>". This one renders the user turn as the prefix and the assistant
+# turn as the suffix. PaliGemmaProcessor itself puts <bos> after the last <image> and "\n" after the prefix when
+# the text has images, so only a turn without an image renders them here.
+PALIGEMMA_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}"
+                      "{% set text_only = m['content'] | selectattr('type', 'equalto', 'image') | list | length == 0 %}"
+                      "{% if text_only %}<bos>{% endif %}" + _parts("<image>") + "{% if text_only %}{{ '\\n' }}{% endif %}"
+                      "{% else %}" + _parts("") + "<eos>{% endif %}{% endfor %}")
 # Idefics3 / SmolVLM: "User:<image>...<end_of_utterance>\nAssistant: ...<end_of_utterance>\n".
 IDEFICS3_TEMPLATE = ("<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}:" + _parts("<image>") +
                      "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
@@ -118,6 +126,37 @@ def gemma3():
     return cfg, proc
 
 
+def llava_onevision():
+    # Qwen2 text model with ChatML; SigLIP features ("full": no CLS to drop), anyres tiling with image_newline.
+    template = CHATML_TEMPLATE.replace("{IMG}", "<image>\n")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tok = tokenizer(specials, template, None, "<|im_end|>", "<|endoftext|>", image_token="<image>", video_token="<video>")
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    ip = tf.LlavaOnevisionImageProcessor(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+    proc = tf.LlavaOnevisionProcessor(ip, tok, tf.LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}),
+                                      num_image_tokens=16, vision_feature_select_strategy="full", chat_template=template)
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=32, patch_size=8, vision_use_head=False)
+    cfg = tf.LlavaOnevisionConfig(vision_config=vision, text_config=tf.Qwen2Config(vocab_size=len(tok), **TEXT),
+                                  image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                  video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints)
+    return cfg, proc
+
+
+def paligemma():
+    tok = tokenizer(["<bos>", "<eos>", "<pad>", "<image>"], PALIGEMMA_TEMPLATE, "<bos>", "<eos>", "<pad>",
+                    image_token="<image>")
+    ip = tf.SiglipImageProcessor(size={"height": 32, "width": 32}, image_seq_length=16)  # (32 / 8) ** 2 patches
+    proc = tf.PaliGemmaProcessor(ip, tok, chat_template=PALIGEMMA_TEMPLATE)  # adds the <loc>/<seg> tokens
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=32, patch_size=8, vision_use_head=False, projection_dim=32)
+    text = tf.GemmaConfig(vocab_size=len(tok), **TEXT)
+    cfg = tf.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                             projection_dim=32, hidden_size=32, vocab_size=len(tok))
+    return cfg, proc
+
+
 def internvl():
     template = CHATML_TEMPLATE.replace("{IMG}", "<IMG_CONTEXT>\n")
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
@@ -170,10 +209,12 @@ FAMILIES: dict[str, Callable] = {
     "qwen3_vl": qwen3_vl,
     "llava": llava,
     "llava_next": llava_next,
+    "llava_onevision": llava_onevision,
     "idefics3": idefics3,
     "gemma3": gemma3,
     "internvl": internvl,
     "mistral3": mistral3,
+    "paligemma": paligemma,
 }
 
 

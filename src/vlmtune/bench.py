@@ -10,8 +10,8 @@ the remaining steps of all rounds. Peak memory is the child's peak RSS (``os.wai
 ``torch.cuda.max_memory_allocated`` on a GPU. Checks printed under each table: both sides wrapped the same
 modules, saw the same tokens and labels, and started from the same loss.
 
-``--profile`` instead runs each side under cProfile twice (``steps`` and ``warmup + 2`` steps) and prints where a
-step's time goes (the difference of the two runs: start-up and warm-up cancel out).
+``--profile`` instead runs each side once with timers on the vision tower, language model, lm_head, backward and
+optimizer (torch's global module and optimizer hooks, see ``vlmtune.bench_profile``) and prints where a step's time goes.
 """
 
 from __future__ import annotations
@@ -85,30 +85,31 @@ def adapter_modules(path: Path) -> list[str]:
         return sorted({k.removeprefix("base_model.model.").rsplit(".lora_A.", 1)[0] for k in f.keys() if ".lora_A." in k})
 
 
-def run_vlmtune(preset: Preset, model: Path, data: Path, steps: int, folder: Path, profile: bool = False) -> dict:
+def run_vlmtune(preset: Preset, model: Path, data: Path, steps: int, folder: Path, timed: bool = False) -> dict:
+    """One vlmtune run in a child process (``timed``: with the phase timers of ``vlmtune.bench_profile``)."""
     folder.mkdir(parents=True)
     config = folder / "config.yaml"
     config.write_text(yaml.safe_dump(vlmtune_config(preset, model, data, folder / "run", steps)), encoding="utf-8")
-    prefix = [sys.executable, "-m", "cProfile", "-o", str(folder / "profile.out"), "-m", "vlmtune", "train"] if profile else None
-    cmd = prefix + [str(config)] if profile else [sys.executable, "-c", _TRAINER, str(config), str(folder / "child.json")]
-    wall, rss = spawn(cmd, folder / "log.txt")
+    start = [sys.executable, "-m", "vlmtune.bench_profile", "vlmtune"] if timed else [sys.executable, "-c", _TRAINER]
+    wall, rss = spawn(start + [str(config), str(folder / "child.json")], folder / "log.txt")
     records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     steps_done = [r for r in records if "loss" in r]
-    child = json.loads((folder / "child.json").read_text()) if not profile else {}
+    child = json.loads((folder / "child.json").read_text())
     return {"step_s": [preset.batch_size / r["samples_per_s"] for r in steps_done], "loss": [r["loss"] for r in steps_done],
             "lora_modules": adapter_modules(folder / "run" / "final" / "adapter_model.safetensors"), "wall_s": wall,
             "peak_rss_bytes": rss, "cuda_peak_bytes": child.get("cuda_peak_bytes"), "folder": str(folder)}
 
 
 def run_reference(preset: Preset, model: Path, data: Path, order: list[int], steps: int, folder: Path,
-                  profile: bool = False) -> dict:
+                  timed: bool = False) -> dict:
+    """One reference run in a child process (``timed``: with the phase timers of ``vlmtune.bench_profile``)."""
     folder.mkdir(parents=True)
     spec = {"model": str(model), "data": str(data), "order": order, "steps": steps, "batch_size": preset.batch_size,
             "dtype": preset.dtype, "lr": preset.learning_rate, "rank": preset.lora_rank, "alpha": preset.lora_alpha,
             "seed": preset.seed, "out": str(folder / "result.json")}
     (folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
-    prefix = [sys.executable, "-m", "cProfile", "-o", str(folder / "profile.out")] if profile else [sys.executable]
-    wall, rss = spawn(prefix + ["-m", "vlmtune.bench_reference", str(folder / "spec.json")], folder / "log.txt")
+    start = [sys.executable, "-m", "vlmtune.bench_profile", "reference"] if timed else [sys.executable, "-m", "vlmtune.bench_reference"]
+    wall, rss = spawn(start + [str(folder / "spec.json")], folder / "log.txt")
     result = json.loads((folder / "result.json").read_text())
     return {"step_s": [s["s"] for s in result["steps"]], "loss": [s["loss"] for s in result["steps"]],
             "counts": [{k: s[k] for k in ("tokens", "image_tokens", "label_tokens")} for s in result["steps"]],
@@ -250,7 +251,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, help="vlmtune/reference alternations per workload (default: the preset's)")
     p.add_argument("--out", type=Path, help="results JSON (default: WORK/results.json)")
     p.add_argument("--work", type=Path, help="folder for the runs' configs, logs and outputs (default: a new temp folder)")
-    p.add_argument("--profile", action="store_true", help="where a step's time goes, per side (cProfile), instead of the table")
+    p.add_argument("--profile", action="store_true", help="where a step's time goes, per side (phase timers), instead of the table")
 
 
 def run_from_args(args: argparse.Namespace) -> int:

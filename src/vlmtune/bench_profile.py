@@ -1,118 +1,153 @@
 """`vlmtune bench --profile`: where one training step's time goes, for vlmtune and for the reference loop.
 
-Each side runs under cProfile twice on the same data, once for ``steps`` and once for ``warmup + 1`` steps; the
-difference of the two runs' cumulative times, divided by the difference in steps, is the time per steady-state step
-of each phase (start-up, model loading and the first steps cancel out). cProfile adds a cost to every Python call,
-so Python-heavy phases (data collation, the peft wrappers) read somewhat high; compare shares, and the two sides
-with each other, rather than with the unprofiled s/step.
+Both sides run once more with the same timers installed in their process before anything else: torch's global
+module forward hooks (vision tower, language model, lm_head, the whole model) and global optimizer step hooks, so
+neither side's code is changed and both are measured the same way. Per step: the gap from the previous optimizer
+step's end to this forward's start (data loading, collation, moving the batch, the loop's own work), each forward
+part, the time from the forward's end to the optimizer step (loss outside the model, backward, clipping, logging
+of gradient norms), and the optimizer step. On a GPU every hook synchronises first. Medians over the steps after
+warm-up.
 """
 
 from __future__ import annotations
 
-import inspect
+import atexit
 import json
-import pstats
+import os
+import statistics
+import sys
 import tempfile
+import time
 from pathlib import Path
 
-from vlmtune.bench import run_reference, run_vlmtune
-from vlmtune.bench_setup import PRESETS, ensure_model, make_workload
 from vlmtune.tracking import echo
 
+ENV = "VLMTUNE_BENCH_TIMERS"  # where a child writes its per-step phase times
+PHASES = ("data, collation, loop", "vision tower forward", "language model forward", "lm_head (logits)",
+          "rest of forward (embeddings, M-RoPE, loss in forward)", "loss outside forward + backward + clipping",
+          "optimizer step")
 
-def _key(fn) -> tuple[str, int, str]:
-    code = inspect.unwrap(fn).__code__
-    return code.co_filename, code.co_firstlineno, code.co_name
 
-
-def phase_keys() -> dict[str, tuple[str, int, str]]:
-    """The functions whose cumulative time makes each phase."""
+def install_timers(out: str) -> None:
+    """Registers the global hooks and writes every step's phase times to ``out`` at exit."""
     import torch
-    from torch.utils.data.dataloader import _BaseDataLoaderIter
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
     from transformers.models.qwen2_vl import modeling_qwen2_vl as q
 
-    from vlmtune.doctor import group_grad_norms
+    def now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
-    try:  # vlmtune computes the answer loss itself where it keeps logits only at label positions
-        from vlmtune.loss import answer_loss
-    except ImportError:
-        answer_loss = q.Qwen2VLForConditionalGeneration.forward
-    return {
-        "answer_loss": _key(answer_loss),
-        "data": _key(_BaseDataLoaderIter.__next__),
-        "forward": _key(q.Qwen2VLForConditionalGeneration.forward),
-        "inner": _key(q.Qwen2VLModel.forward),
-        "vision": _key(q.Qwen2VisionTransformerPretrainedModel.forward),
-        "language": _key(q.Qwen2VLTextModel.forward),
-        "backward": _key(torch.autograd.backward),
-        "clip": _key(torch.nn.utils.clip_grad_norm_),
-        "optimizer": _key(torch.optim.AdamW.step),
-        "grad_norms": _key(group_grad_norms),
-    }
+    kinds = {q.Qwen2VLForConditionalGeneration: "forward", q.Qwen2VisionTransformerPretrainedModel: "vision",
+             q.Qwen2VLTextModel: "language"}
+    state = {"step": {}, "starts": {}, "lm_head": None, "last_end": None}
+    steps: list[dict] = []
+
+    def kind_of(module) -> str | None:
+        if module is state["lm_head"]:
+            return "lm_head"
+        return kinds.get(type(module))
+
+    def pre(module, args):
+        kind = kind_of(module)
+        if kind is None or not module.training:
+            return
+        if kind == "forward":
+            state["lm_head"] = module.lm_head
+        state["starts"][kind] = now()
+
+    def post(module, args, output):
+        kind = kind_of(module)
+        if kind is None or kind not in state["starts"] or not module.training:
+            return
+        t = now()
+        state["step"][kind] = state["step"].get(kind, 0.0) + t - state["starts"].pop(kind)
+        if kind == "forward":
+            state["step"]["forward_start"] = t - state["step"]["forward"]
+            state["step"]["forward_end"] = t
+
+    def opt_pre(optimizer, args, kwargs):
+        state["step"]["opt_start"] = now()
+
+    def opt_post(optimizer, args, kwargs):
+        s, end = state["step"], now()
+        if "forward_start" in s and state["last_end"] is not None:
+            steps.append({
+                PHASES[0]: s["forward_start"] - state["last_end"],
+                PHASES[1]: s.get("vision", 0.0),
+                PHASES[2]: s.get("language", 0.0),
+                PHASES[3]: s.get("lm_head", 0.0),
+                PHASES[4]: s["forward"] - s.get("vision", 0.0) - s.get("language", 0.0) - s.get("lm_head", 0.0),
+                PHASES[5]: s["opt_start"] - s["forward_end"],
+                PHASES[6]: end - s["opt_start"],
+            })
+        state["step"], state["last_end"] = {}, end
+
+    register_module_forward_pre_hook(pre)
+    register_module_forward_hook(post)
+    register_optimizer_step_pre_hook(opt_pre)
+    register_optimizer_step_post_hook(opt_post)
+    atexit.register(lambda: Path(out).write_text(json.dumps(steps), encoding="utf-8"))
 
 
-def cumulative(profile: Path, keys: dict[str, tuple]) -> dict[str, float]:
-    stats = pstats.Stats(str(profile)).stats
-    return {name: stats[k][3] if k in stats else 0.0 for name, k in keys.items()}
+def timed_child(argv: list[str]) -> int:
+    """``python -c ... SIDE ARGS``: installs the timers, then runs the trainer child or the reference."""
+    install_timers(os.environ[ENV])
+    side, rest = argv[0], argv[1:]
+    if side == "vlmtune":
+        from vlmtune.bench import trainer_child
 
+        return trainer_child(rest)
+    from vlmtune.bench_reference import main
 
-def phases(long: dict[str, float], short: dict[str, float], steps: int) -> dict[str, float]:
-    """Per-step seconds of each reported phase."""
-    d = {k: (long[k] - short[k]) / steps for k in long}
-    return {
-        "data loading + collation": d["data"],
-        "vision tower forward": d["vision"],
-        "language model forward": d["language"],
-        "embeddings, M-RoPE index, image merge": d["inner"] - d["vision"] - d["language"],
-        "lm_head (logits) + loss": max(d["forward"], d["answer_loss"]) - d["inner"],
-        "backward": d["backward"],
-        "clip_grad_norm_": d["clip"],
-        "optimizer step (AdamW)": d["optimizer"],
-        "per-group grad norms (logging)": d["grad_norms"],
-    }
+    return main(rest)
 
 
 def run_profile(preset_name: str, kind: str, steps: int | None, warmup: int | None, work: Path | None) -> dict:
-    """Profiles both sides on one workload, prints the phase table and writes ``WORK/profile.json``."""
+    """Runs each side once with the timers on one workload, prints the phase table, writes ``WORK/profile.json``."""
     from transformers import AutoProcessor
 
+    from vlmtune.bench import run_reference, run_vlmtune
+    from vlmtune.bench_setup import PRESETS, ensure_model, make_workload
     from vlmtune.sampler import EpochSampler
 
     preset = PRESETS[preset_name]
     steps = steps or preset.steps
-    short = (preset.warmup if warmup is None else warmup) + 1
-    if steps - short < 2:
-        raise ValueError(f"--profile needs --steps at least {short + 2}")
+    warmup = preset.warmup if warmup is None else warmup
     work = Path(work or tempfile.mkdtemp(prefix="vlmtune-profile-"))
     model = ensure_model(preset, echo=echo)
     data = make_workload(preset, kind, preset.batch_size * steps, AutoProcessor.from_pretrained(model))
     order = EpochSampler(preset.batch_size * steps, preset.seed).order()
-    keys = phase_keys()
     result = {}
     for side in ("vlmtune", "reference"):
-        runs = {}
-        for n in (steps, short):
-            echo(f"  profiling {side}, {n} steps ...")
-            folder = work / f"profile-{side}-{n}"
-            runs[n] = (run_vlmtune(preset, model, data, n, folder, profile=True) if side == "vlmtune"
-                       else run_reference(preset, model, data, order, n, folder, profile=True))
-            runs[n]["cumulative"] = cumulative(folder / "profile.out", keys)
-        per_step = sum(runs[steps]["step_s"][short:]) / (steps - short)
-        parts = phases(runs[steps]["cumulative"], runs[short]["cumulative"], steps - short)
-        parts["other (loop, hooks, accelerate, logging)"] = per_step - sum(parts.values())
-        result[side] = {"s_per_step_profiled": per_step, "phases": parts}
-    rows = [("phase", "vlmtune s", "share", "reference s", "share")]
-    for name in result["vlmtune"]["phases"]:
-        v, r = result["vlmtune"]["phases"][name], result["reference"]["phases"][name]
-        rows.append((name, f"{v:.4f}", f"{v / result['vlmtune']['s_per_step_profiled']:.0%}",
-                     f"{r:.4f}", f"{r / result['reference']['s_per_step_profiled']:.0%}"))
-    rows.append(("step (profiled)", f"{result['vlmtune']['s_per_step_profiled']:.4f}", "100%",
-                 f"{result['reference']['s_per_step_profiled']:.4f}", "100%"))
+        echo(f"  timing the phases of {side}, {steps} steps ...")
+        folder = work / f"profile-{side}"
+        os.environ[ENV] = str(work / f"phases-{side}.json")
+        run = (run_vlmtune(preset, model, data, steps, folder, timed=True) if side == "vlmtune"
+               else run_reference(preset, model, data, order, steps, folder, timed=True))
+        del os.environ[ENV]
+        per_step = json.loads((work / f"phases-{side}.json").read_text())[max(0, warmup - 1):]  # step 1 has no gap
+        phases = {p: statistics.median(s[p] for s in per_step) for p in PHASES}
+        result[side] = {"s_per_step": statistics.median(run["step_s"][warmup:]), "phases": phases,
+                        "steps_measured": len(per_step)}
+    rows = [("phase (median per step)", "vlmtune s", "share", "reference s", "share")]
+    for p in (*PHASES, "step"):
+        v = result["vlmtune"]["s_per_step"] if p == "step" else result["vlmtune"]["phases"][p]
+        r = result["reference"]["s_per_step"] if p == "step" else result["reference"]["phases"][p]
+        rows.append((p, f"{v:.4f}", f"{v / result['vlmtune']['s_per_step']:.0%}", f"{r:.4f}",
+                     f"{r / result['reference']['s_per_step']:.0%}"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    echo(f"profile: preset {preset.name}, workload {kind}, per step over steps {short + 1}-{steps} (cProfile)")
+    echo(f"profile: preset {preset.name}, workload {kind}, {steps} steps, {warmup} warm-up dropped (phase medians "
+         "need not add up to the step median)")
     echo("\n".join(lines))
     (work / "profile.json").write_text(json.dumps({"preset": preset.name, "workload": kind, **result}, indent=1))
     echo(f"wrote {work / 'profile.json'}")
     return result
+
+
+if __name__ == "__main__":
+    sys.exit(timed_child(sys.argv[1:]))

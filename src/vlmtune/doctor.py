@@ -193,10 +193,10 @@ def check_dimensions(model: nn.Module, gmap: GroupMap, batch: dict, image_token_
 
     hooks = [proj.register_forward_pre_hook(record_input), proj.register_forward_hook(record_output)]
     hooks += [leaf.register_forward_pre_hook(record_layer(n)) for n, leaf in proj.named_modules() if _expected_width(leaf) is not None]
-    error = None
+    error, produced = None, None
     try:
         with torch.no_grad():
-            inner.get_image_features(**image_inputs(inner, batch))
+            produced = feature_rows(inner.get_image_features(**image_inputs(inner, batch)))
     except Exception as e:  # a width mismatch raises inside the projector; the hooks saw where
         error = e
     finally:
@@ -242,7 +242,9 @@ def check_dimensions(model: nn.Module, gmap: GroupMap, batch: dict, image_token_
         expected = math.prod(seen["out"][:-1]) if "out" in seen else None
         source = fail_source = "its image(s)"
         why = ""
-    features = math.prod(seen["out"][:-1]) if "out" in seen else expected
+    # What get_image_features returns is what replaces the placeholders (after any unpadding or row-end
+    # tokens such as LLaVA-NeXT's image_newline); the projector's own output is the fallback.
+    features = produced if produced is not None else math.prod(seen["out"][:-1]) if "out" in seen else expected
     if tokens != features:
         results.append(CheckResult(names[2], "FAIL", [
             f"{place}{tokens} image placeholder tokens but the vision path produces {features} features for {fail_source}{why}; "
@@ -251,6 +253,16 @@ def check_dimensions(model: nn.Module, gmap: GroupMap, batch: dict, image_token_
     else:
         results.append(CheckResult(names[2], "PASS", [f"{place}{tokens} image tokens = {features} features for {source}"]))
     return results
+
+
+def feature_rows(out) -> int | None:
+    """Image feature vectors in ``get_image_features``' result (a tensor, or ``pooler_output`` of a tensor or a
+    list of tensors per image): every row but the width."""
+    feats = out if torch.is_tensor(out) else getattr(out, "pooler_output", None)
+    if feats is None:
+        return None
+    parts = feats if isinstance(feats, (list, tuple)) else [feats]
+    return sum(p.numel() // p.shape[-1] for p in parts if torch.is_tensor(p))
 
 
 def image_inputs(model: nn.Module, batch: dict) -> dict:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from vlmtune.alignment import EvalItem, token_ids
-from vlmtune.data.collate import PER_TOKEN, counts_image_tokens, downscale, load_images, pad_cat, process_images, to_chat
+from vlmtune.data.collate import PER_TOKEN, TEXT_KEYS, counts_image_tokens, downscale, load_images, pad_cat, process_images, to_chat
 from vlmtune.data.sharegpt import IMAGE_PLACEHOLDER, Sample
 
 
@@ -57,12 +57,13 @@ def prompt_features(processor, messages: list[tuple[str, str]], images: list[Ima
         if text.count(processor.image_token) != len(images):
             raise ValueError(f"the prompt has {text.count(processor.image_token)} '{IMAGE_PLACEHOLDER}' placeholder(s) "
                              f"for {len(images)} image(s)")
-        out = processor(text=[text], images=downscale(images, max_pixels) or None, add_special_tokens=False,
-                        return_tensors="pt")
+        if not images:  # text only: the tokenizer (some processors, e.g. PaliGemma's, refuse text without images)
+            return {"input_ids": tok(text, add_special_tokens=False)["input_ids"], PER_TOKEN: {}}
+        out = processor(text=[text], images=downscale(images, max_pixels), add_special_tokens=False, return_tensors="pt")
         ids = out["input_ids"][0].tolist()
         per_token = {k: v[0].tolist() for k, v in out.items()
-                     if k not in ("input_ids", "attention_mask") and torch.is_tensor(v) and v.shape == out["input_ids"].shape}
-        pixels = {k: v for k, v in out.items() if k not in per_token and k not in ("input_ids", "attention_mask")}
+                     if k not in TEXT_KEYS and torch.is_tensor(v) and v.shape == out["input_ids"].shape}
+        pixels = {k: v for k, v in out.items() if k not in per_token and k not in TEXT_KEYS}
         return {"input_ids": ids, PER_TOKEN: per_token, **pixels}
     pixels = process_images(processor, images, min_pixels, max_pixels)
     merge = getattr(processor.image_processor, "merge_size", 1)

@@ -17,10 +17,13 @@ Two ways to expand the images, both through the family's real processor:
       with row/column tags, Gemma 3's ``<start_of_image>`` block, Pixtral's rows with ``[IMG_BREAK]``, ...);
       the pixel inputs and any extra model inputs (``image_sizes``, ``pixel_attention_mask``,
       ``token_type_ids``) are the processor's, and ``image_max_pixels`` downscales the image before it.
+      Pieces without an image are plain text and go through the processor's tokenizer. A processor that takes a
+      ``suffix`` (PaliGemma, a prefix-LM) gets ``token_type_ids`` 1 from the first answer on (see ``marks_suffix``).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -158,6 +161,10 @@ PER_TOKEN = "per_token"
 """Item key holding the processor's per-token inputs (``token_type_ids``, ...): padded like ``input_ids``."""
 
 
+TEXT_KEYS = ("input_ids", "attention_mask", "labels")
+"""Processor outputs that vlmtune makes itself: PaliGemma's processor also returns ``labels`` (prefix -100)."""
+
+
 def counts_image_tokens(processor) -> bool:
     """True where image tokens are counted from image sizes alone (the Qwen-VL image processors)."""
     ip = getattr(processor, "image_processor", None)
@@ -168,6 +175,17 @@ def expanded_image_token(processor) -> str:
     """The token a processor repeats once per image feature (Gemma 3 renders ``<start_of_image>`` in the
     template but repeats ``<image_soft_token>``)."""
     return getattr(processor.tokenizer, "image_token", None) or processor.image_token
+
+
+def marks_suffix(processor) -> bool:
+    """True where the processor takes a ``suffix`` (PaliGemma): the model is a prefix-LM whose ``token_type_ids``
+    are 0 on the prefix (image, question: attended bidirectionally) and 1 on the suffix (answer: causal).
+
+    vlmtune marks every token from the first answer on as suffix, as ``processor(text=prefix, suffix=answer)``
+    does. Only processors that take a suffix get this: Gemma 3 also returns ``token_type_ids``, but there 1 marks
+    image tokens.
+    """
+    return "suffix" in inspect.signature(processor.__call__).parameters
 
 
 def image_runs(ids: list[int], image_id: int) -> list[tuple[int, int]]:
@@ -198,8 +216,10 @@ def downscale(images: list[Image.Image], max_pixels: int | None) -> list[Image.I
 def encode_with_processor(processor, chat: list[dict], images: list[Image.Image]) -> tuple[Encoded, dict, dict]:
     """Token ids, labels, per-token inputs and pixel inputs of a conversation, the processor expanding its images.
 
-    Each answer/prompt piece goes through the processor with the images whose placeholders it holds, so the
-    answers' token places are exact whatever a family's image expansion looks like.
+    Each answer/prompt piece with images goes through the processor with the images whose placeholders it holds
+    (a piece without images through its tokenizer), so the answers' token places are exact whatever a family's
+    image expansion looks like. For a prefix-LM processor (``marks_suffix``) every token from the first answer
+    on gets ``token_type_ids`` 1.
 
     Returns:
         (encoded, per-token inputs such as ``token_type_ids``, pixel inputs for the model).
@@ -214,26 +234,34 @@ def encode_with_processor(processor, chat: list[dict], images: list[Image.Image]
     per_token: dict[str, list[int]] = {}
     pixel_parts: list[dict] = []
     pending = list(images)
+    suffix_start: int | None = None  # where the first answer starts
     for text, is_answer in label_segments(processor, chat):
         n = text.count(placeholder)
         if n > len(pending):
             raise ValueError("the chat template produced more image tokens than the sample has images")
         seg_images, pending = pending[:n], pending[n:]
-        out = processor(text=[text], images=seg_images or None, add_special_tokens=False, return_tensors="pt")
+        if is_answer and suffix_start is None:
+            suffix_start = len(ids)
+        if seg_images:
+            out = processor(text=[text], images=seg_images, add_special_tokens=False, return_tensors="pt")
+        else:  # a piece without images is plain text (PaliGemma's processor refuses text without images)
+            out = processor.tokenizer([text], add_special_tokens=False, return_token_type_ids=False, return_tensors="pt")
         seg = out["input_ids"][0].tolist()
         for key, value in out.items():
-            if key in ("input_ids", "attention_mask"):
+            if key in TEXT_KEYS:
                 continue
             if torch.is_tensor(value) and value.shape == out["input_ids"].shape:
                 per_token.setdefault(key, [0] * len(ids)).extend(value[0].tolist())
         for values in per_token.values():  # keys a piece did not return are 0 there
             values.extend([0] * (len(ids) + len(seg) - len(values)))
         if seg_images:
-            pixel_parts.append({k: v for k, v in out.items() if k not in per_token and k not in ("input_ids", "attention_mask")})
+            pixel_parts.append({k: v for k, v in out.items() if k not in per_token and k not in TEXT_KEYS})
         ids += seg
         labels += seg if is_answer else [IGNORE] * len(seg)
     if pending:
         raise ValueError(f"the chat template rendered {len(images) - len(pending)} image placeholder(s) for {len(images)} image(s)")
+    if suffix_start is not None and marks_suffix(processor):
+        per_token["token_type_ids"] = [0] * suffix_start + [1] * (len(ids) - suffix_start)
     pixels = pixel_parts[0] if len(pixel_parts) == 1 else {}
     if len(pixel_parts) > 1:  # images in several turns: one call, so the processor batches (pads) them its way
         full = processor.apply_chat_template(chat, tokenize=False)
@@ -241,7 +269,7 @@ def encode_with_processor(processor, chat: list[dict], images: list[Image.Image]
         if out["input_ids"][0].tolist() != ids:
             raise ValueError("the processor tokenizes the conversation differently from its turns; "
                              "vlmtune cannot locate the assistant answers for label masking")
-        pixels = {k: v for k, v in out.items() if k not in per_token and k not in ("input_ids", "attention_mask")}
+        pixels = {k: v for k, v in out.items() if k not in per_token and k not in TEXT_KEYS}
     return Encoded(input_ids=ids, labels=labels, image_spans=image_runs(ids, image_id)), per_token, pixels
 
 
