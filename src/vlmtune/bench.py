@@ -186,6 +186,11 @@ def table(name: str, result: dict) -> str:
     lines.append(f"checks: same LoRA modules ({c['lora_modules']}): {c['same_lora_modules']}; same tokens and labels per "
                  f"step: {c['same_tokens_and_labels']}; first-step loss vlmtune {c['first_step_loss'][0]:.5f} vs reference "
                  f"{c['first_step_loss'][1]:.5f}; max relative loss difference over all steps {c['max_rel_loss_difference']:.1e}")
+    for side in SIDES:
+        medians = s[side]["round_medians"]
+        if max(medians) > 1.2 * min(medians):
+            lines.append(f"warning: {side}'s round medians differ by {max(medians) / min(medians) - 1:.0%}: the machine was "
+                         "busy during some runs; rerun (or add --rounds) before trusting the ratios")
     return "\n".join(lines)
 
 
