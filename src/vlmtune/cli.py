@@ -14,7 +14,8 @@ from vlmtune.loading import CheckpointError
 
 def _train(args: argparse.Namespace) -> int:
     from vlmtune.tracking import echo
-    from vlmtune.train import RunStopped, train
+    from vlmtune.stopping import RunStopped
+    from vlmtune.train import train
 
     overrides = list(args.overrides)
     if args.resume:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,11 @@ import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+
+from vlmtune.checkpoint import STEP_FOLDER, recover
+from vlmtune.config import Config, ConfigError
+from vlmtune.stages import Stage
+from vlmtune.tracking import echo
 
 STATE_DIR = "trainer_state"
 
@@ -193,3 +199,54 @@ def config_changes(saved_yaml: Path, current: dict) -> list[str]:
         if old.get(key) != new.get(key):
             changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     return changes
+
+
+def prepare_output_dir(out: Path, cfg: Config, stages: list[Stage], accelerator) -> Path | None:
+    """Cleans up an interrupted save and picks the checkpoint to resume from (None: start afresh).
+
+    Starting afresh removes an earlier run's checkpoints from ``out`` so that a later ``--resume`` never
+    mixes two runs; resuming refuses a checkpoint whose model, groups, data or stages differ unless forced.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        for line in recover(out):
+            echo(line)
+    accelerator.wait_for_everyone()
+    found = latest(out)
+    if cfg.train.resume == "auto":
+        if found is None:
+            echo(f"resume: no complete checkpoint in {out}; starting from the beginning")
+            return None
+        changes = config_changes(found / "config.yaml", cfg.model_dump(mode="json"))
+        if changes and not cfg.train.force_resume:
+            raise ConfigError([f"{c}" for c in changes] + [
+                "these settings differ from the checkpoint's; resuming would mix two different runs. Use the "
+                "checkpoint's settings, another train.output_dir, or --force-resume to resume anyway"],
+                f"resume from {found}")
+        for c in changes:
+            echo(f"warning: resuming although {c} (forced)")
+        return found
+    names = {"final"} | {s.name for s in stages if s.named}
+    stale = sorted(p for p in out.iterdir() if p.is_dir() and (p / "config.yaml").is_file()
+                   and (p.name in names or STEP_FOLDER.match(p.name) or (p / STATE_DIR).is_dir()))
+    if stale:
+        echo(f"{out} holds checkpoints of an earlier run ({', '.join(p.name for p in stale)}); starting afresh "
+             "removes them (`vlmtune train CONFIG --resume` continues a run instead)")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for p in stale:
+                shutil.rmtree(p)
+    accelerator.wait_for_everyone()
+    return None
+
+
+def load_trainable(model, state: TrainerState, run_params: set[str]) -> None:
+    """Copies a checkpoint's trainable weights into the model; they must be exactly the plan's."""
+    missing, unexpected = run_params - set(state.weights), set(state.weights) - run_params
+    if missing or unexpected:
+        raise ConfigError([f"{state.folder}: its trainable weights do not match this config's plan "
+                           f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})"], "resume")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.weights.items():
+            params[name].copy_(value)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,32 +18,24 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from vlmtune.checkpoint import STEP_FOLDER, TMP_SUFFIX, adapter_size, begin, commit, prune, recover, save_checkpoint, write_model
-from vlmtune.config import BUILTIN_MODEL, Config, ConfigError, config_to_yaml
+from vlmtune.checkpoint import TMP_SUFFIX, adapter_size, begin, commit, prune, save_checkpoint, write_model
+from vlmtune.config import BUILTIN_MODEL, Config, config_to_yaml
 from vlmtune.data.collate import collate
 from vlmtune.data.dataset import VLMDataset, build_dataset
+from vlmtune.distributed import all_finite, any_process, build_base_alone, gathered_state_dict, sharded_engine, token_share
 from vlmtune.doctor import check_gradients, group_grad_norms
 from vlmtune.evaluate import evaluate_model, plot_metrics, report_table
 from vlmtune.groups import GroupMap, assign_groups
 from vlmtune.loss import answer_loss
 from vlmtune.modeling import arch_for, load_model
 from vlmtune.optim import build_optimizer, build_scheduler, describe, param_groups
-from vlmtune.resume import STATE_DIR, Progress, TrainerState, config_changes, latest, read_state, restore_rng, write_rng, write_state
+from vlmtune.resume import (Progress, TrainerState, load_trainable, prepare_output_dir, read_state, restore_rng, write_rng,
+                            write_state)
 from vlmtune.sampler import EpochSampler
 from vlmtune.stages import Stage, resolve_stages
+from vlmtune.stopping import GRADIENT_FLOW_EXIT, NONFINITE_EXIT, RunStopped, StopSignals, stop_requested
 from vlmtune.tracking import MetricsLog, echo, plot_loss
 from vlmtune.tuning import GroupPlan, build_plan, plan_table, set_trainable, union_plans, wrap
-
-NONFINITE_EXIT = 3
-GRADIENT_FLOW_EXIT = 4
-
-
-class RunStopped(RuntimeError):
-    """The run ended early on purpose (a signal, a non-finite loss); the message says what to do next."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -103,29 +93,6 @@ def evaluate_loss(model, loader, accelerator) -> float:
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / total[1].clamp(min=1))
-
-
-class StopSignals:
-    """SIGTERM / SIGINT (preemption, Ctrl-C) become a request to save and stop at the next step; a second
-    signal acts as usual (the atomic checkpoint write keeps the previous checkpoint safe)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
 
 
 def train(cfg: Config) -> RunResult:
@@ -390,57 +357,6 @@ def check_flow(run: Run, model, plans: list[GroupPlan], stage: Stage) -> None:
     echo(str(result))
 
 
-def prepare_output_dir(out: Path, cfg: Config, stages: list[Stage], accelerator) -> Path | None:
-    """Cleans up an interrupted save and picks the checkpoint to resume from (None: start afresh).
-
-    Starting afresh removes an earlier run's checkpoints from ``out`` so that a later ``--resume`` never
-    mixes two runs; resuming refuses a checkpoint whose model, groups, data or stages differ unless forced.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        for line in recover(out):
-            echo(line)
-    accelerator.wait_for_everyone()
-    found = latest(out)
-    if cfg.train.resume == "auto":
-        if found is None:
-            echo(f"resume: no complete checkpoint in {out}; starting from the beginning")
-            return None
-        changes = config_changes(found / "config.yaml", cfg.model_dump(mode="json"))
-        if changes and not cfg.train.force_resume:
-            raise ConfigError([f"{c}" for c in changes] + [
-                "these settings differ from the checkpoint's; resuming would mix two different runs. Use the "
-                "checkpoint's settings, another train.output_dir, or --force-resume to resume anyway"],
-                f"resume from {found}")
-        for c in changes:
-            echo(f"warning: resuming although {c} (forced)")
-        return found
-    names = {"final"} | {s.name for s in stages if s.named}
-    stale = sorted(p for p in out.iterdir() if p.is_dir() and (p / "config.yaml").is_file()
-                   and (p.name in names or STEP_FOLDER.match(p.name) or (p / STATE_DIR).is_dir()))
-    if stale:
-        echo(f"{out} holds checkpoints of an earlier run ({', '.join(p.name for p in stale)}); starting afresh "
-             "removes them (`vlmtune train CONFIG --resume` continues a run instead)")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for p in stale:
-                shutil.rmtree(p)
-    accelerator.wait_for_everyone()
-    return None
-
-
-def load_trainable(model, state: TrainerState, run_params: set[str]) -> None:
-    """Copies a checkpoint's trainable weights into the model; they must be exactly the plan's."""
-    missing, unexpected = run_params - set(state.weights), set(state.weights) - run_params
-    if missing or unexpected:
-        raise ConfigError([f"{state.folder}: its trainable weights do not match this config's plan "
-                           f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})"], "resume")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.weights.items():
-            params[name].copy_(value)
-
-
 def save_resumable(run: Run, model, folder: Path, progress: Progress, optimizer, scheduler) -> Path:
     """Writes a loadable checkpoint plus everything a resume needs, atomically; every process takes part
     (each writes its own RNG state), the main process writes the rest and renames."""
@@ -471,51 +387,6 @@ def save_resumable(run: Run, model, folder: Path, progress: Progress, optimizer,
     return folder
 
 
-def token_share(batch: dict, accelerator) -> torch.Tensor:
-    """Scales this process's mean answer loss so that DDP's gradient average equals the mean over every
-    answer token of the global batch (what one process with the whole batch computes)."""
-    n = (batch["labels"][:, 1:] != -100).sum().to(torch.float32)
-    total = accelerator.reduce(n.clone(), reduction="sum")
-    return n * accelerator.num_processes / total.clamp(min=1)
-
-
-def build_base_alone() -> None:
-    """Builds the builtin base in a single-process child (its pretraining is a one-process run whatever launched
-    this one, so the cached base is the same however it was first built)."""
-    import os
-    import subprocess
-    import sys
-
-    from vlmtune.builtin import base_dir
-
-    if (base_dir() / "model.safetensors").is_file():
-        return
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                        "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
-    subprocess.run([sys.executable, "-c", "from vlmtune.builtin import ensure_base; ensure_base()"], env=env, check=True)
-
-
-def sharded_engine(accelerator) -> str | None:
-    """'FSDP' or 'DEEPSPEED' when parameters or optimizer states are split across processes, else None."""
-    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    return kind if kind in ("FSDP", "DEEPSPEED") else None
-
-
-def gathered_state_dict(accelerator, model) -> dict | None:
-    """Under FSDP / DeepSpeed ZeRO-3 the full weights exist only when gathered: every process must call this
-    (accelerate's get_state_dict), and the main process writes them. None elsewhere (the model saves itself)."""
-    return accelerator.get_state_dict(model) if sharded_engine(accelerator) else None
-
-
-def all_finite(value: torch.Tensor, accelerator) -> bool:
-    """True when the value is finite on every process (so all processes take the same branch)."""
-    ok = torch.isfinite(value).all().float().reshape(1)
-    if accelerator.num_processes > 1:
-        ok = accelerator.reduce(ok.to(accelerator.device), reduction="sum") / accelerator.num_processes
-    return bool(ok.item() == 1.0)
-
-
 def nonfinite(run: Run, stage: Stage, progress: Progress, what: str) -> None:
     """Stops the run (default) or counts a skipped step; never writes over the last good checkpoint."""
     t = run.cfg.train
@@ -531,18 +402,6 @@ def nonfinite(run: Run, stage: Stage, progress: Progress, what: str) -> None:
                      f"{last}\n  Lower the learning rate or check the data, then resume with --resume, or set "
                      "train.on_nonfinite: skip",
                      NONFINITE_EXIT)
-
-
-def any_process(flag: bool, accelerator) -> bool:
-    """True when the flag is set on any process (so all processes take the same branch)."""
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        value = accelerator.reduce(value, reduction="sum")
-    return bool(value.item() > 0)
-
-
-def stop_requested(signals: StopSignals, accelerator) -> bool:
-    return any_process(signals.signum is not None, accelerator)
 
 
 @torch.no_grad()
