@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from vlmtune.checkpoint import TMP_SUFFIX, adapter_size, begin, commit, prune, save_checkpoint, write_model
 from vlmtune.config import BUILTIN_MODEL, Config, config_to_yaml
 from vlmtune.data.collate import collate
-from vlmtune.data.dataset import VLMDataset, build_dataset
+from vlmtune.data.dataset import VLMDataset, build_dataset, cache_dir
 from vlmtune.distributed import all_finite, any_process, build_base_alone, gathered_state_dict, sharded_engine, token_share
 from vlmtune.doctor import check_gradients, group_grad_norms
 from vlmtune.evaluate import evaluate_model, plot_metrics, report_table
@@ -36,6 +36,7 @@ from vlmtune.stages import Stage, resolve_stages
 from vlmtune.stopping import GRADIENT_FLOW_EXIT, NONFINITE_EXIT, RunStopped, StopSignals, stop_requested
 from vlmtune.tracking import MetricsLog, echo, plot_loss
 from vlmtune.tuning import GroupPlan, build_plan, plan_table, set_trainable, union_plans, wrap
+from vlmtune.vision_cache import VisionCache, expected_bytes, fill, fingerprint, install, unavailable
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Run:
     first_eval: float | None = None
     last_eval: float | None = None
     last_loss: float | None = None
+    cache: VisionCache | None = None  # frozen vision-tower features on disk, when valid for the run
 
 
 def make_loader(ds: VLMDataset, processor, batch_size: int, shuffle: bool, seed: int, workers: int,
@@ -136,6 +138,7 @@ def train(cfg: Config) -> RunResult:
     set_trainable(model, gmap, union)
     run_params = {n for n, p in model.named_parameters() if p.requires_grad}
     echo(f"model: {type(model).__name__} ({gmap.arch.name}, layout {gmap.layout.name})")
+    cache = open_vision_cache(cfg, stages, model, gmap, union)
 
     progress, state = Progress(), None
     if resume_from is not None:
@@ -147,7 +150,7 @@ def train(cfg: Config) -> RunResult:
     metrics = MetricsLog(out / "metrics.jsonl", accelerator, keep=progress.metrics_lines)
     if t.report_to:
         accelerator.init_trackers("vlmtune")
-    run = Run(cfg, accelerator, out, processor, gmap, metrics, run_params, last_checkpoint=resume_from)
+    run = Run(cfg, accelerator, out, processor, gmap, metrics, run_params, last_checkpoint=resume_from, cache=cache)
 
     stage_dirs = []
     with StopSignals() as signals:
@@ -208,6 +211,8 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
     loader = make_loader(train_ds, run.processor, t.batch_size, True, t.seed, cfg.data.num_workers, t.group_by_length)
     sampler = loader.sampler
     eval_loader = make_loader(eval_ds, run.processor, t.batch_size, False, t.seed, 0) if eval_ds else None
+    if run.cache is not None:
+        fill_vision_cache(run, unwrapped, train_ds, t.batch_size)
 
     # Optimizer: one parameter group per component (its own learning rate and weight decay), new each stage.
     groups = param_groups(unwrapped, run.gmap, plans)
@@ -250,6 +255,8 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
             progress.batch_in_epoch += 1
             window_images += int("pixel_values" in batch)
             window_tokens += torch.tensor([batch["attention_mask"].sum().item(), batch["attention_mask"].numel()])
+            if run.cache is not None:
+                batch = run.cache.substitute(batch)
             with acc.accumulate(model):
                 loss = answer_loss(model, batch, t.label_only_logits)
                 value = loss.detach().float()
@@ -330,6 +337,42 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
     if stage.named:
         save_resumable(run, model, run.out / stage.name, progress, None, None)
     return model
+
+
+def open_vision_cache(cfg: Config, stages: list[Stage], model, gmap: GroupMap, union: list[GroupPlan]) -> VisionCache | None:
+    """The run's vision-feature cache when it is valid (the tower trains in no stage, no augmentation), else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vision_trains = next(p for p in union if p.group == "vision_tower").mode != "frozen"
+    augment = any(s.cfg.data.augment.enabled for s in stages)
+    why = unavailable(base.config.model_type, vision_trains, augment, cfg.train.vision_cache)
+    if why is not None:
+        echo(f"vision cache: off ({why})")
+        return None
+    tower = [n for n, p in base.named_parameters() if gmap.group_of(n) == "vision_tower"]
+    projector = base.get_submodule(gmap.layout.patterns["projector"][0])
+    cache = VisionCache(cache_dir() / "vision", fingerprint(base, tower), inner=base.model, projector=projector)
+    install(cache.inner, projector)
+    echo(f"vision cache: on ({cache.dir}); the frozen vision tower runs once per image, then only the projector")
+    return cache
+
+
+def fill_vision_cache(run: Run, model, ds: VLMDataset, batch_size: int) -> None:
+    """Computes the features of the stage's training images that the cache lacks (main process; others wait)."""
+    acc = run.accelerator
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if acc.is_main_process:
+        order = make_loader(ds, run.processor, batch_size, False, 0, run.cfg.data.num_workers)
+        vision = base.config.vision_config
+        width = getattr(vision, "embed_dim", None) or vision.hidden_size  # the tower's output = the projector's input
+        size = expected_bytes(ds, run.processor, width, next(base.parameters()).dtype)
+        echo(f"vision cache: the training images' features take about {size / 2**20:.1f} MiB")
+        was_training = run.cache.inner.training
+        run.cache.inner.eval()
+        computed, found = fill(run.cache, run.cache.inner, run.cache.projector, order, acc.device,
+                               progress=run.cfg.train.progress_bar)
+        run.cache.inner.train(was_training)
+        echo(f"vision cache: {computed} image(s) computed, {found} already cached")
+    acc.wait_for_everyone()
 
 
 def evaluate(run: Run, model, eval_loader, eval_ds: VLMDataset, cfg: Config, stage: Stage, progress: Progress,
