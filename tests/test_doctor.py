@@ -17,8 +17,8 @@ from torch import nn
 from vlmtune.config import load_config
 from vlmtune.data.dataset import VLMDataset
 from vlmtune.data.sharegpt import Sample
-from vlmtune.doctor import (CheckResult, batch_of, check_gradient_flow, check_gradients, check_lora_settings,
-                            check_memory, doctor, forward_backward, group_grad_norms, run_checks)
+from vlmtune.checks import CheckResult, check_gradient_flow, check_gradients, forward_backward, group_grad_norms
+from vlmtune.doctor import batch_of, check_lora_settings, check_memory, doctor, run_checks
 from vlmtune.groups import assign_groups
 from vlmtune.modeling import arch_for
 from vlmtune.tuning import apply_plan, build_plan

@@ -19,11 +19,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlmtune.checkpoint import TMP_SUFFIX, adapter_size, begin, commit, prune, save_checkpoint, write_model
+from vlmtune.checks import check_gradients, group_grad_norms
 from vlmtune.config import BUILTIN_MODEL, Config, config_to_yaml
 from vlmtune.data.collate import collate
 from vlmtune.data.dataset import VLMDataset, build_dataset, cache_dir
 from vlmtune.distributed import all_finite, any_process, build_base_alone, gathered_state_dict, sharded_engine, token_share
-from vlmtune.doctor import check_gradients, group_grad_norms
 from vlmtune.evaluate import evaluate_model, plot_metrics, report_table
 from vlmtune.groups import GroupMap, assign_groups
 from vlmtune.loss import answer_loss
