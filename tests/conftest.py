@@ -64,6 +64,18 @@ def shapes_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def compare_batch(tiny, shapes_dir) -> dict:
+    """One collated batch of 4 two-image samples (8 images) from ``shapes_dir``, as the training loader makes it."""
+    from vlmtune.config import DataConfig
+    from vlmtune.data.dataset import build_dataset
+    from vlmtune.train import make_loader
+
+    _, processor = tiny
+    ds = build_dataset(str(shapes_dir / "compare.jsonl"), DataConfig(max_length=512), processor, "train")
+    return next(iter(make_loader(ds, processor, 4, False, 0, 0)))
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     import json
 

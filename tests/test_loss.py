@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from vlmtune.config import DataConfig
@@ -16,39 +15,32 @@ def test_label_positions_are_one_before_each_label():
     assert label_positions(labels).tolist() == [[False, True, True, False, False], [True, False, False, True, False]]
 
 
-@pytest.fixture(scope="module")
-def batch(tiny, shapes_dir):
-    _, processor = tiny
-    ds = build_dataset(str(shapes_dir / "compare.jsonl"), DataConfig(max_length=512), processor, "train")
-    return next(iter(make_loader(ds, processor, 4, False, 0, 0)))
-
-
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_label_only_logits_equal_full_logits_loss_and_gradients(tiny, batch):
+def test_label_only_logits_equal_full_logits_loss_and_gradients(tiny, compare_batch):
     model, _ = tiny
     model.train()
     model.zero_grad()
-    full = answer_loss(model, batch, label_only=False)
+    full = answer_loss(model, compare_batch, label_only=False)
     full.backward()
     full_grads = _grads(model)
     model.zero_grad()
-    part = answer_loss(model, batch, label_only=True)
+    part = answer_loss(model, compare_batch, label_only=True)
     part.backward()
     part_grads = _grads(model)
     model.zero_grad()
-    assert (batch["labels"] != -100).sum() < batch["labels"].numel() / 4  # most positions carry no label
+    assert (compare_batch["labels"] != -100).sum() < compare_batch["labels"].numel() / 4  # most positions carry no label
     assert torch.allclose(part, full, rtol=1e-6, atol=1e-6), (part.item(), full.item())
     assert full_grads.keys() == part_grads.keys()
     for name in full_grads:
         assert torch.allclose(part_grads[name], full_grads[name], rtol=1e-4, atol=1e-6), name
 
 
-def test_a_batch_without_answers_gives_zero_not_nan(tiny, batch):
+def test_a_batch_without_answers_gives_zero_not_nan(tiny, compare_batch):
     model, _ = tiny
-    empty = dict(batch, labels=torch.full_like(batch["labels"], -100))
+    empty = dict(compare_batch, labels=torch.full_like(compare_batch["labels"], -100))
     loss = answer_loss(model, empty)
     assert loss.item() == 0.0 and loss.requires_grad
 

@@ -9,9 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 from vlmtune.cli import main
-from vlmtune.config import DataConfig
-from vlmtune.data.dataset import build_dataset
-from vlmtune.train import make_loader
 from vlmtune.vision_cache import VisionCache, fill, fingerprint, install, unavailable
 
 CONFIG = """
@@ -32,17 +29,10 @@ def test_reasons_the_cache_is_not_used():
     assert "false" in unavailable("qwen2_vl", False, False, False)
 
 
-@pytest.fixture(scope="module")
-def batch(tiny, shapes_dir):
-    _, processor = tiny
-    ds = build_dataset(str(shapes_dir / "compare.jsonl"), DataConfig(max_length=512), processor, "train")
-    return next(iter(make_loader(ds, processor, 4, False, 0, 0)))
-
-
-def test_keys_follow_pixels_and_grid(batch):
-    keys = VisionCache.keys(batch)
-    assert len(keys) == len(batch["image_grid_thw"]) == 8 and len(set(keys)) == 8  # two images per sample
-    changed = dict(batch, pixel_values=batch["pixel_values"].clone())
+def test_keys_follow_pixels_and_grid(compare_batch):
+    keys = VisionCache.keys(compare_batch)
+    assert len(keys) == len(compare_batch["image_grid_thw"]) == 8 and len(set(keys)) == 8  # two images per sample
+    changed = dict(compare_batch, pixel_values=compare_batch["pixel_values"].clone())
     changed["pixel_values"][0, 0] += 1.0  # one value of the first image
     assert VisionCache.keys(changed)[0] != keys[0] and VisionCache.keys(changed)[1:] == keys[1:]
 
@@ -59,19 +49,19 @@ def test_fingerprint_changes_with_the_tower_weights(tiny):
     assert before != after and fingerprint(model, names) == before
 
 
-def test_cached_features_give_the_same_loss_and_gradients(tiny, batch, tmp_path):
+def test_cached_features_give_the_same_loss_and_gradients(tiny, compare_batch, tmp_path):
     model, _ = tiny
     inner, projector = model.model, model.model.visual.merger
     cache = VisionCache(tmp_path, "fp", inner, projector)
     model.eval()
-    assert fill(cache, inner, projector, [batch], "cpu", progress=False) == (8, 0)
-    assert fill(cache, inner, projector, [batch], "cpu", progress=False) == (0, 8)
+    assert fill(cache, inner, projector, [compare_batch], "cpu", progress=False) == (8, 0)
+    assert fill(cache, inner, projector, [compare_batch], "cpu", progress=False) == (0, 8)
     handle = install(inner, projector)
     try:
-        cached = cache.substitute(batch)
+        cached = cache.substitute(compare_batch)
         assert "pixel_values" not in cached and len(cached["cached_vision"]) == 8
         losses, grads = [], []
-        for inputs in (batch, cached):
+        for inputs in (compare_batch, cached):
             model.zero_grad()
             loss = model(**inputs).loss
             loss.backward()

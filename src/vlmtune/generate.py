@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from vlmtune.alignment import EvalItem, token_ids
-from vlmtune.data.collate import PER_TOKEN, TEXT_KEYS, counts_image_tokens, downscale, load_images, pad_cat, process_images, to_chat
+from vlmtune.data.collate import PER_TOKEN, TEXT_KEYS, counts_image_tokens, downscale, grid_token_counts, load_images, pad_cat, process_images, to_chat
 from vlmtune.data.sharegpt import IMAGE_PLACEHOLDER, Sample
 
 
@@ -66,8 +66,7 @@ def prompt_features(processor, messages: list[tuple[str, str]], images: list[Ima
         pixels = {k: v for k, v in out.items() if k not in per_token and k not in TEXT_KEYS}
         return {"input_ids": ids, PER_TOKEN: per_token, **pixels}
     pixels = process_images(processor, images, min_pixels, max_pixels)
-    merge = getattr(processor.image_processor, "merge_size", 1)
-    counts = [int(g.prod()) // merge**2 for g in pixels["image_grid_thw"]] if images else []
+    counts = grid_token_counts(processor, pixels)
     pieces = text.split(processor.image_token)
     if len(pieces) - 1 != len(counts):
         raise ValueError(f"the prompt has {len(pieces) - 1} '{IMAGE_PLACEHOLDER}' placeholder(s) for {len(counts)} image(s)")

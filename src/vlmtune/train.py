@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlmtune.checkpoint import TMP_SUFFIX, adapter_size, begin, commit, prune, save_checkpoint, write_model
-from vlmtune.checks import check_gradients, group_grad_norms
+from vlmtune.checks import check_gradients, group_grad_norms, inner_model
 from vlmtune.config import BUILTIN_MODEL, Config, config_to_yaml
 from vlmtune.data.collate import collate
 from vlmtune.data.dataset import VLMDataset, build_dataset, cache_dir
@@ -341,7 +341,7 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
 
 def open_vision_cache(cfg: Config, stages: list[Stage], model, gmap: GroupMap, union: list[GroupPlan]) -> VisionCache | None:
     """The run's vision-feature cache when it is valid (the tower trains in no stage, no augmentation), else None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = inner_model(model)
     vision_trains = next(p for p in union if p.group == "vision_tower").mode != "frozen"
     augment = any(s.cfg.data.augment.enabled for s in stages)
     why = unavailable(base.config.model_type, vision_trains, augment, cfg.train.vision_cache)
@@ -359,7 +359,7 @@ def open_vision_cache(cfg: Config, stages: list[Stage], model, gmap: GroupMap, u
 def fill_vision_cache(run: Run, model, ds: VLMDataset, batch_size: int) -> None:
     """Computes the features of the stage's training images that the cache lacks (main process; others wait)."""
     acc = run.accelerator
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = inner_model(model)
     if acc.is_main_process:
         order = make_loader(ds, run.processor, batch_size, False, 0, run.cfg.data.num_workers)
         vision = base.config.vision_config

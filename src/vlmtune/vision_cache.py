@@ -68,7 +68,7 @@ class VisionCache:
         keys, start = [], 0
         pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
         for g, rows in zip(grid, _image_rows(grid)):
-            h = hashlib.sha256(pixels[start:start + rows].detach().float().cpu().numpy().tobytes())
+            h = hashlib.sha256(pixels[start:start + rows].detach().float().cpu().contiguous().numpy())  # no copy
             h.update(str(g.tolist()).encode())
             keys.append(h.hexdigest())
             start += rows

@@ -273,6 +273,12 @@ def encode_with_processor(processor, chat: list[dict], images: list[Image.Image]
     return Encoded(input_ids=ids, labels=labels, image_spans=image_runs(ids, image_id)), per_token, pixels
 
 
+def grid_token_counts(processor, pixels: dict) -> list[int]:
+    """Image tokens of each processed image of a counted (Qwen-VL) family: its grid's patches / merge_size^2."""
+    merge = getattr(processor.image_processor, "merge_size", 1)
+    return [int(g.prod()) // merge**2 for g in pixels.get("image_grid_thw", [])]
+
+
 def encode_example(processor, chat: list[dict], images: list[Image.Image], min_pixels: int | None,
                    max_pixels: int | None) -> tuple[Encoded, dict | None, dict]:
     """Token ids, labels and model inputs of a conversation with its (decoded) images, for any family.
@@ -282,9 +288,7 @@ def encode_example(processor, chat: list[dict], images: list[Image.Image], min_p
     """
     if counts_image_tokens(processor):
         pixels = process_images(processor, images, min_pixels, max_pixels)
-        merge = getattr(processor.image_processor, "merge_size", 1)
-        counts = [int(g.prod()) // merge**2 for g in pixels["image_grid_thw"]] if images else []
-        return encode_text(processor, chat, counts), None, pixels
+        return encode_text(processor, chat, grid_token_counts(processor, pixels)), None, pixels
     return encode_with_processor(processor, chat, downscale(images, max_pixels))
 
 
