@@ -72,22 +72,44 @@ def test_bench_runs_both_sides_and_prints_ratios(tmp_path, capsys):
     from vlmtune.cli import main
 
     out = tmp_path / "results.json"
-    assert main(["bench", "--preset", "tiny", "--workload", "fixed", "--steps", "3", "--warmup", "1", "--rounds", "1",
+    assert main(["bench", "--preset", "tiny", "--workload", "fixed", "--steps", "3", "--epochs", "2", "--rounds", "1",
                  "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     printed = capsys.readouterr().out
     assert "vlmtune/reference" in printed and "s/step" in printed and f"wrote {out}" in printed
     result = json.loads(out.read_text())["workloads"]["fixed"]
+    totals = result["totals_per_epoch"]
+    assert totals["samples"] == 6 and totals["image_tokens"] > 0
     for side in ("vlmtune", "reference"):
         run = result["runs"][side][0]
-        assert len(run["step_s"]) == 3 and all(s > 0 for s in run["step_s"])
+        assert len(run["step_s"]) == 6 and all(s > 0 for s in run["step_s"])
         assert run["peak_rss_bytes"] > 100 * 2**20
-        assert result[side]["measured_steps"] == 2
-        assert result[side]["s_per_step"] == pytest.approx(sorted(run["step_s"][1:])[0] / 2 + sorted(run["step_s"][1:])[1] / 2)
+        assert result[side]["measured_steps"] == 3
+        epoch_s = sum(run["step_s"][3:])  # the second (measured) epoch
+        assert result[side]["s_per_step"] == pytest.approx(epoch_s / 3)
+        assert result[side]["samples_per_s"] == pytest.approx(6 / epoch_s)
+        assert result[side]["image_tokens_per_s"] == pytest.approx(totals["image_tokens"] / epoch_s)
     for metric, ratio in result["ratio"].items():
         assert ratio == pytest.approx(result["vlmtune"][metric] / result["reference"][metric])
     c = result["checks"]
-    # Both sides trained the same thing: same wrapped modules, same tokens and labels, same starting loss.
+    # Both sides trained the same thing: same wrapped modules, the same tokens each epoch, and (fixed-length
+    # samples: length grouping keeps the shuffled order) the same batches with the same losses.
     assert c["same_lora_modules"] and c["lora_modules"] == 2 * 7 + 2
-    assert c["same_tokens_and_labels"]
-    assert c["first_step_loss"][0] == pytest.approx(c["first_step_loss"][1], rel=1e-5)
+    assert c["same_tokens_each_epoch"] and c["same_image_tokens_each_epoch"]
+    assert c["same_batches"] and c["max_rel_loss_difference"] < 1e-4
     assert f"{result['ratio']['s_per_step']:.3f}" in printed
+
+
+@pytest.mark.slow
+def test_bench_variable_workload_grouped_batches_same_epoch_tokens(tmp_path, capsys):
+    """vlmtune groups the variable workload by length: different batches from the reference's, the same samples
+    and tokens every epoch, and the table says the batches differ."""
+    from vlmtune.bench import run_bench
+
+    result = run_bench("tiny", ("variable",), steps=4, rounds=1, epochs=2, work=tmp_path / "work")["workloads"]["variable"]
+    c = result["checks"]
+    assert c["same_tokens_each_epoch"] and c["same_image_tokens_each_epoch"] and c["same_lora_modules"]
+    assert not c["same_batches"]
+    assert "batches differ" in capsys.readouterr().out
+    vl = [x["tokens"] for x in result["runs"]["vlmtune"][0]["counts"]]
+    for epoch in (vl[:4], vl[4:]):  # one group of 8 samples per epoch, sorted longest first
+        assert epoch == sorted(epoch, reverse=True)

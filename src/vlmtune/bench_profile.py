@@ -5,8 +5,8 @@ module forward hooks (vision tower, language model, lm_head, the whole model) an
 neither side's code is changed and both are measured the same way. Per step: the gap from the previous optimizer
 step's end to this forward's start (data loading, collation, moving the batch, the loop's own work), each forward
 part, the time from the forward's end to the optimizer step (loss outside the model, backward, clipping, logging
-of gradient norms), and the optimizer step. On a GPU every hook synchronises first. Medians over the steps after
-warm-up.
+of gradient norms), and the optimizer step. On a GPU every hook synchronises first. Medians over the steps of
+the last epoch.
 """
 
 from __future__ import annotations
@@ -105,32 +105,30 @@ def timed_child(argv: list[str]) -> int:
     return main(rest)
 
 
-def run_profile(preset_name: str, kind: str, steps: int | None, warmup: int | None, work: Path | None) -> dict:
+def run_profile(preset_name: str, kind: str, steps: int | None, epochs: int | None, work: Path | None) -> dict:
     """Runs each side once with the timers on one workload, prints the phase table, writes ``WORK/profile.json``."""
     from transformers import AutoProcessor
 
-    from vlmtune.bench import run_reference, run_vlmtune
+    from vlmtune.bench import epoch_orders, last_epoch, run_reference, run_vlmtune
     from vlmtune.bench_setup import PRESETS, ensure_model, make_workload
-    from vlmtune.sampler import EpochSampler
 
     preset = PRESETS[preset_name]
-    steps = steps or preset.steps
-    warmup = preset.warmup if warmup is None else warmup
+    steps, epochs = steps or preset.steps, epochs or preset.epochs
     work = Path(work or tempfile.mkdtemp(prefix="vlmtune-profile-"))
     model = ensure_model(preset, echo=echo)
     data = make_workload(preset, kind, preset.batch_size * steps, AutoProcessor.from_pretrained(model))
-    order = EpochSampler(preset.batch_size * steps, preset.seed).order()
+    order = epoch_orders(preset.batch_size * steps, preset.seed, epochs)
     result = {}
     for side in ("vlmtune", "reference"):
-        echo(f"  timing the phases of {side}, {steps} steps ...")
+        echo(f"  timing the phases of {side}, {epochs} epochs of {steps} steps ...")
         folder = work / f"profile-{side}"
         os.environ[ENV] = str(work / f"phases-{side}.json")
-        run = (run_vlmtune(preset, model, data, steps, folder, timed=True) if side == "vlmtune"
-               else run_reference(preset, model, data, order, steps, folder, timed=True))
+        run = (run_vlmtune(preset, model, data, steps * epochs, folder, timed=True) if side == "vlmtune"
+               else run_reference(preset, model, data, order, steps * epochs, folder, timed=True))
         del os.environ[ENV]
-        per_step = json.loads((work / f"phases-{side}.json").read_text())[max(0, warmup - 1):]  # step 1 has no gap
+        per_step = json.loads((work / f"phases-{side}.json").read_text())[-steps:]  # the last epoch
         phases = {p: statistics.median(s[p] for s in per_step) for p in PHASES}
-        result[side] = {"s_per_step": statistics.median(run["step_s"][warmup:]), "phases": phases,
+        result[side] = {"s_per_step": statistics.median(last_epoch(run, steps)), "phases": phases,
                         "steps_measured": len(per_step)}
     rows = [("phase (median per step)", "vlmtune s", "share", "reference s", "share")]
     for p in (*PHASES, "step"):
@@ -141,8 +139,8 @@ def run_profile(preset_name: str, kind: str, steps: int | None, warmup: int | No
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    echo(f"profile: preset {preset.name}, workload {kind}, {steps} steps, {warmup} warm-up dropped (phase medians "
-         "need not add up to the step median)")
+    echo(f"profile: preset {preset.name}, workload {kind}, medians over the last of {epochs} epochs of {steps} steps "
+         "(phase medians need not add up to the step median)")
     echo("\n".join(lines))
     (work / "profile.json").write_text(json.dumps({"preset": preset.name, "workload": kind, **result}, indent=1))
     echo(f"wrote {work / 'profile.json'}")

@@ -36,8 +36,8 @@ class Preset:
     shape: ModelShape
     dtype: str  # torch dtype name, for both sides
     batch_size: int
-    steps: int  # optimizer steps per run, warm-up included
-    warmup: int  # first steps of every run left out of the medians
+    steps: int  # optimizer steps per epoch (the workload has batch_size x steps samples)
+    epochs: int  # epochs per run; all but the last are warm-up, the last is measured
     rounds: int  # vlmtune, reference, vlmtune, reference, ...
     fixed_side: int  # the fixed workload's square image side
     variable_sides: tuple[int, ...]  # image sides drawn (independently for height and width) in the variable workload
@@ -62,14 +62,14 @@ CPU_SHAPE = ModelShape(256, 1408, 4, 4, 2, 192, 4, 3, 4096)
 TINY_SHAPE = ModelShape(64, 128, 2, 4, 2, 32, 2, 2, 512)
 
 PRESETS: dict[str, Preset] = {
-    "cpu": Preset("cpu", CPU_SHAPE, "float32", batch_size=4, steps=8, warmup=2, rounds=2, fixed_side=448,
+    "cpu": Preset("cpu", CPU_SHAPE, "float32", batch_size=4, steps=8, epochs=2, rounds=2, fixed_side=448,
                   variable_sides=tuple(range(112, 449, 28)),
                   notes="scaled-down Qwen2-VL-2B shape (9.0M parameters), random weights, fp32, sdpa"),
-    "gpu-2b": Preset("gpu-2b", QWEN2_VL_2B, "bfloat16", batch_size=8, steps=20, warmup=5, rounds=2, fixed_side=448,
+    "gpu-2b": Preset("gpu-2b", QWEN2_VL_2B, "bfloat16", batch_size=8, steps=20, epochs=2, rounds=2, fixed_side=448,
                      variable_sides=tuple(range(112, 449, 28)),
                      notes="Qwen2-VL-2B shape (2.2B parameters), random weights, bf16, sdpa"),
     # For the tests: seconds per run.
-    "tiny": Preset("tiny", TINY_SHAPE, "float32", batch_size=2, steps=3, warmup=1, rounds=1, fixed_side=56,
+    "tiny": Preset("tiny", TINY_SHAPE, "float32", batch_size=2, steps=3, epochs=2, rounds=1, fixed_side=56,
                    variable_sides=(28, 56, 84), text_tokens=48, min_pixels=28 * 28, max_pixels=84 * 84,
                    notes="tiny random Qwen2-VL, for tests"),
 }
@@ -210,7 +210,8 @@ def make_workload(preset: Preset, kind: str, samples: int, processor) -> Path:
 
 def vlmtune_config(preset: Preset, model_dir: Path, data: Path, output_dir: Path, steps: int) -> dict:
     """The vlmtune config of a benchmark run: LoRA r/alpha on every language-model linear layer and the projector,
-    vision tower and lm_head frozen, one learning rate, constant schedule, clipping at 1, no evaluation."""
+    vision tower and lm_head frozen, one learning rate, constant schedule, clipping at 1, no evaluation; everything
+    else (vision-feature cache, logits at answer positions, length-grouped batches) is vlmtune's default."""
     lora = {"mode": "lora", "rank": preset.lora_rank, "alpha": preset.lora_alpha, "dropout": 0.0, "targets": "all-linear"}
     return {
         "model": {"path": str(model_dir), "dtype": preset.dtype, "attn_implementation": "sdpa"},

@@ -128,7 +128,7 @@ class TrainConfig(_Strict):
     force_resume: bool = Field(False, description="resume even though model, groups, data or stages differ from the checkpoint's config (`--force-resume`)")
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss or gradient norm: stop (naming stage, step and the last good checkpoint) or skip that optimizer step and count it")
     max_nonfinite_skips: int = Field(10, ge=0, description="with on_nonfinite: skip, stop after this many skipped steps in one run")
-    group_by_length: bool = Field(False, description="batch samples of similar length together (sorted within shuffled groups of 50 batches): less padding, same samples per epoch; the padding fraction is logged either way")
+    group_by_length: bool = Field(True, description="batch samples of similar length together (sorted, longest first, within shuffled groups of 50 batches): less padding, same samples per epoch and the same per-sample losses; false keeps the plain shuffled order; the padding fraction is logged either way")
     vision_cache: bool = Field(True, description="where the vision tower trains in no stage and augmentation is off, compute its output once per image, keep it on disk ($VLMTUNE_CACHE/vision) and train projector + language model only (same loss); false always runs the tower")
     label_only_logits: bool = Field(True, description="compute the lm_head only at positions whose next token is an answer token (same loss, less compute and memory); false computes logits everywhere")
     check_gradient_flow: bool = Field(True, description="at the first step of every stage, check that every trained group gets finite non-zero gradients and no frozen group gets any (stops with the group's name otherwise)")

@@ -245,7 +245,7 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
     model.train()
     window_loss, window_n, window_samples, bad_window, grad_norms = 0.0, 0, 0, False, {}
     flow_checked, window_images = not t.check_gradient_flow, 0
-    window_tokens = torch.zeros(2)  # real and padded-to token counts, for the padding fraction
+    window_tokens = torch.zeros(3)  # real, padded-to and answer token counts (padding fraction, tokens logged)
     window_start = time.perf_counter()
     while progress.stage_step < total:
         sampler.start = progress.batch_in_epoch * t.batch_size * acc.num_processes
@@ -254,7 +254,8 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
         for batch in loader:
             progress.batch_in_epoch += 1
             window_images += int("pixel_values" in batch)
-            window_tokens += torch.tensor([batch["attention_mask"].sum().item(), batch["attention_mask"].numel()])
+            window_tokens += torch.tensor([batch["attention_mask"].sum().item(), batch["attention_mask"].numel(),
+                                           (batch["labels"] != -100).sum().item()])
             if run.cache is not None:
                 batch = run.cache.substitute(batch)
             with acc.accumulate(model):
@@ -293,8 +294,8 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
             bar.update(1)
             step = progress.stage_step
             if step % t.logging_steps == 0 or step == total:
-                sums = torch.tensor([window_loss, window_n], dtype=torch.float64, device=acc.device)
-                if acc.num_processes > 1:  # the logged loss is the mean over every process's micro-batches
+                sums = torch.tensor([window_loss, window_n, *window_tokens.tolist()], dtype=torch.float64, device=acc.device)
+                if acc.num_processes > 1:  # the logged loss and token counts are over every process's micro-batches
                     sums = acc.reduce(sums, reduction="sum")
                 if sums[1] > 0:
                     elapsed = time.perf_counter() - window_start
@@ -302,7 +303,8 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
                     record = {"step": progress.global_step, "stage": stage.name, "loss": run.last_loss,
                               "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9)}
                     record.update({f"lr/{g['name']}": lr for g, lr in zip(groups, scheduler.get_last_lr())})
-                    record["padding"] = 1.0 - float(window_tokens[0] / window_tokens[1].clamp(min=1))
+                    record.update(tokens=int(sums[2]), answer_tokens=int(sums[4]),
+                                  padding=1.0 - float(sums[2] / sums[3].clamp(min=1)))
                     record.update({f"grad_norm/{group}": value for group, value in grad_norms.items()})
                     if progress.nonfinite_skips:
                         record["nonfinite_skips"] = progress.nonfinite_skips
