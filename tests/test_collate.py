@@ -13,6 +13,7 @@ from vlmtune.data.collate import (
     IGNORE,
     collate,
     encode_text,
+    image_grid,
     image_token_counts,
     label_segments,
     load_images,
@@ -243,6 +244,16 @@ def test_token_count_without_decoding_matches_processed_grid(processor, path, ma
     assert got.tolist() == [grid]
     h, w = images[0].height, images[0].width
     assert image_token_counts(processor, [(h, w)], None, max_pixels) == [grid[0] * grid[1] * grid[2] // 4]
+    assert list(image_grid(processor, h, w, None, max_pixels)) == grid  # what the vision cache uses
+
+
+def test_image_grid_without_decoding_matches_the_processor_over_many_sizes(processor):
+    from PIL import Image
+
+    for h, w in [(28, 28), (29, 57), (100, 33), (240, 320), (333, 777), (900, 60), (1000, 1000)]:
+        for bounds in [(None, None), (None, 8192), (4096, None), (56 * 56, 200 * 200)]:
+            got = process_images(processor, [Image.new("RGB", (w, h))], *bounds)["image_grid_thw"][0].tolist()
+            assert list(image_grid(processor, h, w, *bounds)) == got, (h, w, bounds)
 
 
 def test_encode_text_counts_must_match_images(processor):

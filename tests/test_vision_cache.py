@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from vlmtune.cli import main
-from vlmtune.vision_cache import VisionCache, fill, fingerprint, install, unavailable
+from vlmtune.vision_cache import KEYS, ImageKeys, VisionCache, fill, fingerprint, install, missing_images, unavailable
 
 CONFIG = """
 model: {path: builtin:tiny-qwen2-vl}
@@ -29,12 +31,25 @@ def test_reasons_the_cache_is_not_used():
     assert "false" in unavailable("qwen2_vl", False, False, False)
 
 
-def test_keys_follow_pixels_and_grid(compare_batch):
-    keys = VisionCache.keys(compare_batch)
-    assert len(keys) == len(compare_batch["image_grid_thw"]) == 8 and len(set(keys)) == 8  # two images per sample
-    changed = dict(compare_batch, pixel_values=compare_batch["pixel_values"].clone())
-    changed["pixel_values"][0, 0] += 1.0  # one value of the first image
-    assert VisionCache.keys(changed)[0] != keys[0] and VisionCache.keys(changed)[1:] == keys[1:]
+def test_keys_follow_file_bytes_processor_settings_and_pixel_bounds(tiny, tmp_path):
+    from PIL import Image
+
+    _, processor = tiny
+    image = Image.new("RGB", (64, 48), (200, 30, 30))
+    a, b = tmp_path / "a.png", tmp_path / "copy.png"
+    image.save(a)
+    image.save(b)
+    keys = ImageKeys(processor)
+    first = keys.key(a, None, None)
+    assert keys.key(b, None, None) == first  # same bytes elsewhere: same features
+    assert keys.key(a, None, 4096) != first and keys.key(a, 1024, None) != first
+    image.putpixel((0, 0), (0, 0, 0))
+    image.save(a)
+    os.utime(a, ns=(1, 1))  # a rewrite within the same clock tick is still seen: the size or time changes
+    assert keys.key(a, None, None) != first and keys.key(b, None, None) == first
+    changed = copy.deepcopy(processor)
+    changed.image_processor.image_mean = [0.0, 0.0, 0.0]
+    assert ImageKeys(changed).key(b, None, None) != first
 
 
 def test_fingerprint_changes_with_the_tower_weights(tiny):
@@ -49,19 +64,39 @@ def test_fingerprint_changes_with_the_tower_weights(tiny):
     assert before != after and fingerprint(model, names) == before
 
 
-def test_cached_features_give_the_same_loss_and_gradients(tiny, compare_batch, tmp_path):
-    model, _ = tiny
+def test_cached_features_give_the_same_loss_and_gradients(tiny, shapes_dir, tmp_path):
+    """The dataset with the cache on (no pixels: grids and keys) and the features filled from the real images give
+    the same batch tokens, loss and projector gradients as the plain dataset (two images per sample)."""
+    from vlmtune.config import DataConfig
+    from vlmtune.data.collate import load_image, process_images
+    from vlmtune.data.dataset import build_dataset
+    from vlmtune.train import make_loader
+
+    model, processor = tiny
     inner, projector = model.model, model.model.visual.merger
+    data = DataConfig(max_length=512)
+    plain = build_dataset(str(shapes_dir / "compare.jsonl"), data, processor, "train")
+    keyed = build_dataset(str(shapes_dir / "compare.jsonl"), data, processor, "train")
+    keys = ImageKeys(processor)
+    keyed.use_vision_cache(keys)
     cache = VisionCache(tmp_path, "fp", inner, projector)
+    todo, found = missing_images(keyed, keys, cache)
+    assert found == 0 and len(todo) == sum(len(it.sample.images) for it in keyed.items)
     model.eval()
-    assert fill(cache, inner, projector, [compare_batch], "cpu", progress=False) == (8, 0)
-    assert fill(cache, inner, projector, [compare_batch], "cpu", progress=False) == (0, 8)
+    pixels = ((k, process_images(processor, [load_image(path, path)], None, mp)) for k, (path, mp, _) in todo.items())
+    assert fill(cache, inner, projector, pixels, "cpu", images_per_pass=3) == len(todo)
+    assert missing_images(keyed, keys, cache) == ({}, len(todo))
+    batch = next(iter(make_loader(plain, processor, 4, False, 0, 0)))
+    cached_batch = next(iter(make_loader(keyed, processor, 4, False, 0, 0)))
+    assert "pixel_values" not in cached_batch and len(cached_batch[KEYS]) == 8
+    for k in ("input_ids", "labels", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
+        assert torch.equal(batch[k], cached_batch[k]), k
     handle = install(inner, projector)
     try:
-        cached = cache.substitute(compare_batch)
-        assert "pixel_values" not in cached and len(cached["cached_vision"]) == 8
+        cached = cache.substitute(cached_batch)
+        assert KEYS not in cached and len(cached["cached_vision"]) == 8
         losses, grads = [], []
-        for inputs in (compare_batch, cached):
+        for inputs in (batch, cached):
             model.zero_grad()
             loss = model(**inputs).loss
             loss.backward()
@@ -87,9 +122,9 @@ def test_training_with_the_cache_equals_training_without(base_dir, tmp_path, cap
     assert "vision cache: off (train.vision_cache is false)" in capsys.readouterr().out
     assert main(["train", str(config), f"train.output_dir={on}"]) == 0
     first = capsys.readouterr().out
-    assert "vision cache: on" in first and "image(s) computed" in first and "MiB" in first
+    assert "vision cache: on" in first and "32 image(s) computed" in first and "MiB" in first
     assert main(["train", str(config), f"train.output_dir={again}"]) == 0
-    assert "vision cache: 0 image(s) computed, 32 already cached" in capsys.readouterr().out
+    assert "vision cache: 0 image(s) to compute (about 0.0 MiB), 32 already cached" in capsys.readouterr().out
     assert _losses(on) == pytest.approx(_losses(off), rel=1e-5)
     a, b = (load_file(r / "final" / "adapter_model.safetensors") for r in (off, on))
     assert max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)).item() for k in a) <= 1e-4

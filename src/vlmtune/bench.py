@@ -5,8 +5,8 @@ so that machine noise hits both. Side (a) is the real recipe: ``vlmtune train CO
 ``train.logging_steps=1``, its per-step time read from ``metrics.jsonl`` (``samples_per_s`` of each step's window:
 data loading to the end of the optimizer step). Side (b) is ``vlmtune.bench_reference``, timed over the same
 window. Both get the same model folder, dtype, attention kernel, LoRA targets, optimizer settings, seed, batch size
-and the same samples each epoch; the reference takes them in the plain shuffled order, vlmtune in its own (grouped
-by length, its default). Every run trains whole epochs; all but the last are warm-up, and the figures come from the
+and the same samples each epoch; the reference takes them in the plain shuffled order, vlmtune grouped by length
+(``train.group_by_length: true``). Every run trains whole epochs; all but the last are warm-up, and the figures come from the
 last one: its summed step times against the samples and tokens of one epoch (the same for both sides, whatever the
 batching), median over the rounds. Peak memory is the child's peak RSS (``os.wait4``) on CPU, and
 ``torch.cuda.max_memory_allocated`` on a GPU. Checks printed under each table: both sides wrapped the same modules

@@ -210,8 +210,9 @@ def make_workload(preset: Preset, kind: str, samples: int, processor) -> Path:
 
 def vlmtune_config(preset: Preset, model_dir: Path, data: Path, output_dir: Path, steps: int) -> dict:
     """The vlmtune config of a benchmark run: LoRA r/alpha on every language-model linear layer and the projector,
-    vision tower and lm_head frozen, one learning rate, constant schedule, clipping at 1, no evaluation; everything
-    else (vision-feature cache, logits at answer positions, length-grouped batches) is vlmtune's default."""
+    vision tower and lm_head frozen, one learning rate, constant schedule, clipping at 1, no evaluation, and batches
+    grouped by length (``train.group_by_length``, off by default); the vision-feature cache and logits at answer
+    positions are vlmtune's defaults."""
     lora = {"mode": "lora", "rank": preset.lora_rank, "alpha": preset.lora_alpha, "dropout": 0.0, "targets": "all-linear"}
     return {
         "model": {"path": str(model_dir), "dtype": preset.dtype, "attn_implementation": "sdpa"},
@@ -219,5 +220,6 @@ def vlmtune_config(preset: Preset, model_dir: Path, data: Path, output_dir: Path
         "data": {"train": str(data), "max_length": 8192, "num_workers": 0},
         "train": {"output_dir": str(output_dir), "max_steps": steps, "batch_size": preset.batch_size,
                   "learning_rate": preset.learning_rate, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0,
-                  "max_grad_norm": 1.0, "seed": preset.seed, "logging_steps": 1, "progress_bar": False},
+                  "max_grad_norm": 1.0, "seed": preset.seed, "logging_steps": 1, "progress_bar": False,
+                  "group_by_length": True},
     }

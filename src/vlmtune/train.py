@@ -36,7 +36,7 @@ from vlmtune.stages import Stage, resolve_stages
 from vlmtune.stopping import GRADIENT_FLOW_EXIT, NONFINITE_EXIT, RunStopped, StopSignals, stop_requested
 from vlmtune.tracking import MetricsLog, echo, plot_loss
 from vlmtune.tuning import GroupPlan, build_plan, plan_table, set_trainable, union_plans, wrap
-from vlmtune.vision_cache import VisionCache, expected_bytes, fill, fingerprint, install, unavailable
+from vlmtune.vision_cache import KEYS, ImageKeys, VisionCache, fill, fingerprint, install, missing_images, unavailable
 
 
 @dataclass
@@ -68,6 +68,7 @@ class Run:
     last_eval: float | None = None
     last_loss: float | None = None
     cache: VisionCache | None = None  # frozen vision-tower features on disk, when valid for the run
+    image_keys: ImageKeys | None = None  # the cache's keys of image files (with the cache)
 
 
 def make_loader(ds: VLMDataset, processor, batch_size: int, shuffle: bool, seed: int, workers: int,
@@ -150,7 +151,8 @@ def train(cfg: Config) -> RunResult:
     metrics = MetricsLog(out / "metrics.jsonl", accelerator, keep=progress.metrics_lines)
     if t.report_to:
         accelerator.init_trackers("vlmtune")
-    run = Run(cfg, accelerator, out, processor, gmap, metrics, run_params, last_checkpoint=resume_from, cache=cache)
+    run = Run(cfg, accelerator, out, processor, gmap, metrics, run_params, last_checkpoint=resume_from, cache=cache,
+              image_keys=ImageKeys(processor) if cache is not None else None)
 
     stage_dirs = []
     with StopSignals() as signals:
@@ -212,6 +214,7 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
     sampler = loader.sampler
     eval_loader = make_loader(eval_ds, run.processor, t.batch_size, False, t.seed, 0) if eval_ds else None
     if run.cache is not None:
+        train_ds.use_vision_cache(run.image_keys)  # batches carry cache keys and grids, no pixels
         fill_vision_cache(run, unwrapped, train_ds, t.batch_size)
 
     # Optimizer: one parameter group per component (its own learning rate and weight decay), new each stage.
@@ -253,7 +256,7 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
         train_ds.set_epoch(progress.epoch)  # augmentation draws depend on (seed, sample, epoch)
         for batch in loader:
             progress.batch_in_epoch += 1
-            window_images += int("pixel_values" in batch)
+            window_images += int("pixel_values" in batch or KEYS in batch)
             window_tokens += torch.tensor([batch["attention_mask"].sum().item(), batch["attention_mask"].numel(),
                                            (batch["labels"] != -100).sum().item()])
             if run.cache is not None:
@@ -360,20 +363,31 @@ def open_vision_cache(cfg: Config, stages: list[Stage], model, gmap: GroupMap, u
 
 def fill_vision_cache(run: Run, model, ds: VLMDataset, batch_size: int) -> None:
     """Computes the features of the stage's training images that the cache lacks (main process; others wait)."""
+    from tqdm.auto import tqdm
+
+    from vlmtune.data.collate import load_image, process_images
+
     acc = run.accelerator
     base = inner_model(model)
     if acc.is_main_process:
-        order = make_loader(ds, run.processor, batch_size, False, 0, run.cfg.data.num_workers)
+        todo, found = missing_images(ds, run.image_keys, run.cache)
         vision = base.config.vision_config
         width = getattr(vision, "embed_dim", None) or vision.hidden_size  # the tower's output = the projector's input
-        size = expected_bytes(ds, run.processor, width, next(base.parameters()).dtype)
-        echo(f"vision cache: the training images' features take about {size / 2**20:.1f} MiB")
+        size = sum(patches for _, _, patches in todo.values()) * width * next(base.parameters()).element_size()
+        echo(f"vision cache: {len(todo)} image(s) to compute (about {size / 2**20:.1f} MiB), {found} already cached")
+
+        def pixels():
+            for key, (path, max_pixels, _) in todo.items():
+                yield key, process_images(run.processor, [load_image(path, path)], ds.data.image_min_pixels, max_pixels)
+
         was_training = run.cache.inner.training
         run.cache.inner.eval()
-        computed, found = fill(run.cache, run.cache.inner, run.cache.projector, order, acc.device,
-                               progress=run.cfg.train.progress_bar)
+        bar = tqdm(pixels(), total=len(todo), desc="vision cache", dynamic_ncols=True,
+                   disable=not run.cfg.train.progress_bar or not todo)
+        computed = fill(run.cache, run.cache.inner, run.cache.projector, bar, acc.device, images_per_pass=batch_size)
         run.cache.inner.train(was_training)
-        echo(f"vision cache: {computed} image(s) computed, {found} already cached")
+        if todo:
+            echo(f"vision cache: {computed} image(s) computed")
     acc.wait_for_everyone()
 
 

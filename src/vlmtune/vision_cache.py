@@ -1,11 +1,13 @@
 """Frozen vision-tower features computed once and kept on disk, so training runs projector + language model only.
 
 When the vision tower trains in no stage and augmentation is off, its output for an image (the projector's input)
-never changes. The cache stores it per image, keyed by the image's processed pixels and grid (so image content and
-processor settings are in the key) under a folder named by a fingerprint of the vision tower's weights (a changed
-model never reads old entries). Training then hands the model its image embeddings through transformers'
-``mm_encoder_outputs`` argument, computed by the (trainable) projector from the cached features inside the model's
-forward (a forward pre-hook), so DDP sees the projector used like any other module.
+never changes. The cache stores it per image, keyed by the image file's bytes, the image processor's settings and
+the pixel bounds (``ImageKeys``), under a folder named by a fingerprint of the vision tower's weights (a changed
+model never reads old entries). With the cache on, the training dataset neither decodes nor preprocesses an image:
+it counts the image tokens from the image's size, and the batch carries each image's key and patch grid. Training
+then hands the model its image embeddings through transformers' ``mm_encoder_outputs`` argument, computed by the
+(trainable) projector from the cached features inside the model's forward (a forward pre-hook), so DDP sees the
+projector used like any other module.
 
 Supported families: those whose projector maps the tower's output to the image embeddings directly (Qwen2-VL).
 """
@@ -13,6 +15,9 @@ Supported families: those whose projector maps the tower's output to the image e
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -21,6 +26,7 @@ from torch import nn
 
 SUPPORTED = ("qwen2_vl",)
 CACHED = "cached_vision"  # the batch key holding per-image cached features in place of pixel_values
+KEYS = "vision_cache_keys"  # the batch key holding per-image cache keys (the dataset's output with the cache on)
 
 
 def unavailable(model_type: str, vision_trains: bool, augment: bool, enabled: bool) -> str | None:
@@ -51,6 +57,35 @@ def _image_rows(grid: torch.Tensor) -> list[int]:
     return [int(g.prod()) for g in grid]
 
 
+class ImageKeys:
+    """Cache keys of image files: a hash of the file's bytes, the image processor's class and settings, the
+    transformers version and the pixel bounds. A file's hash is kept while its size and modification time stay the
+    same, so each file is read once."""
+
+    def __init__(self, processor):
+        import transformers
+
+        ip = processor.image_processor
+        self.settings = json.dumps({"class": type(ip).__name__, "transformers": transformers.__version__,
+                                    **ip.to_dict()}, sort_keys=True, default=str)
+        self._files: dict[str, tuple[tuple[int, int], str]] = {}
+
+    def file_hash(self, path: str) -> str:
+        st = os.stat(path)
+        signature = (st.st_size, st.st_mtime_ns)
+        known = self._files.get(path)
+        if known is None or known[0] != signature:
+            known = (signature, hashlib.sha256(Path(path).read_bytes()).hexdigest())
+            self._files[path] = known
+        return known[1]
+
+    def key(self, path: str, min_pixels: int | None, max_pixels: int | None) -> str:
+        h = hashlib.sha256(self.file_hash(str(path)).encode())
+        h.update(self.settings.encode())
+        h.update(f"min_pixels={min_pixels} max_pixels={max_pixels}".encode())
+        return h.hexdigest()
+
+
 class VisionCache:
     """Per-image safetensors files under ``root/<fingerprint>/``; ``inner`` is the multimodal model whose
     ``get_image_features`` computes them and ``projector`` the module whose input they are."""
@@ -62,28 +97,16 @@ class VisionCache:
         self.inner = inner
         self.projector = projector
 
-    @staticmethod
-    def keys(batch: dict) -> list[str]:
-        """One key per image of the batch: its processed pixel rows and grid."""
-        keys, start = [], 0
-        pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
-        for g, rows in zip(grid, _image_rows(grid)):
-            h = hashlib.sha256(pixels[start:start + rows].detach().float().cpu().contiguous().numpy())  # no copy
-            h.update(str(g.tolist()).encode())
-            keys.append(h.hexdigest())
-            start += rows
-        return keys
-
     def path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.safetensors"
 
-    def missing(self, keys: list[str]) -> list[str]:
-        return [k for k in keys if not self.path(k).is_file()]
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
 
     def put(self, key: str, features: torch.Tensor) -> None:
         path = self.path(key)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         save_file({"features": features.detach().cpu().contiguous()}, str(tmp))
         tmp.rename(path)  # a reader never sees half a file
 
@@ -91,68 +114,66 @@ class VisionCache:
         return load_file(str(self.path(key)), device=str(device))["features"]
 
     def substitute(self, batch: dict) -> dict:
-        """The batch with its images' cached features in place of ``pixel_values`` (the grid stays: positions need it)."""
-        if "pixel_values" not in batch:
+        """The batch with its images' cached features (from the keys the dataset put in) in place of the keys."""
+        if KEYS not in batch:
             return batch
-        device = batch["pixel_values"].device
-        out = {k: v for k, v in batch.items() if k != "pixel_values"}
-        out[CACHED] = [self.get(k, device) for k in self.keys(batch)]
+        device = batch["input_ids"].device
+        out = {k: v for k, v in batch.items() if k != KEYS}
+        out[CACHED] = [self.get(k, device) for k in batch[KEYS]]
         return out
 
 
 @torch.no_grad()
-def fill(cache: VisionCache, inner: nn.Module, projector: nn.Module, loader, device, echo=print,
-         progress: bool = True) -> tuple[int, int]:
-    """Computes and stores the projector input of every image the loader yields that the cache lacks.
-
-    Returns:
-        (images computed now, images found in the cache).
-    """
-    from tqdm.auto import tqdm
-
+def fill(cache: VisionCache, inner: nn.Module, projector: nn.Module, todo: Iterable[tuple[str, dict]], device,
+         images_per_pass: int = 8) -> int:
+    """Computes and stores the projector input of every (key, pixel inputs of one image) in ``todo``, running the
+    vision tower on ``images_per_pass`` images at a time. Returns how many were stored."""
     captured: list[torch.Tensor] = []
     hook = projector.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    computed = found = 0
+    stored = 0
+
+    def run(group: list[tuple[str, dict]]) -> int:
+        captured.clear()
+        grid = torch.cat([pixels["image_grid_thw"] for _, pixels in group])
+        inner.get_image_features(pixel_values=torch.cat([pixels["pixel_values"] for _, pixels in group]).to(device),
+                                 image_grid_thw=grid.to(device))
+        start = 0
+        for (key, _), rows in zip(group, _image_rows(grid)):
+            cache.put(key, captured[0][start:start + rows])
+            start += rows
+        return len(group)
+
     try:
-        for batch in tqdm(loader, desc="vision cache", disable=not progress, dynamic_ncols=True):
-            if "pixel_values" not in batch:
-                continue
-            keys = VisionCache.keys(batch)
-            todo = set(cache.missing(keys))
-            found += len(keys) - len(todo)
-            if not todo:
-                continue
-            captured.clear()
-            inner.get_image_features(pixel_values=batch["pixel_values"].to(device),
-                                     image_grid_thw=batch["image_grid_thw"].to(device))
-            features = captured[0]
-            start = 0
-            for key, rows in zip(keys, _image_rows(batch["image_grid_thw"])):
-                if key in todo:
-                    cache.put(key, features[start:start + rows])
-                    todo.discard(key)
-                    computed += 1
-                start += rows
+        group: list[tuple[str, dict]] = []
+        for item in todo:
+            group.append(item)
+            if len(group) == images_per_pass:
+                stored += run(group)
+                group = []
+        if group:
+            stored += run(group)
     finally:
         hook.remove()
-    return computed, found
+    return stored
 
 
-def expected_bytes(ds, processor, width: int, dtype: torch.dtype) -> int:
-    """Size the features of a dataset's images will take, from their sizes alone (headers, nothing decoded)."""
-    from PIL import Image
+def missing_images(ds, keys: ImageKeys, cache: VisionCache) -> tuple[dict[str, tuple[str, int | None, int]], int]:
+    """The dataset's images the cache lacks, by key, as (path, max_pixels, patches), and how many images it has."""
+    from vlmtune.data.collate import image_grid
 
-    from vlmtune.data.collate import image_token_counts
-
-    merge = getattr(processor.image_processor, "merge_size", 1)
-    rows = 0
+    todo: dict[str, tuple[str, int | None, int]] = {}
+    seen: set[str] = set()
     for item in ds.items:
-        sizes = []
-        for path in item.sample.images:
-            with Image.open(path) as im:
-                sizes.append((im.height, im.width))
-        rows += sum(image_token_counts(processor, sizes, ds.data.image_min_pixels, item.max_pixels)) * merge**2
-    return rows * width * torch.empty((), dtype=dtype).element_size()
+        for path, (h, w) in zip(item.sample.images, item.sizes):
+            key = keys.key(path, ds.data.image_min_pixels, item.max_pixels)
+            if key in seen:
+                continue
+            seen.add(key)
+            if cache.has(key):
+                continue
+            t, gh, gw = image_grid(ds.processor, h, w, ds.data.image_min_pixels, item.max_pixels)
+            todo[key] = (str(path), item.max_pixels, t * gh * gw)
+    return todo, len(seen) - len(todo)
 
 
 def install(inner: nn.Module, projector: nn.Module):

@@ -97,6 +97,18 @@ def image_token_counts(processor, sizes: list[tuple[int, int]], min_pixels: int 
     return [ip.get_number_of_image_patches(h, w, kwargs) // merge**2 for h, w in sizes]
 
 
+def image_grid(processor, height: int, width: int, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int, int]:
+    """The (temporal, height, width) patch grid a Qwen-VL image processor makes for an image of this size, without
+    decoding it (the same ``smart_resize`` the processor runs; one temporal patch for a still image)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    ip = processor.image_processor
+    patch = ip.patch_size
+    h, w = smart_resize(height, width, patch * ip.merge_size, min_pixels=min_pixels or ip.size["shortest_edge"],
+                        max_pixels=max_pixels or ip.size["longest_edge"])
+    return 1, h // patch, w // patch
+
+
 def encode_text(processor, chat: list[dict], counts: list[int]) -> Encoded:
     """Token ids and labels of a conversation whose i-th image becomes ``counts[i]`` image tokens."""
     tok = processor.tokenizer
@@ -131,14 +143,16 @@ def load_images(sample: Sample) -> list[Image.Image]:
     Raises:
         ValueError: an image cannot be opened or decoded; names the sample and the path.
     """
-    images = []
-    for path in sample.images:
-        try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        except Exception as e:  # PIL raises several types for corrupt files
-            raise ValueError(f"{sample.where}: image '{path}' cannot be decoded: {e}") from e
-    return images
+    return [load_image(path, sample.where) for path in sample.images]
+
+
+def load_image(path, where: str) -> Image.Image:
+    """Decodes one image as RGB; ``where`` (a sample's file:line) names it in the error."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises several types for corrupt files
+        raise ValueError(f"{where}: image '{path}' cannot be decoded: {e}") from e
 
 
 def process_images(processor, images: list[Image.Image], min_pixels: int | None, max_pixels: int | None) -> dict:
@@ -338,6 +352,8 @@ def collate(batch: list[dict], pad_id: int, image_token_id: int, video_token_id:
         out["mm_token_type_ids"] = mm
     for key in sorted({k for b in batch for k in b} - {"input_ids", "labels", PER_TOKEN}):
         parts = [b[key] for b in batch if key in b]
-        if parts:
+        if parts and isinstance(parts[0], list):  # per-image values that are not tensors (vision-cache keys)
+            out[key] = [x for part in parts for x in part]
+        elif parts:
             out[key] = pad_cat(parts)
     return out

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -30,6 +31,7 @@ from vlmtune.data.collate import (
     encode_example,
     encode_text,
     encode_with_processor,
+    image_grid,
     image_token_counts,
     load_images,
     to_chat,
@@ -159,6 +161,7 @@ class _Item:
     max_pixels: int | None
     truncate_at: int | None
     length: int
+    sizes: list[tuple[int, int]]  # (height, width) of each image, from the checks
 
 
 @dataclass
@@ -220,7 +223,7 @@ def check_sample(sample: Sample, processor, data: DataConfig) -> Checked:
     image_tokens = sum(e - s for s, e in enc.image_spans)
     done = Checked(sample, [], None, "kept", length, image_tokens)
     if length <= limit:
-        done.item = _Item(sample, data.image_max_pixels, None, length)
+        done.item = _Item(sample, data.image_max_pixels, None, length, sizes)
         return done
     if policy == "downscale" and sample.images:
         if counts_image_tokens(processor):
@@ -234,11 +237,11 @@ def check_sample(sample: Sample, processor, data: DataConfig) -> Checked:
             max_pixels //= 2
             small = _encode(processor, data, sample, sizes, max_pixels)
         if len(small.input_ids) <= limit:
-            done.item, done.outcome = _Item(sample, max_pixels, None, len(small.input_ids)), "downscaled"
+            done.item, done.outcome = _Item(sample, max_pixels, None, len(small.input_ids), sizes), "downscaled"
     if policy == "truncate" and done.item is None:
         image_end = max((e for _, e in enc.image_spans), default=0)
         if image_end <= limit and any(l != IGNORE for l in enc.labels[:limit]):
-            done.item, done.outcome = _Item(sample, data.image_max_pixels, limit, limit), "truncated"
+            done.item, done.outcome = _Item(sample, data.image_max_pixels, limit, limit, sizes), "truncated"
     if done.item is None:
         done.outcome = "dropped"
     done.problems.append(Problem(sample.where, "too long", f"{length} tokens ({image_tokens} of them image tokens for "
@@ -257,7 +260,8 @@ def _encode(processor, data: DataConfig, sample: Sample, sizes: list[tuple[int, 
 
 class VLMDataset(Dataset):
     """Samples that passed the checks and fit; ``__getitem__`` decodes (and, for training, augments) images and
-    returns token ids, labels and pixel inputs."""
+    returns token ids, labels and pixel inputs, or, with ``use_vision_cache``, each image's patch grid and cache key
+    in place of its pixels (nothing decoded)."""
 
     def __init__(self, samples: Iterable[Sample | Problem], processor, data: DataConfig, split: str = "train"):
         """Checks every sample (see ``check_sample``).
@@ -275,6 +279,7 @@ class VLMDataset(Dataset):
         self.split = split
         self.epoch = 0
         self.augment = Augmenter(data.augment) if split == "train" and data.augment.enabled else None
+        self.vision_keys = None  # an ImageKeys once use_vision_cache is called
         self.report = LengthReport()
         self.items: list[_Item] = []
         errors: list[Problem] = []
@@ -309,8 +314,18 @@ class VLMDataset(Dataset):
     def lengths(self) -> list[int]:
         return [it.length for it in self.items]
 
+    def use_vision_cache(self, keys) -> None:
+        """From now on, items carry each image's patch grid and its key in ``keys`` (a ``vision_cache.ImageKeys``)
+        instead of pixel inputs: images are neither decoded nor preprocessed (the features come from the cache).
+        Only for a counted (Qwen-VL) family without augmentation."""
+        if self.augment is not None or not counts_image_tokens(self.processor):
+            raise ValueError("the vision cache needs a Qwen-VL image processor and no augmentation")
+        self.vision_keys = keys
+
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
+        if self.vision_keys is not None:
+            return self._cached_item(item)
         images = load_images(item.sample)
         if self.augment is not None:
             images = [self.augment(im, index, self.epoch, k) for k, im in enumerate(images)]
@@ -319,12 +334,29 @@ class VLMDataset(Dataset):
                                                 self.data.image_min_pixels, item.max_pixels)
         if per_token is not None:
             extra[PER_TOKEN] = {k: v[: item.truncate_at] for k, v in per_token.items()}
-        ids, labels = enc.input_ids, enc.labels
-        if item.truncate_at is not None:
-            ids, labels = ids[: item.truncate_at], labels[: item.truncate_at]
-        if len(ids) != item.length:
-            raise RuntimeError(f"{item.sample.where}: {len(ids)} tokens after decoding its images, {item.length} predicted")
-        return {"input_ids": ids, "labels": labels, **extra, **pixels}
+        return {**_cut(item, enc), **extra, **pixels}
+
+    def _cached_item(self, item: _Item) -> dict:
+        from vlmtune.vision_cache import KEYS
+
+        min_pixels, merge = self.data.image_min_pixels, self.processor.image_processor.merge_size
+        grids = [image_grid(self.processor, h, w, min_pixels, item.max_pixels) for h, w in item.sizes]
+        enc = encode_text(self.processor, to_chat(item.sample), [t * h * w // merge**2 for t, h, w in grids])
+        out = _cut(item, enc)
+        if grids:
+            out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+            out[KEYS] = [self.vision_keys.key(path, min_pixels, item.max_pixels) for path in item.sample.images]
+        return out
+
+
+def _cut(item: _Item, enc) -> dict:
+    """Token ids and labels, truncated where the item says, checked against the length its checks predicted."""
+    ids, labels = enc.input_ids, enc.labels
+    if item.truncate_at is not None:
+        ids, labels = ids[: item.truncate_at], labels[: item.truncate_at]
+    if len(ids) != item.length:
+        raise RuntimeError(f"{item.sample.where}: {len(ids)} tokens after decoding its images, {item.length} predicted")
+    return {"input_ids": ids, "labels": labels}
 
 
 def build_dataset(specs: str | list[str], data: DataConfig, processor, split: str) -> VLMDataset:
