@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,14 @@ def test_python_dash_m_and_help():
     assert run.returncode == 0
     for key in ("groups.<group>.mode", "groups.<group>.lr", "data.max_length", "train.grad_accum", "model.path"):
         assert key in run.stdout
+
+
+def test_loader_workers_auto_and_given():
+    from vlmtune.train import loader_workers
+
+    assert loader_workers(3) == 3 and loader_workers(0) == 0
+    cores = len(os.sched_getaffinity(0))
+    expected = max(0, min(4, cores - 1)) if torch.cuda.is_available() else 0
+    assert loader_workers("auto") == expected
+    if torch.cuda.is_available():
+        assert loader_workers("auto", processes=cores) == 0

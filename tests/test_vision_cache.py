@@ -89,6 +89,8 @@ def test_cached_features_give_the_same_loss_and_gradients(tiny, shapes_dir, tmp_
     batch = next(iter(make_loader(plain, processor, 4, False, 0, 0)))
     cached_batch = next(iter(make_loader(keyed, processor, 4, False, 0, 0)))
     assert "pixel_values" not in cached_batch and len(cached_batch[KEYS]) == 8
+    from_workers = next(iter(make_loader(keyed, processor, 4, False, 0, 2)))  # keys survive worker processes
+    assert from_workers[KEYS] == cached_batch[KEYS] and torch.equal(from_workers["input_ids"], cached_batch["input_ids"])
     for k in ("input_ids", "labels", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
         assert torch.equal(batch[k], cached_batch[k]), k
     handle = install(inner, projector)

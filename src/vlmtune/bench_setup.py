@@ -217,7 +217,7 @@ def vlmtune_config(preset: Preset, model_dir: Path, data: Path, output_dir: Path
     return {
         "model": {"path": str(model_dir), "dtype": preset.dtype, "attn_implementation": "sdpa"},
         "groups": {"vision_tower": {"mode": "frozen"}, "projector": lora, "language_model": lora, "lm_head": {"mode": "frozen"}},
-        "data": {"train": str(data), "max_length": 8192, "num_workers": 0},
+        "data": {"train": str(data), "max_length": 8192},
         "train": {"output_dir": str(output_dir), "max_steps": steps, "batch_size": preset.batch_size,
                   "learning_rate": preset.learning_rate, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0,
                   "max_grad_norm": 1.0, "seed": preset.seed, "logging_steps": 1, "progress_bar": False,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -96,7 +96,7 @@ class DataConfig(_Strict):
     image_min_pixels: int | None = Field(None, gt=0, description="lower bound on an image's pixels after resizing; empty means the processor's own")
     builtin_train_samples: int = Field(512, gt=0, description="number of generated samples for builtin shapes training data")
     builtin_eval_samples: int = Field(64, gt=0, description="number of generated samples for builtin shapes evaluation data")
-    num_workers: int = Field(0, ge=0, description="data-loader worker processes")
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field("auto", description="data-loader worker processes (each loads, decodes and preprocesses batches ahead of the step); auto is 0 without a GPU (workers would take the training threads' cores) and, on a GPU, up to 4 per process from the cores the machine leaves each process")
     on_bad_sample: Literal["error", "skip"] = Field("error", description="a bad sample (bad JSON line, unknown role, missing or corrupt image, ...) stops the run listing every problem (error), or is left out, counted by kind and named in the run folder (skip)")
     decode_images: bool = Field(True, description="fully decode every image before training to find corrupt or truncated files (a few ms per image); false reads only image headers")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="visual augmentation of the training split")
