@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from safetensors.torch import load_file
 
 from vlmtune.cli import main
 from vlmtune.vision_cache import KEYS, ImageKeys, VisionCache, fill, fingerprint, install, missing_images, unavailable
+
+ASSETS = Path(__file__).parent / "assets"
 
 CONFIG = """
 model: {path: builtin:tiny-qwen2-vl}
@@ -64,39 +67,39 @@ def test_fingerprint_changes_with_the_tower_weights(tiny):
     assert before != after and fingerprint(model, names) == before
 
 
-def test_cached_features_give_the_same_loss_and_gradients(tiny, shapes_dir, tmp_path):
+def _same_loss_with_cache(model, processor, jsonl, folder) -> None:
     """The dataset with the cache on (no pixels: grids and keys) and the features filled from the real images give
-    the same batch tokens, loss and projector gradients as the plain dataset (two images per sample)."""
+    the same batch tokens, loss and projector gradients as the plain dataset."""
     from vlmtune.config import DataConfig
     from vlmtune.data.collate import load_image, process_images
     from vlmtune.data.dataset import build_dataset
     from vlmtune.train import make_loader
 
-    model, processor = tiny
     inner, projector = model.model, model.model.visual.merger
     data = DataConfig(max_length=512)
-    plain = build_dataset(str(shapes_dir / "compare.jsonl"), data, processor, "train")
-    keyed = build_dataset(str(shapes_dir / "compare.jsonl"), data, processor, "train")
+    plain = build_dataset(str(jsonl), data, processor, "train")
+    keyed = build_dataset(str(jsonl), data, processor, "train")
     keys = ImageKeys(processor)
     keyed.use_vision_cache(keys)
-    cache = VisionCache(tmp_path, "fp", inner, projector)
+    cache = VisionCache(folder, "fp", inner, projector)
     todo, found = missing_images(keyed, keys, cache)
-    assert found == 0 and len(todo) == sum(len(it.sample.images) for it in keyed.items)
+    images = sum(len(it.sample.images) for it in keyed.items)
+    assert found == 0 and len(todo) == len({path for it in keyed.items for path in it.sample.images})  # once per file
     model.eval()
     pixels = ((k, process_images(processor, [load_image(path, path)], None, mp)) for k, (path, mp, _) in todo.items())
     assert fill(cache, inner, projector, pixels, "cpu", images_per_pass=3) == len(todo)
     assert missing_images(keyed, keys, cache) == ({}, len(todo))
-    batch = next(iter(make_loader(plain, processor, 4, False, 0, 0)))
-    cached_batch = next(iter(make_loader(keyed, processor, 4, False, 0, 0)))
-    assert "pixel_values" not in cached_batch and len(cached_batch[KEYS]) == 8
-    from_workers = next(iter(make_loader(keyed, processor, 4, False, 0, 2)))  # keys survive worker processes
+    batch = next(iter(make_loader(plain, processor, len(plain), False, 0, 0)))
+    cached_batch = next(iter(make_loader(keyed, processor, len(keyed), False, 0, 0)))
+    assert "pixel_values" not in cached_batch and len(cached_batch[KEYS]) == images
+    from_workers = next(iter(make_loader(keyed, processor, len(keyed), False, 0, 2)))  # keys survive worker processes
     assert from_workers[KEYS] == cached_batch[KEYS] and torch.equal(from_workers["input_ids"], cached_batch["input_ids"])
     for k in ("input_ids", "labels", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
         assert torch.equal(batch[k], cached_batch[k]), k
     handle = install(inner, projector)
     try:
         cached = cache.substitute(cached_batch)
-        assert KEYS not in cached and len(cached["cached_vision"]) == 8
+        assert KEYS not in cached and len(cached["cached_vision"]) == images
         losses, grads = [], []
         for inputs in (batch, cached):
             model.zero_grad()
@@ -109,6 +112,47 @@ def test_cached_features_give_the_same_loss_and_gradients(tiny, shapes_dir, tmp_
         model.zero_grad()
     assert torch.allclose(losses[0], losses[1], rtol=1e-6, atol=1e-6)
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7) and grads[0].abs().sum() > 0
+
+
+def test_cached_features_give_the_same_loss_and_gradients(tiny, shapes_dir, tmp_path):
+    model, processor = tiny  # Qwen2-VL, two images per sample
+    _same_loss_with_cache(model, processor, shapes_dir / "compare.jsonl", tmp_path)
+
+
+def test_qwen2_5_vl_window_order_is_restored(tmp_path):
+    """Qwen2.5-VL's tower runs in window order; the cached features are in that order and the hook restores image
+    order (64x64 images: 4 windows of 2x2 merged tokens, so the order matters)."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from tests.conftest import write_jsonl
+    from tests.tiny_families import qwen2_5_vl
+
+    cfg, processor = qwen2_5_vl()
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(cfg)
+    assert model.config.model_type == "qwen2_5_vl"
+    Image.radial_gradient("L").resize((64, 48)).convert("RGB").save(tmp_path / "gradient.png")
+    images = [str(ASSETS / "red_square.png"), str(ASSETS / "blue_circle.png"), str(tmp_path / "gradient.png")]
+    rows = [{"messages": [{"role": "user", "content": "<image>" * len(ims) + "What color is the shape?"},
+                          {"role": "assistant", "content": answer}], "images": ims}
+            for ims, answer in [(images[:1], "red square"), (images[1:], "blue circle top left"),
+                                (images[2:], "green triangle")]]
+    _same_loss_with_cache(model, processor, write_jsonl(tmp_path / "data.jsonl", rows), tmp_path / "cache")
+    # Per image, the projector on the cached features, put back in image order, is the tower's own output; without
+    # the reordering it is not (the window order differs from image order at this size).
+    from vlmtune.data.collate import load_image, process_images
+    from vlmtune.vision_cache import _image_order
+
+    inner, keys = model.model, ImageKeys(processor)
+    cache = VisionCache(tmp_path / "cache", "fp")
+    with torch.no_grad():
+        for path in images:
+            pixels = process_images(processor, [load_image(path, path)], None, None)
+            own = inner.get_image_features(**pixels).pooler_output[0]
+            merged = inner.visual.merger(cache.get(keys.key(path, None, None), "cpu"))
+            assert torch.allclose(merged[_image_order(inner)(pixels["image_grid_thw"][0])], own, atol=1e-6)
+            assert not torch.allclose(merged, own, atol=1e-3)
 
 
 def _losses(run):

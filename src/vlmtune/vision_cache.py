@@ -9,7 +9,10 @@ then hands the model its image embeddings through transformers' ``mm_encoder_out
 (trainable) projector from the cached features inside the model's forward (a forward pre-hook), so DDP sees the
 projector used like any other module.
 
-Supported families: those whose projector maps the tower's output to the image embeddings directly (Qwen2-VL).
+Supported families: those whose projector maps the tower's output to the image embeddings directly: Qwen2-VL, and
+Qwen2.5-VL, whose tower works in window order (the cached features are in that order; the hook puts the
+projector's output back in image order, as the tower's own forward does). Not Qwen3-VL: its language model also
+takes features from inside the tower (deepstack).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-SUPPORTED = ("qwen2_vl",)
+SUPPORTED = ("qwen2_vl", "qwen2_5_vl")
 CACHED = "cached_vision"  # the batch key holding per-image cached features in place of pixel_values
 KEYS = "vision_cache_keys"  # the batch key holding per-image cache keys (the dataset's output with the cache on)
 
@@ -176,17 +179,39 @@ def missing_images(ds, keys: ImageKeys, cache: VisionCache) -> tuple[dict[str, t
     return todo, len(seen) - len(todo)
 
 
+def _image_order(inner: nn.Module):
+    """For a tower that works in window order (Qwen2.5-VL), a function from one image's grid to the indices that put
+    its merged tokens back in image order; None where the projector's output is already in image order."""
+    if inner.config.model_type != "qwen2_5_vl":
+        return None
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
+
+    visual = inner.visual
+
+    def order(grid: torch.Tensor) -> torch.Tensor:
+        window, _ = get_vision_window_index(grid[None].cpu(), visual.spatial_merge_size, visual.window_size,
+                                            visual.patch_size)
+        return torch.argsort(window)
+
+    return order
+
+
 def install(inner: nn.Module, projector: nn.Module):
     """A forward pre-hook on the multimodal model: turns ``cached_vision`` into ``mm_encoder_outputs`` by running
-    the projector on each image's cached features. Returns the hook handle."""
+    the projector on each image's cached features (then, for a window-order tower, restoring image order).
+    Returns the hook handle."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    order = _image_order(inner)
 
     def hook(module, args, kwargs):
         cached = kwargs.pop(CACHED, None)
         if cached is None:
             return args, kwargs
-        embeds = tuple(projector(f) for f in cached)
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=embeds)}
+        embeds = [projector(f) for f in cached]
+        if order is not None:
+            embeds = [e[order(grid).to(e.device)] for e, grid in zip(embeds, kwargs["image_grid_thw"])]
+        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(embeds))}
         return args, kwargs
 
     return inner.register_forward_pre_hook(hook, with_kwargs=True)
