@@ -72,3 +72,26 @@ def test_grouped_batches_give_the_same_per_sample_losses(tiny, shapes_dir):
     assert grouped.keys() == shuffled.keys() == set(range(len(ds)))
     for i in grouped:
         assert abs(grouped[i] - shuffled[i]) <= 1e-4 * max(1.0, abs(shuffled[i])), i
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny, compare_batch):
+    model, _ = tiny
+    model.train()
+    results = []
+    try:
+        for checkpointing in (False, True):
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                assert model.model.language_model.layers[0].gradient_checkpointing
+            model.zero_grad()
+            loss = answer_loss(model, compare_batch)
+            loss.backward()
+            results.append((loss.detach(), _grads(model)))
+    finally:
+        model.gradient_checkpointing_disable()
+        model.zero_grad()
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    assert torch.allclose(plain, ckpt, rtol=1e-6, atol=1e-6)
+    assert plain_grads.keys() == ckpt_grads.keys() and len(plain_grads) > 10
+    for name in plain_grads:
+        assert torch.allclose(plain_grads[name], ckpt_grads[name], rtol=1e-4, atol=1e-6), name

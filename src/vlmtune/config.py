@@ -130,6 +130,7 @@ class TrainConfig(_Strict):
     max_nonfinite_skips: int = Field(10, ge=0, description="with on_nonfinite: skip, stop after this many skipped steps in one run")
     group_by_length: bool = Field(False, description="batch samples of similar length together (sorted, longest first, within shuffled groups of 50 batches): less padding, same samples per epoch and the same per-sample losses, but batches become more alike (where length follows the task, one task per batch), which can slow or stop learning; the padding fraction is logged either way")
     vision_cache: bool = Field(True, description="where the vision tower trains in no stage and augmentation is off, compute its output once per image, keep it on disk ($VLMTUNE_CACHE/vision) and train projector + language model only (same loss); false always runs the tower")
+    gradient_checkpointing: bool = Field(False, description="recompute each transformer layer's forward during the backward instead of keeping its activations: much less activation memory for about one more forward of compute (same loss and gradients); for runs that do not fit otherwise")
     label_only_logits: bool = Field(True, description="compute the lm_head only at positions whose next token is an answer token (same loss, less compute and memory); false computes logits everywhere")
     check_gradient_flow: bool = Field(True, description="at the first step of every stage, check that every trained group gets finite non-zero gradients and no frozen group gets any (stops with the group's name otherwise)")
 

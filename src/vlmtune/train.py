@@ -144,6 +144,9 @@ def train(cfg: Config) -> RunResult:
             build_base_alone()
         accelerator.wait_for_everyone()
     model, processor = load_model(cfg.model, accelerator.device, echo=echo)
+    if t.gradient_checkpointing:  # non-reentrant: correct with frozen inputs, no need for input gradients
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        echo("gradient checkpointing: on (layer activations are recomputed in the backward)")
     gmap = assign_groups([n for n, _ in model.named_parameters()], arch_for(model, cfg.model))
     stage_plans = [build_plan(model, gmap, s.cfg) for s in stages]
     union = union_plans(stage_plans)
