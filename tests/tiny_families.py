@@ -184,45 +184,38 @@ def idefics3():
     return cfg, proc
 
 
-def qwen3_vl():
+def _qwen(processor_cls, video_cls, config_cls, text: dict, vision: dict):
+    """A tiny Qwen-VL family member: Qwen's tokens and template, patch 8, merge 2, 32x32 to 64x64 pixels."""
     from vlmtune.tiny_qwen import SPECIAL_TOKENS
 
     tok = tokenizer(SPECIAL_TOKENS, QWEN2_VL_CHAT_TEMPLATE, None, "<|im_end|>", "<|endoftext|>")
     vision_ip = dict(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, patch_size=8, merge_size=2, temporal_patch_size=2)
-    proc = tf.Qwen3VLProcessor(tf.Qwen2VLImageProcessor(**vision_ip), tok, tf.Qwen3VLVideoProcessor(**vision_ip),
-                               chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    proc = processor_cls(tf.Qwen2VLImageProcessor(**vision_ip), tok, video_cls(**vision_ip), chat_template=QWEN2_VL_CHAT_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2, **vision)
+    cfg = config_cls(text_config=dict(TEXT, vocab_size=len(tok), **text), vision_config=vision,
+                     image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                     vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                     tie_word_embeddings=False)
+    return cfg, proc
+
+
+def qwen3_vl():
     # Two text layers: deepstack features are added to the hidden states after layer i (here 0); with a single
     # layer they would reach only the image positions' own logits, which carry no label, and get no gradient.
-    text = dict(TEXT, num_hidden_layers=2,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                                 "mrope_interleaved": True}, vocab_size=len(tok))
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=8,
-                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
-    cfg = tf.Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
-    return cfg, proc
+    text = dict(num_hidden_layers=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                      "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    return _qwen(tf.Qwen3VLProcessor, tf.Qwen3VLVideoProcessor, tf.Qwen3VLConfig, text,
+                 dict(num_position_embeddings=64, deepstack_visual_indexes=[0]))
 
 
 def qwen2_5_vl():
     """Qwen2.5-VL: window attention in the tower (windows of 2x2 merged tokens here, so a 64x64 image's tokens are
     reordered), full attention in block 1."""
-    from vlmtune.tiny_qwen import SPECIAL_TOKENS
-
-    tok = tokenizer(SPECIAL_TOKENS, QWEN2_VL_CHAT_TEMPLATE, None, "<|im_end|>", "<|endoftext|>")
-    vision_ip = dict(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, patch_size=8, merge_size=2, temporal_patch_size=2)
-    proc = tf.Qwen2_5_VLProcessor(tf.Qwen2VLImageProcessor(**vision_ip), tok, tf.Qwen2VLVideoProcessor(**vision_ip),
-                                  chat_template=QWEN2_VL_CHAT_TEMPLATE)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                vocab_size=len(tok))
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=8,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1])
-    cfg = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                              vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
-    return cfg, proc
+    text = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    return _qwen(tf.Qwen2_5_VLProcessor, tf.Qwen2VLVideoProcessor, tf.Qwen2_5_VLConfig, text,
+                 dict(window_size=32, fullatt_block_indexes=[1]))
 
 
 FAMILIES: dict[str, Callable] = {
