@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlmtune.cli import main
-from vlmtune.vision_cache import KEYS, ImageKeys, VisionCache, fill, fingerprint, install, missing_images, unavailable
+from vlmtune.vision_cache import CACHED, ImageKeys, VisionCache, fill, fingerprint, install, missing_images, unavailable
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -68,8 +68,8 @@ def test_fingerprint_changes_with_the_tower_weights(tiny):
 
 
 def _same_loss_with_cache(model, processor, jsonl, folder) -> None:
-    """The dataset with the cache on (no pixels: grids and keys) and the features filled from the real images give
-    the same batch tokens, loss and projector gradients as the plain dataset."""
+    """The dataset with the cache on (no pixels: grids and cached features) and the features filled from the real
+    images give the same batch tokens, loss and projector gradients as the plain dataset."""
     from vlmtune.config import DataConfig
     from vlmtune.data.collate import load_image, process_images
     from vlmtune.data.dataset import build_dataset
@@ -80,8 +80,10 @@ def _same_loss_with_cache(model, processor, jsonl, folder) -> None:
     plain = build_dataset(str(jsonl), data, processor, "train")
     keyed = build_dataset(str(jsonl), data, processor, "train")
     keys = ImageKeys(processor)
-    keyed.use_vision_cache(keys)
     cache = VisionCache(folder, "fp", inner, projector)
+    keyed.use_vision_cache(keys, cache)
+    with pytest.raises(FileNotFoundError, match="vision cache: no features for image .*png"):
+        keyed[0]  # not filled yet
     todo, found = missing_images(keyed, keys, cache)
     images = sum(len(it.sample.images) for it in keyed.items)
     assert found == 0 and len(todo) == len({path for it in keyed.items for path in it.sample.images})  # once per file
@@ -91,17 +93,16 @@ def _same_loss_with_cache(model, processor, jsonl, folder) -> None:
     assert missing_images(keyed, keys, cache) == ({}, len(todo))
     batch = next(iter(make_loader(plain, processor, len(plain), False, 0, 0)))
     cached_batch = next(iter(make_loader(keyed, processor, len(keyed), False, 0, 0)))
-    assert "pixel_values" not in cached_batch and len(cached_batch[KEYS]) == images
-    from_workers = next(iter(make_loader(keyed, processor, len(keyed), False, 0, 2)))  # keys survive worker processes
-    assert from_workers[KEYS] == cached_batch[KEYS] and torch.equal(from_workers["input_ids"], cached_batch["input_ids"])
+    assert "pixel_values" not in cached_batch and len(cached_batch[CACHED]) == images
+    from_workers = next(iter(make_loader(keyed, processor, len(keyed), False, 0, 2)))  # read in worker processes
+    assert all(torch.equal(a, b) for a, b in zip(from_workers[CACHED], cached_batch[CACHED]))
+    assert torch.equal(from_workers["input_ids"], cached_batch["input_ids"])
     for k in ("input_ids", "labels", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
         assert torch.equal(batch[k], cached_batch[k]), k
     handle = install(inner, projector)
     try:
-        cached = cache.substitute(cached_batch)
-        assert KEYS not in cached and len(cached["cached_vision"]) == images
         losses, grads = [], []
-        for inputs in (batch, cached):
+        for inputs in (batch, cached_batch):
             model.zero_grad()
             loss = model(**inputs).loss
             loss.backward()

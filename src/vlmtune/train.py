@@ -37,7 +37,7 @@ from vlmtune.stages import Stage, resolve_stages
 from vlmtune.stopping import GRADIENT_FLOW_EXIT, NONFINITE_EXIT, RunStopped, StopSignals, stop_requested
 from vlmtune.tracking import MetricsLog, echo, plot_loss
 from vlmtune.tuning import GroupPlan, build_plan, plan_table, set_trainable, union_plans, wrap
-from vlmtune.vision_cache import KEYS, ImageKeys, VisionCache, fill, fingerprint, install, missing_images, unavailable
+from vlmtune.vision_cache import CACHED, ImageKeys, VisionCache, fill, fingerprint, install, missing_images, unavailable
 
 
 @dataclass
@@ -231,7 +231,7 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
     sampler = loader.sampler
     eval_loader = make_loader(eval_ds, run.processor, t.batch_size, False, t.seed, 0) if eval_ds else None
     if run.cache is not None:
-        train_ds.use_vision_cache(run.image_keys)  # batches carry cache keys and grids, no pixels
+        train_ds.use_vision_cache(run.image_keys, run.cache)  # batches carry cached features and grids, no pixels
         fill_vision_cache(run, unwrapped, train_ds, t.batch_size)
 
     # Optimizer: one parameter group per component (its own learning rate and weight decay), new each stage.
@@ -273,11 +273,9 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
         train_ds.set_epoch(progress.epoch)  # augmentation draws depend on (seed, sample, epoch)
         for batch in loader:
             progress.batch_in_epoch += 1
-            window_images += int("pixel_values" in batch or KEYS in batch)
+            window_images += int("pixel_values" in batch or CACHED in batch)
             window_tokens += torch.tensor([batch["attention_mask"].sum().item(), batch["attention_mask"].numel(),
                                            (batch["labels"] != -100).sum().item()])
-            if run.cache is not None:
-                batch = run.cache.substitute(batch)
             with acc.accumulate(model):
                 loss = answer_loss(model, batch, t.label_only_logits)
                 value = loss.detach().float()

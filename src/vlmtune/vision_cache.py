@@ -4,8 +4,9 @@ When the vision tower trains in no stage and augmentation is off, its output for
 never changes. The cache stores it per image, keyed by the image file's bytes, the image processor's settings and
 the pixel bounds (``ImageKeys``), under a folder named by a fingerprint of the vision tower's weights (a changed
 model never reads old entries). With the cache on, the training dataset neither decodes nor preprocesses an image:
-it counts the image tokens from the image's size, and the batch carries each image's key and patch grid. Training
-then hands the model its image embeddings through transformers' ``mm_encoder_outputs`` argument, computed by the
+it counts the image tokens from the image's size and reads each image's cached features (in the data-loader's
+worker processes, when there are any), and the batch carries them with the images' patch grids. Training then
+hands the model its image embeddings through transformers' ``mm_encoder_outputs`` argument, computed by the
 (trainable) projector from the cached features inside the model's forward (a forward pre-hook), so DDP sees the
 projector used like any other module.
 
@@ -28,8 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 SUPPORTED = ("qwen2_vl", "qwen2_5_vl")
-CACHED = "cached_vision"  # the batch key holding per-image cached features in place of pixel_values
-KEYS = "vision_cache_keys"  # the batch key holding per-image cache keys (the dataset's output with the cache on)
+CACHED = "cached_vision"  # the item and batch key holding per-image cached features in place of pixel_values
 
 
 def unavailable(model_type: str, vision_trains: bool, augment: bool, enabled: bool) -> str | None:
@@ -113,17 +113,16 @@ class VisionCache:
         save_file({"features": features.detach().cpu().contiguous()}, str(tmp))
         tmp.rename(path)  # a reader never sees half a file
 
-    def get(self, key: str, device) -> torch.Tensor:
-        return load_file(str(self.path(key)), device=str(device))["features"]
+    def get(self, key: str, device="cpu", image: str = "") -> torch.Tensor:
+        path = self.path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"vision cache: no features for image '{image or key}' in {self.dir} (the cache is "
+                                    "filled before training; was the image changed while the run was going?)")
+        return load_file(str(path), device=str(device))["features"]
 
-    def substitute(self, batch: dict) -> dict:
-        """The batch with its images' cached features (from the keys the dataset put in) in place of the keys."""
-        if KEYS not in batch:
-            return batch
-        device = batch["input_ids"].device
-        out = {k: v for k, v in batch.items() if k != KEYS}
-        out[CACHED] = [self.get(k, device) for k in batch[KEYS]]
-        return out
+    def reader(self) -> VisionCache:
+        """The same cache without the model (what a dataset, and its worker processes, hold)."""
+        return VisionCache(self.dir.parent, self.dir.name)
 
 
 @torch.no_grad()

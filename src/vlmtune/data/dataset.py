@@ -260,8 +260,8 @@ def _encode(processor, data: DataConfig, sample: Sample, sizes: list[tuple[int, 
 
 class VLMDataset(Dataset):
     """Samples that passed the checks and fit; ``__getitem__`` decodes (and, for training, augments) images and
-    returns token ids, labels and pixel inputs, or, with ``use_vision_cache``, each image's patch grid and cache key
-    in place of its pixels (nothing decoded)."""
+    returns token ids, labels and pixel inputs, or, with ``use_vision_cache``, each image's patch grid and cached
+    vision features in place of its pixels (nothing decoded)."""
 
     def __init__(self, samples: Iterable[Sample | Problem], processor, data: DataConfig, split: str = "train"):
         """Checks every sample (see ``check_sample``).
@@ -279,7 +279,7 @@ class VLMDataset(Dataset):
         self.split = split
         self.epoch = 0
         self.augment = Augmenter(data.augment) if split == "train" and data.augment.enabled else None
-        self.vision_keys = None  # an ImageKeys once use_vision_cache is called
+        self.vision_keys = self.vision_cache = None  # set by use_vision_cache
         self.report = LengthReport()
         self.items: list[_Item] = []
         errors: list[Problem] = []
@@ -314,13 +314,14 @@ class VLMDataset(Dataset):
     def lengths(self) -> list[int]:
         return [it.length for it in self.items]
 
-    def use_vision_cache(self, keys) -> None:
-        """From now on, items carry each image's patch grid and its key in ``keys`` (a ``vision_cache.ImageKeys``)
-        instead of pixel inputs: images are neither decoded nor preprocessed (the features come from the cache).
-        Only for a counted (Qwen-VL) family without augmentation."""
+    def use_vision_cache(self, keys, cache) -> None:
+        """From now on, items carry each image's patch grid and its features read from ``cache`` (a
+        ``vision_cache.VisionCache``, under its key in ``keys``, an ``ImageKeys``) instead of pixel inputs: images
+        are neither decoded nor preprocessed. Only for a counted (Qwen-VL) family without augmentation; the cache
+        must hold every image before items are read (``vision_cache.missing_images`` lists what it lacks)."""
         if self.augment is not None or not counts_image_tokens(self.processor):
             raise ValueError("the vision cache needs a Qwen-VL image processor and no augmentation")
-        self.vision_keys = keys
+        self.vision_keys, self.vision_cache = keys, cache.reader()
 
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
@@ -337,7 +338,7 @@ class VLMDataset(Dataset):
         return {**_cut(item, enc), **extra, **pixels}
 
     def _cached_item(self, item: _Item) -> dict:
-        from vlmtune.vision_cache import KEYS
+        from vlmtune.vision_cache import CACHED
 
         min_pixels, merge = self.data.image_min_pixels, self.processor.image_processor.merge_size
         grids = [image_grid(self.processor, h, w, min_pixels, item.max_pixels) for h, w in item.sizes]
@@ -345,7 +346,8 @@ class VLMDataset(Dataset):
         out = _cut(item, enc)
         if grids:
             out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
-            out[KEYS] = [self.vision_keys.key(path, min_pixels, item.max_pixels) for path in item.sample.images]
+            out[CACHED] = [self.vision_cache.get(self.vision_keys.key(path, min_pixels, item.max_pixels), image=str(path))
+                           for path in item.sample.images]
         return out
 
 
