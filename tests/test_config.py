@@ -272,6 +272,8 @@ SEMANTIC = [
     ("targets-empty-list", ["groups.language_model.targets=[]"], "'groups.language_model.targets' is an empty list"),
     ("all-frozen", ["groups.projector.mode=frozen", "groups.language_model.mode=frozen"],
      "every group is frozen: set at least one of groups.<group>.mode to lora or full"),
+    ("packing-length-without-packing", ["train.packing_length=2048"],
+     "'train.packing_length' is set but train.packing is false: set train.packing: true or drop packing_length"),
 ]
 
 
@@ -424,3 +426,14 @@ def test_group_helpers():
     assert cfg.group("projector").lora_alpha == 8.0
     assert cfg.group("language_model").lora_alpha == 3.0
     assert cfg.group("nonexistent").mode == "frozen"
+
+
+def test_packing_needs_an_mrope_model_folder(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llava"}', encoding="utf-8")
+    assert load_config(None, ["train.packing=true"]).train.packing  # the builtin model is a Qwen2-VL
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text('{"model_type": "qwen2_5_vl"}', encoding="utf-8")
+    assert load_config(None, ["train.packing=true", f"model.path={qwen}"]).train.packing
+    (problem,) = _problems(None, ["train.packing=true", f"model.path={tmp_path}"])
+    assert problem.startswith("'train.packing': model_type 'llava'") and "qwen2_vl, qwen2_5_vl, qwen3_vl" in problem

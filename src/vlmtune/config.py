@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -129,6 +130,8 @@ class TrainConfig(_Strict):
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss or gradient norm: stop (naming stage, step and the last good checkpoint) or skip that optimizer step and count it")
     max_nonfinite_skips: int = Field(10, ge=0, description="with on_nonfinite: skip, stop after this many skipped steps in one run")
     group_by_length: bool = Field(False, description="batch samples of similar length together (sorted, longest first, within shuffled groups of 50 batches): less padding, same samples per epoch and the same per-sample losses, but batches become more alike (where length follows the task, one task per batch), which can slow or stop learning; the padding fraction is logged either way")
+    packing: bool = Field(False, description="lay each batch's samples end to end in fewer rows (whole samples, rows no longer than the batch's longest sample, positions restarting per sample so none sees another): same samples, loss and gradients with less padding, and no change to which samples share a batch; M-RoPE models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); with flash_attention_2 the masked blocks are skipped, with sdpa/eager they are computed and masked")
+    packing_length: int | None = Field(None, gt=0, description="with packing, the longest row in tokens (a longer sample gets a row of its own); empty: the batch's longest sample, so no row costs more attention than a padded one; larger fills rows better, which pays with flash_attention_2 (masked blocks skipped) more than with sdpa/eager")
     vision_cache: bool = Field(True, description="where the vision tower trains in no stage and augmentation is off, compute its output once per image, keep it on disk ($VLMTUNE_CACHE/vision) and train projector + language model only (same loss); false always runs the tower")
     gradient_checkpointing: bool = Field(False, description="recompute each transformer layer's forward during the backward instead of keeping its activations: much less activation memory for about one more forward of compute (same loss and gradients); for runs that do not fit otherwise")
     label_only_logits: bool = Field(True, description="compute the lm_head only at positions whose next token is an answer token (same loss, less compute and memory); false computes logits everywhere")
@@ -326,7 +329,25 @@ def semantic_problems(cfg: Config) -> list[str]:
             problems.append(f"'groups.{name}.targets' is an empty list")
     if not any(cfg.group(g).mode != "frozen" for g in GROUPS):
         problems.append("every group is frozen: set at least one of groups.<group>.mode to lora or full")
+    if cfg.train.packing_length is not None and not cfg.train.packing:
+        problems.append("'train.packing_length' is set but train.packing is false: set train.packing: true or drop packing_length")
+    if cfg.train.packing:
+        problems.extend(packing_problems(cfg.model.path))
     return problems
+
+
+def packing_problems(model_path: str) -> list[str]:
+    """``train.packing`` needs per-sample M-RoPE positions; the model folder's config.json says its family."""
+    from vlmtune.packing import PACKING_MODEL_TYPES
+
+    config = Path(model_path) / "config.json"
+    if model_path == BUILTIN_MODEL or not config.is_file():
+        return []
+    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    if model_type in PACKING_MODEL_TYPES:
+        return []
+    return [f"'train.packing': model_type '{model_type}' ({config}) has no per-sample M-RoPE positions; packing "
+            f"supports {', '.join(PACKING_MODEL_TYPES)} (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); set train.packing: false"]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, echo=print) -> Config:

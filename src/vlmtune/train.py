@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from vlmtune.checkpoint import TMP_SUFFIX, adapter_size, begin, commit, prune, save_checkpoint, write_model
 from vlmtune.checks import check_gradients, group_grad_norms, inner_model
-from vlmtune.config import BUILTIN_MODEL, Config, config_to_yaml
+from vlmtune.config import BUILTIN_MODEL, Config, ConfigError, config_to_yaml
 from vlmtune.data.collate import collate
 from vlmtune.data.dataset import VLMDataset, build_dataset, cache_dir
 from vlmtune.distributed import all_finite, any_process, build_base_alone, gathered_state_dict, sharded_engine, token_share
@@ -30,6 +30,7 @@ from vlmtune.groups import GroupMap, assign_groups
 from vlmtune.loss import answer_loss
 from vlmtune.modeling import arch_for, load_model
 from vlmtune.optim import build_optimizer, build_scheduler, describe, param_groups
+from vlmtune.packing import pack, rope_index_of
 from vlmtune.resume import (Progress, TrainerState, load_trainable, prepare_output_dir, read_state, restore_rng, write_rng,
                             write_state)
 from vlmtune.sampler import EpochSampler
@@ -70,6 +71,7 @@ class Run:
     last_loss: float | None = None
     cache: VisionCache | None = None  # frozen vision-tower features on disk, when valid for the run
     image_keys: ImageKeys | None = None  # the cache's keys of image files (with the cache)
+    rope_index: object = None  # the model's M-RoPE positions of a padded batch (for packing), when it has them
 
 
 def loader_workers(setting: int | str, processes: int = 1) -> int:
@@ -83,14 +85,16 @@ def loader_workers(setting: int | str, processes: int = 1) -> int:
 
 
 def make_loader(ds: VLMDataset, processor, batch_size: int, shuffle: bool, seed: int, workers: int,
-                group_by_length: bool = False) -> DataLoader:
+                group_by_length: bool = False, packing: bool = False, pack_length: int | None = None) -> DataLoader:
     """A DataLoader with the padding collator; its order depends only on (seed, epoch) (see EpochSampler).
-    With workers, batches are prepared ahead of the step (2 per worker) in pinned memory on a GPU machine."""
+    With workers, batches are prepared ahead of the step (2 per worker) in pinned memory on a GPU machine.
+    With ``packing`` each batch's samples come in packed-row order (see vlmtune.packing)."""
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     video_token = getattr(processor, "video_token", None)
     fn = partial(collate, pad_id=pad_id, image_token_id=tok.convert_tokens_to_ids(processor.image_token),
-                 video_token_id=tok.convert_tokens_to_ids(video_token) if video_token else None)
+                 video_token_id=tok.convert_tokens_to_ids(video_token) if video_token else None, pack=packing,
+                 pack_length=pack_length)
     sampler = EpochSampler(len(ds), seed, shuffle, ds.lengths() if group_by_length else None, batch_size)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=fn, num_workers=workers,
                       pin_memory=workers > 0 and torch.cuda.is_available(),
@@ -156,6 +160,12 @@ def train(cfg: Config) -> RunResult:
     run_params = {n for n, p in model.named_parameters() if p.requires_grad}
     echo(f"model: {type(model).__name__} ({gmap.arch.name}, layout {gmap.layout.name})")
     cache = open_vision_cache(cfg, stages, model, gmap, union)
+    rope_index = rope_index_of(inner_model(model))  # the config check already limits packing to M-RoPE families
+    if any(s.cfg.train.packing for s in stages):
+        if rope_index is None:
+            raise ConfigError([f"'train.packing': {type(inner_model(model)).__name__} has no get_rope_index; set train.packing: false"])
+        echo(f"packing: on (samples end to end in rows, positions restarting per sample; "
+             f"{model.config._attn_implementation} attention)")
 
     progress, state = Progress(), None
     if resume_from is not None:
@@ -168,7 +178,7 @@ def train(cfg: Config) -> RunResult:
     if t.report_to:
         accelerator.init_trackers("vlmtune")
     run = Run(cfg, accelerator, out, processor, gmap, metrics, run_params, last_checkpoint=resume_from, cache=cache,
-              image_keys=ImageKeys(processor) if cache is not None else None)
+              image_keys=ImageKeys(processor) if cache is not None else None, rope_index=rope_index)
 
     stage_dirs = []
     with StopSignals() as signals:
@@ -227,7 +237,8 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
     if len(train_ds) == 0:
         raise ValueError("no training sample fits data.max_length; raise it or set data.too_long: downscale")
     workers = loader_workers(cfg.data.num_workers, acc.num_processes)
-    loader = make_loader(train_ds, run.processor, t.batch_size, True, t.seed, workers, t.group_by_length)
+    loader = make_loader(train_ds, run.processor, t.batch_size, True, t.seed, workers, t.group_by_length, t.packing,
+                         t.packing_length)
     sampler = loader.sampler
     eval_loader = make_loader(eval_ds, run.processor, t.batch_size, False, t.seed, 0) if eval_ds else None
     if run.cache is not None:
@@ -274,10 +285,11 @@ def run_stage(run: Run, model, stage: Stage, n_stages: int, plans: list[GroupPla
         for batch in loader:
             progress.batch_in_epoch += 1
             window_images += int("pixel_values" in batch or CACHED in batch)
-            window_tokens += torch.tensor([batch["attention_mask"].sum().item(), batch["attention_mask"].numel(),
+            inputs = pack(batch, run.rope_index) if t.packing else batch
+            window_tokens += torch.tensor([batch["attention_mask"].sum().item(), inputs["input_ids"].numel(),
                                            (batch["labels"] != -100).sum().item()])
             with acc.accumulate(model):
-                loss = answer_loss(model, batch, t.label_only_logits)
+                loss = answer_loss(model, inputs, t.label_only_logits)
                 value = loss.detach().float()
                 if acc.num_processes > 1:
                     loss = loss * token_share(batch, acc)

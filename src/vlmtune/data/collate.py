@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from vlmtune.data.sharegpt import IMAGE_PLACEHOLDER, Sample
+from vlmtune.packing import PACK_ROWS, plan_rows
 
 IGNORE = -100
 
@@ -320,12 +321,18 @@ def pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-def collate(batch: list[dict], pad_id: int, image_token_id: int, video_token_id: int | None = None) -> dict:
+def collate(batch: list[dict], pad_id: int, image_token_id: int, video_token_id: int | None = None,
+            pack: bool = False, pack_length: int | None = None) -> dict:
     """Right-pads token ids (labels with -100) and concatenates the images' pixel inputs.
 
     Items of processor-expanded families carry their per-token inputs under ``PER_TOKEN`` (padded with 0);
     for the counted (Qwen-VL) families the M-RoPE ``mm_token_type_ids`` are made here from the token ids.
+    With ``pack`` the samples are put in packed-row order (rows of at most ``pack_length`` tokens, or the longest
+    sample) and ``PACK_ROWS`` says how many each row holds (``vlmtune.packing.pack`` lays them out before the forward).
     """
+    if pack:
+        rows = plan_rows([len(b["input_ids"]) for b in batch], pack_length)
+        batch = [batch[i] for row in rows for i in row]
     width = max(len(b["input_ids"]) for b in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -356,4 +363,6 @@ def collate(batch: list[dict], pad_id: int, image_token_id: int, video_token_id:
             out[key] = [x for part in parts for x in part]
         elif parts:
             out[key] = pad_cat(parts)
+    if pack:
+        out[PACK_ROWS] = torch.tensor([len(row) for row in rows])
     return out
