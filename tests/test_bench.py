@@ -4,6 +4,7 @@ both sides (tiny preset) prints the table with ratios computed from the measured
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,22 @@ def test_bench_variable_workload_grouped_batches_same_epoch_tokens(tmp_path, cap
     vl = [x["tokens"] for x in result["runs"]["vlmtune"][0]["counts"]]
     for epoch in (vl[:4], vl[4:]):  # one group of 8 samples per epoch, sorted longest first
         assert epoch == sorted(epoch, reverse=True)
+
+
+@pytest.mark.slow
+def test_bench_packed_vlmtune_matches_the_reference_step_by_step(tmp_path, capsys):
+    """vlmtune packing the variable workload into one row per batch (shuffled order, as the reference takes it):
+    the same batches as the plain padded loop and the same per-step losses, with no padding left."""
+    from vlmtune.bench import run_bench
+
+    overrides = ("train.packing=true", "train.group_by_length=false", "train.packing_length=4096")
+    results = run_bench("tiny", ("variable",), steps=3, rounds=1, epochs=2, work=tmp_path / "work", overrides=overrides)
+    assert results["vlmtune_overrides"] == list(overrides)
+    assert "vlmtune side's config changed by: train.packing=true" in capsys.readouterr().out
+    result = results["workloads"]["variable"]
+    c = result["checks"]
+    assert c["same_tokens_each_epoch"] and c["same_image_tokens_each_epoch"] and c["same_lora_modules"]
+    assert c["same_batches"] and c["max_rel_loss_difference"] < 1e-4
+    metrics = Path(result["runs"]["vlmtune"][0]["folder"]) / "run" / "metrics.jsonl"
+    steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+    assert len(steps) == 6 and all(r["padding"] == 0.0 for r in steps)

@@ -88,11 +88,13 @@ def adapter_modules(path: Path) -> list[str]:
         return sorted({k.removeprefix("base_model.model.").rsplit(".lora_A.", 1)[0] for k in f.keys() if ".lora_A." in k})
 
 
-def run_vlmtune(preset: Preset, model: Path, data: Path, steps: int, folder: Path, timed: bool = False) -> dict:
-    """One vlmtune run in a child process (``timed``: with the phase timers of ``vlmtune.bench_profile``)."""
+def run_vlmtune(preset: Preset, model: Path, data: Path, steps: int, folder: Path, timed: bool = False,
+                overrides: tuple[str, ...] = ()) -> dict:
+    """One vlmtune run in a child process (``timed``: with the phase timers of ``vlmtune.bench_profile``;
+    ``overrides``: ``key.path=value`` changes to its config)."""
     folder.mkdir(parents=True)
     config = folder / "config.yaml"
-    config.write_text(yaml.safe_dump(vlmtune_config(preset, model, data, folder / "run", steps)), encoding="utf-8")
+    config.write_text(yaml.safe_dump(vlmtune_config(preset, model, data, folder / "run", steps, overrides)), encoding="utf-8")
     start = [sys.executable, "-m", "vlmtune.bench_profile", "vlmtune"] if timed else [sys.executable, "-c", _TRAINER]
     wall, rss = spawn(start + [str(config), str(folder / "child.json")], folder / "log.txt")
     records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -250,8 +252,9 @@ def describe(preset: Preset, kind: str, totals: dict, steps: int, epochs: int, r
 
 def run_bench(preset_name: str = "cpu", workloads: tuple[str, ...] = ("fixed", "variable"), steps: int | None = None,
               rounds: int | None = None, epochs: int | None = None, out: Path | None = None,
-              work: Path | None = None) -> dict:
-    """Runs the benchmark, prints one table per workload and writes the JSON results; returns them."""
+              work: Path | None = None, overrides: tuple[str, ...] = ()) -> dict:
+    """Runs the benchmark, prints one table per workload and writes the JSON results; returns them.
+    ``overrides`` (``key.path=value``) change vlmtune's side only."""
     from transformers import AutoProcessor
 
     preset = PRESETS[preset_name]
@@ -261,10 +264,13 @@ def run_bench(preset_name: str = "cpu", workloads: tuple[str, ...] = ("fixed", "
     work = Path(work or tempfile.mkdtemp(prefix="vlmtune-bench-"))
     out = Path(out or work / "results.json")
     echo(f"vlmtune bench: preset {preset.name} ({preset.notes}); work folder {work}")
+    if overrides:
+        echo(f"vlmtune side's config changed by: {' '.join(overrides)}")
     model = ensure_model(preset, echo=echo)
     processor = AutoProcessor.from_pretrained(model)
     results = {"preset": preset.name, "notes": preset.notes, "machine": machine(), "command": " ".join(sys.argv),
-               "steps_per_epoch": steps, "epochs": epochs, "rounds": rounds, "workloads": {}}
+               "steps_per_epoch": steps, "epochs": epochs, "rounds": rounds, "vlmtune_overrides": list(overrides),
+               "workloads": {}}
     for kind in workloads:
         data = make_workload(preset, kind, preset.batch_size * steps, processor)
         order = epoch_orders(preset.batch_size * steps, preset.seed, epochs)
@@ -274,7 +280,8 @@ def run_bench(preset_name: str = "cpu", workloads: tuple[str, ...] = ("fixed", "
             for side in SIDES:
                 echo(f"  {kind}: round {r + 1}/{rounds}, {side} ...")
                 folder = work / f"{kind}-round{r + 1}-{side}"
-                runs[side].append(run_vlmtune(preset, model, data, steps * epochs, folder) if side == "vlmtune"
+                runs[side].append(run_vlmtune(preset, model, data, steps * epochs, folder, overrides=overrides)
+                                  if side == "vlmtune"
                                   else run_reference(preset, model, data, order, steps * epochs, folder))
         result = {side: summarise(runs[side], totals, steps) for side in SIDES}
         result["ratio"] = {m: result["vlmtune"][m] / result["reference"][m] for m in METRICS}
@@ -301,6 +308,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, help="vlmtune/reference alternations per workload (default: the preset's)")
     p.add_argument("--out", type=Path, help="results JSON (default: WORK/results.json)")
     p.add_argument("--work", type=Path, help="folder for the runs' configs, logs and outputs (default: a new temp folder)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change vlmtune's side of the comparison, as on the train command line (repeatable), "
+                   "e.g. --set train.packing=true")
     p.add_argument("--profile", action="store_true", help="where a step's time goes, per side (phase timers), instead of the table")
 
 
@@ -309,9 +319,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.profile:
         from vlmtune.bench_profile import run_profile
 
-        run_profile(args.preset, workloads[0], args.steps, args.epochs, args.work)
+        run_profile(args.preset, workloads[0], args.steps, args.epochs, args.work, tuple(args.overrides))
         return 0
-    run_bench(args.preset, workloads, args.steps, args.rounds, args.epochs, args.out, args.work)
+    run_bench(args.preset, workloads, args.steps, args.rounds, args.epochs, args.out, args.work, tuple(args.overrides))
     return 0
 
 

@@ -105,7 +105,8 @@ def timed_child(argv: list[str]) -> int:
     return main(rest)
 
 
-def run_profile(preset_name: str, kind: str, steps: int | None, epochs: int | None, work: Path | None) -> dict:
+def run_profile(preset_name: str, kind: str, steps: int | None, epochs: int | None, work: Path | None,
+                overrides: tuple[str, ...] = ()) -> dict:
     """Runs each side once with the timers on one workload, prints the phase table, writes ``WORK/profile.json``."""
     from transformers import AutoProcessor
 
@@ -123,7 +124,7 @@ def run_profile(preset_name: str, kind: str, steps: int | None, epochs: int | No
         echo(f"  timing the phases of {side}, {epochs} epochs of {steps} steps ...")
         folder = work / f"profile-{side}"
         os.environ[ENV] = str(work / f"phases-{side}.json")
-        run = (run_vlmtune(preset, model, data, steps * epochs, folder, timed=True) if side == "vlmtune"
+        run = (run_vlmtune(preset, model, data, steps * epochs, folder, timed=True, overrides=overrides) if side == "vlmtune"
                else run_reference(preset, model, data, order, steps * epochs, folder, timed=True))
         del os.environ[ENV]
         per_step = json.loads((work / f"phases-{side}.json").read_text())[-steps:]  # the last epoch

@@ -208,13 +208,17 @@ def make_workload(preset: Preset, kind: str, samples: int, processor) -> Path:
     return path
 
 
-def vlmtune_config(preset: Preset, model_dir: Path, data: Path, output_dir: Path, steps: int) -> dict:
+def vlmtune_config(preset: Preset, model_dir: Path, data: Path, output_dir: Path, steps: int,
+                   overrides: tuple[str, ...] = ()) -> dict:
     """The vlmtune config of a benchmark run: LoRA r/alpha on every language-model linear layer and the projector,
     vision tower and lm_head frozen, one learning rate, constant schedule, clipping at 1, no evaluation, and batches
     grouped by length (``train.group_by_length``, off by default); the vision-feature cache and logits at answer
-    positions are vlmtune's defaults."""
+    positions are vlmtune's defaults. ``overrides`` (``key.path=value``, as on the ``vlmtune train`` command line)
+    change it, e.g. ``train.packing=true``."""
+    from vlmtune.config import apply_overrides
+
     lora = {"mode": "lora", "rank": preset.lora_rank, "alpha": preset.lora_alpha, "dropout": 0.0, "targets": "all-linear"}
-    return {
+    return apply_overrides({
         "model": {"path": str(model_dir), "dtype": preset.dtype, "attn_implementation": "sdpa"},
         "groups": {"vision_tower": {"mode": "frozen"}, "projector": lora, "language_model": lora, "lm_head": {"mode": "frozen"}},
         "data": {"train": str(data), "max_length": 8192},
@@ -222,4 +226,4 @@ def vlmtune_config(preset: Preset, model_dir: Path, data: Path, output_dir: Path
                   "learning_rate": preset.learning_rate, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0,
                   "max_grad_norm": 1.0, "seed": preset.seed, "logging_steps": 1, "progress_bar": False,
                   "group_by_length": True},
-    }
+    }, list(overrides))
