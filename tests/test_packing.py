@@ -92,6 +92,13 @@ def _same_loss_packed(model, processor, tmp_path):
 
 def test_packed_loss_and_gradients_equal_padded_qwen2_vl(tiny, tmp_path):
     model, processor = tiny
+    assert model.config._attn_implementation == "sdpa"
+    _same_loss_packed(model, processor, tmp_path)
+
+
+def test_packed_loss_equals_padded_with_eager_attention(tiny_dir, tiny, tmp_path):
+    _, processor = tiny
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir, attn_implementation="eager")
     _same_loss_packed(model, processor, tmp_path)
 
 
