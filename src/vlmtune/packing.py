@@ -16,11 +16,13 @@ positions in front: the ``[4, rows, length]`` layout their text models read as p
 from __future__ import annotations
 
 import inspect
+from itertools import accumulate
 from typing import Callable
 
 import torch
 
-IGNORE = -100
+from vlmtune.loss import IGNORE
+
 PACK_ROWS = "pack_rows"
 """Batch key: how many samples each packed row holds, in batch order (the collator puts them in that order)."""
 PACKING_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -78,13 +80,12 @@ def pack(batch: dict, rope_index: Callable[[dict], torch.Tensor]) -> dict:
     if extra:
         raise ValueError(f"packing does not know how to lay out the per-token inputs {extra}")
     rope = rope_index({k: v for k, v in batch.items() if k not in ("labels", PACK_ROWS)})
-    starts = [sum(counts[:r]) for r in range(len(counts))]
+    starts = list(accumulate(counts, initial=0))[:-1]
     width = max(sum(lengths[s:s + c]) for s, c in zip(starts, counts))
     keys = [k for k in TOKEN_KEYS if k in batch]
     out = {k: v for k, v in batch.items() if k not in (*keys, "attention_mask", PACK_ROWS)}
     rows = {k: batch[k].new_zeros((len(counts), width)) for k in keys}
-    if "labels" in rows:
-        rows["labels"].fill_(IGNORE)
+    rows["labels"].fill_(IGNORE)
     position_ids = rope.new_zeros((4, len(counts), width))
     for r, (start, count) in enumerate(zip(starts, counts)):
         offset = 0
@@ -94,8 +95,7 @@ def pack(batch: dict, rope_index: Callable[[dict], torch.Tensor]) -> dict:
                 rows[k][r, offset:offset + n] = batch[k][i, :n]
             position_ids[0, r, offset:offset + n] = torch.arange(n, device=rope.device)
             position_ids[1:, r, offset:offset + n] = rope[:, i, :n]
-            if "labels" in rows:
-                rows["labels"][r, offset] = IGNORE
+            rows["labels"][r, offset] = IGNORE
             offset += n
         # The padding after the last sample is a segment of its own (positions restart), labelled nowhere.
         position_ids[:, r, offset:] = torch.arange(width - offset, device=rope.device)

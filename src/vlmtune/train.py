@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -71,7 +72,7 @@ class Run:
     last_loss: float | None = None
     cache: VisionCache | None = None  # frozen vision-tower features on disk, when valid for the run
     image_keys: ImageKeys | None = None  # the cache's keys of image files (with the cache)
-    rope_index: object = None  # the model's M-RoPE positions of a padded batch (for packing), when it has them
+    rope_index: Callable | None = None  # the model's M-RoPE positions of a padded batch (for packing), when it has them
 
 
 def loader_workers(setting: int | str, processes: int = 1) -> int:
