@@ -30,7 +30,7 @@ def _cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A randomly initialised tiny Qwen2-VL model folder with its tokenizer and processor."""
-    from vlmtune.builtin import write_random_init
+    from vlmtune.builtin.base import write_random_init
 
     return write_random_init(tmp_path_factory.mktemp("tiny-random"))
 
@@ -47,7 +47,7 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="session")
 def base_dir() -> Path:
     """The builtin pretrained base (built once per session)."""
-    from vlmtune.builtin import ensure_base
+    from vlmtune.builtin.base import ensure_base
 
     return ensure_base()
 
@@ -55,7 +55,7 @@ def base_dir() -> Path:
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     """Generated shapes data: position task (train/eval) and two-image compare samples."""
-    from vlmtune.shapes import generate_shapes
+    from vlmtune.data.shapes import generate_shapes
 
     out = tmp_path_factory.mktemp("shapes")
     generate_shapes(out, 64, "position", seed=0, name="train")
@@ -67,9 +67,9 @@ def shapes_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def compare_batch(tiny, shapes_dir) -> dict:
     """One collated batch of 4 two-image samples (8 images) from ``shapes_dir``, as the training loader makes it."""
-    from vlmtune.config import DataConfig
+    from vlmtune.config.schema import DataConfig
     from vlmtune.data.dataset import build_dataset
-    from vlmtune.train import make_loader
+    from vlmtune.train.loader import make_loader
 
     _, processor = tiny
     ds = build_dataset(str(shapes_dir / "compare.jsonl"), DataConfig(max_length=512), processor, "train")

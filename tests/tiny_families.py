@@ -1,6 +1,6 @@
 """Tiny random models of each supported family, with the family's real processor class and chat template.
 
-Every tokenizer is a byte-level BPE trained here (as ``vlmtune.tiny_qwen`` does) with the family's special
+Every tokenizer is a byte-level BPE trained here (as ``vlmtune.model.tiny_qwen`` does) with the family's special
 tokens; configs are tiny (width 32, one layer, 32-64 px images) but use the family's real config, model and
 processor classes, so the processor expands image placeholders the family's own way. ``save_family(name, dir)``
 writes a model folder that ``AutoModelForImageTextToText`` / ``AutoProcessor`` load like a downloaded one.
@@ -15,7 +15,7 @@ import torch
 import transformers as tf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from vlmtune.tiny_qwen import QWEN2_VL_CHAT_TEMPLATE
+from vlmtune.model.tiny_qwen import QWEN2_VL_CHAT_TEMPLATE
 
 CORPUS = ["What color is the shape?", "red green blue square circle triangle", "Describe the image.", "top left"]
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -186,7 +186,7 @@ def idefics3():
 
 def _qwen(processor_cls, video_cls, config_cls, text: dict, vision: dict):
     """A tiny Qwen-VL family member: Qwen's tokens and template, patch 8, merge 2, 32x32 to 64x64 pixels."""
-    from vlmtune.tiny_qwen import SPECIAL_TOKENS
+    from vlmtune.model.tiny_qwen import SPECIAL_TOKENS
 
     tok = tokenizer(SPECIAL_TOKENS, QWEN2_VL_CHAT_TEMPLATE, None, "<|im_end|>", "<|endoftext|>")
     vision_ip = dict(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, patch_size=8, merge_size=2, temporal_patch_size=2)

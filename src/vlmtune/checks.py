@@ -13,9 +13,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from vlmtune.archs import GROUPS
-from vlmtune.groups import GroupMap
-from vlmtune.tuning import GroupPlan
+from vlmtune.model.archs import GROUPS
+from vlmtune.model.groups import GroupMap
+from vlmtune.model.tuning import GroupPlan
 
 Status = Literal["PASS", "WARN", "FAIL"]
 

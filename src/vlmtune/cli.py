@@ -1,93 +1,22 @@
-"""Command line: ``vlmtune train CONFIG.yaml [key.path=value ...]``, ``eval``, ``predict``, ``chat``, ``export``.
+"""Command line: ``vlmtune train CONFIG.yaml [key.path=value ...]``, ``eval``, ``predict``, ``chat``, ``export``,
+``data check``, ``data preview``, ``doctor``, ``bench``.
 
-Thin: parse -> config -> recipe."""
+argparse only: each command calls one function in ``vlmtune.commands`` (``bench`` in ``vlmtune.bench``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from vlmtune.config import ConfigError, load_config, reference
+from vlmtune.bench import command as bench
+from vlmtune.commands import data as data_command
+from vlmtune.commands import doctor, export, predict
+from vlmtune.commands import eval as eval_command
+from vlmtune.commands import train as train_command
+from vlmtune.commands.loading import CheckpointError
+from vlmtune.config.errors import ConfigError
+from vlmtune.config.load import reference
 from vlmtune.data.sharegpt import DataError
-from vlmtune.loading import CheckpointError
-
-
-def _train(args: argparse.Namespace) -> int:
-    from vlmtune.tracking import echo
-    from vlmtune.stopping import RunStopped
-    from vlmtune.train import train
-
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append("train.resume=auto")
-    if args.force_resume:
-        overrides += ["train.resume=auto", "train.force_resume=true"]
-    cfg = load_config(args.config, overrides, echo=echo)
-    try:
-        train(cfg)
-    except RunStopped as e:
-        print(f"{e}\n  resume: vlmtune train {' '.join([args.config, *args.overrides])} --resume", file=sys.stderr)
-        return e.exit_code
-    return 0
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _generation(args: argparse.Namespace):
-    from vlmtune.generate import GenerationSettings
-
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed)
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from vlmtune.evaluate import evaluate_checkpoint
-    from vlmtune.tracking import echo
-
-    evaluate_checkpoint(args.checkpoint, args.data, args.out, args.overrides, not args.no_generate, echo=echo)
-    return 0
-
-
-def _predict(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from vlmtune.generate import predict
-    from vlmtune.loading import load_checkpoint, load_eval_data, resolve_checkpoint, with_overrides
-    from vlmtune.tracking import echo
-
-    model, processor, saved = load_checkpoint(resolve_checkpoint(args.checkpoint)[0], _device())
-    cfg = with_overrides(saved, [])
-    items = load_eval_data(cfg, args.data, processor, args.limit)
-    records = predict(model, processor, items, Path(args.out), _generation(args), args.batch_size)
-    echo(f"wrote {len(records)} predictions to {args.out}")
-    return 0
-
-
-def _chat(args: argparse.Namespace) -> int:
-    from vlmtune.generate import chat
-    from vlmtune.loading import load_checkpoint, resolve_checkpoint
-
-    model, processor, _ = load_checkpoint(resolve_checkpoint(args.checkpoint)[0], _device())
-    chat(model, processor, _generation(args))
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from vlmtune.export import ExportError, export_checkpoint
-    from vlmtune.tracking import echo
-
-    try:
-        report = export_checkpoint(args.checkpoint, args.out, args.merge, args.dtype, args.atol, args.overwrite)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for line in report.lines():
-        echo(line)
-    return 0
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -108,7 +37,7 @@ def _add_commands(sub) -> None:
     p.add_argument("--out", help="JSON report path (default: CHECKPOINT/eval_report.json)")
     p.add_argument("--no-generate", action="store_true", help="skip generation (exact match, BLEU-4, ROUGE)")
     p.add_argument("overrides", nargs="*", help="key.path=value settings, e.g. eval.retrieval_k=4 eval.samples=128")
-    p.set_defaults(func=_eval)
+    p.set_defaults(func=eval_command.command)
 
     p = sub.add_parser("predict", help="generate an answer for every sample of a data file (JSONL out)")
     p.add_argument("--checkpoint", required=True, help=ck)
@@ -117,12 +46,12 @@ def _add_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8)")
     p.add_argument("--limit", type=int, help="only the first N samples")
     _add_generation_args(p)
-    p.set_defaults(func=_predict)
+    p.set_defaults(func=predict.predict_command)
 
     p = sub.add_parser("chat", help="talk to a checkpoint; '/image PATH' attaches an image file")
     p.add_argument("--checkpoint", required=True, help=ck)
     _add_generation_args(p)
-    p.set_defaults(func=_chat)
+    p.set_defaults(func=predict.chat_command)
 
     p = sub.add_parser("export", help="write the adapter, or the model with LoRA merged in (logits checked)")
     p.add_argument("--checkpoint", required=True, help=ck)
@@ -131,46 +60,15 @@ def _add_commands(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="saved dtype of a merged export (default: the base's)")
     p.add_argument("--atol", type=float, help="allowed max abs logit difference, merged vs. unmerged (default: per dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    p.set_defaults(func=_export)
-
-
-def _data_check(args: argparse.Namespace) -> int:
-    from vlmtune.data.check import run_check
-    from vlmtune.tracking import echo
-
-    return run_check(args.target, args.overrides, progress=not args.no_progress, echo=echo)
-
-
-def _data_preview(args: argparse.Namespace) -> int:
-    from vlmtune.data.preview import preview
-    from vlmtune.tracking import echo
-
-    out = preview(load_config(args.config, args.overrides, echo=echo), args.out, args.samples, args.views)
-    echo(f"wrote {out}")
-    return 0
-
-
-def _doctor(args: argparse.Namespace) -> int:
-    from vlmtune.doctor import doctor
-    from vlmtune.tracking import echo
-
-    return doctor(load_config(args.config, args.overrides, echo=echo), echo=echo)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from vlmtune.bench import run_from_args
-
-    return run_from_args(args)
+    p.set_defaults(func=export.command)
 
 
 def _add_bench_command(sub) -> None:
-    from vlmtune.bench import add_arguments
-
     p = sub.add_parser("bench", help="time vlmtune's trainer against a plain transformers + peft loop (same training)",
                        description="Runs the same LoRA training through vlmtune and through a plain reference loop, "
                                    "alternately, and prints s/step, samples/s, tokens/s, peak memory and the ratios.")
-    add_arguments(p)
-    p.set_defaults(func=_bench)
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run_from_args)
 
 
 def _add_check_commands(sub) -> None:
@@ -181,7 +79,7 @@ def _add_check_commands(sub) -> None:
     p.add_argument("target", help="a YAML config (checks data.train and data.eval) or a JSON/JSONL data file")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. data.max_length=512 model.path=DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_data_check)
+    p.set_defaults(func=data_command.check_command)
 
     p = data_sub.add_parser("preview", help="write a PNG grid of augmented training samples with their text")
     p.add_argument("config", help="YAML config")
@@ -189,12 +87,12 @@ def _add_check_commands(sub) -> None:
     p.add_argument("--out", default="preview.png", help="PNG file to write (default preview.png)")
     p.add_argument("--samples", type=int, default=4, help="rows: samples with images from the start of data.train")
     p.add_argument("--views", type=int, default=4, help="augmented draws per sample (epochs 0, 1, ...)")
-    p.set_defaults(func=_data_preview)
+    p.set_defaults(func=data_command.preview_command)
 
     p = sub.add_parser("doctor", help="print environment and plan, then PASS/FAIL checks (exit 1 on any FAIL)")
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    p.set_defaults(func=_doctor)
+    p.set_defaults(func=doctor.command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=50 groups.projector.lr=1e-3")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir (train.resume=auto)")
     p.add_argument("--force-resume", action="store_true", help="resume even if model, groups, data or stages changed since the checkpoint")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=train_command.command)
     _add_commands(sub)
     _add_check_commands(sub)
     _add_bench_command(sub)

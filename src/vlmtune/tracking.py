@@ -1,10 +1,19 @@
-"""Rank-0 printing, metrics as JSON lines (and accelerate trackers), and the loss plot."""
+"""Rank-0 printing, text tables, metrics as JSON lines (and accelerate trackers), and the loss plot."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+
+
+def text_table(rows: list[tuple]) -> list[str]:
+    """Rows of cells as aligned text lines: the first row is the header, a rule of dashes under it."""
+    rows = [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
 
 
 def is_main_process() -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageStat
 
-from vlmtune.config import AugmentConfig
+from vlmtune.config.schema import AugmentConfig
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,11 @@ from __future__ import annotations
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from vlmtune.config import BUILTIN_MODEL, Config, ModelConfig, load_config
+from vlmtune.config.schema import Config
 from vlmtune.data.dataset import check_sample, iter_split, resolve_source
 from vlmtune.data.sharegpt import KINDS, WARNING_KINDS, DataError, DuplicateFinder, Problem, count_records
-
-CONFIG_SUFFIXES = (".yaml", ".yml")
+from vlmtune.tracking import text_table
 
 
 @dataclass
@@ -36,24 +34,6 @@ class SplitCheck:
 
     def by_kind(self) -> Counter:
         return Counter(p.kind for p in self.problems)
-
-
-def load_processor(mcfg: ModelConfig):
-    """The model's processor without loading its weights (the builtin base's is built from code if not cached)."""
-    from transformers import AutoProcessor
-
-    if mcfg.path == BUILTIN_MODEL:
-        from vlmtune.builtin import base_dir
-
-        folder = base_dir()
-        if not (folder / "model.safetensors").is_file():
-            from vlmtune.shapes import corpus_texts
-            from vlmtune.tiny_qwen import build_processor, build_tokenizer
-
-            return build_processor(build_tokenizer(corpus_texts()))  # what write_random_init saves
-    else:
-        folder = Path(mcfg.path)
-    return AutoProcessor.from_pretrained(folder, trust_remote_code=mcfg.trust_remote_code)
 
 
 def _total(specs: str | list[str], cfg: Config, split: str) -> int | None:
@@ -113,23 +93,15 @@ def _percentile(values: list[int], q: float) -> int:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def _table(rows: list[tuple]) -> list[str]:
-    rows = [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
-
-
 def summary_lines(checks: list[SplitCheck], cfg: Config) -> list[str]:
     """The summary: samples, images, problems by kind, token lengths (image tokens included), over max_length."""
     lines = ["summary"]
-    lines += _table([("split", "samples", "images", "errors", "warnings")] + [
+    lines += text_table([("split", "samples", "images", "errors", "warnings")] + [
         (c.split, c.samples, c.images, len(c.errors), len(c.problems) - len(c.errors)) for c in checks])
     kinds = [k for k in KINDS if any(c.by_kind()[k] for c in checks)]
     if kinds:
         lines += ["", "problems by kind"]
-        lines += _table([("kind", *(c.split for c in checks), "severity")] + [
+        lines += text_table([("kind", *(c.split for c in checks), "severity")] + [
             (k, *(c.by_kind()[k] for c in checks), "warning" if k in WARNING_KINDS else "error") for k in kinds])
     limit = cfg.data.max_length
     lines += ["", f"token length, image tokens included (samples without errors), against data.max_length={limit}"]
@@ -144,36 +116,7 @@ def summary_lines(checks: list[SplitCheck], cfg: Config) -> list[str]:
         rows.append((c.split, len(values), values[0], _percentile(values, 0.5), _percentile(values, 0.9),
                      _percentile(values, 0.99), values[-1], f"{sum(values) / len(values):.1f}",
                      f"{sum(c.image_tokens) / len(values):.1f}", f"{over} ({what}; data.too_long={cfg.data.too_long})" if over else 0))
-    lines += _table(rows)
+    lines += text_table(rows)
     return lines
 
 
-def resolve_target(target: str, overrides: list[str]) -> Config:
-    """A config file, or a data file checked as ``data.train`` with the default (or overridden) settings."""
-    if Path(target).suffix in CONFIG_SUFFIXES:
-        return load_config(target, overrides)
-    cfg = load_config(None, overrides)
-    cfg.data.train = target
-    cfg.data.eval = None
-    return cfg
-
-
-def run_check(target: str, overrides: list[str] | None = None, progress: bool = True, echo=print) -> int:
-    """The command: prints every problem (``place: what``), then the summary. Returns 1 on any error, else 0."""
-    cfg = resolve_target(target, overrides or [])
-    processor = load_processor(cfg.model)
-    checks = check_data(cfg, processor, progress)
-    for c in checks:
-        if c.problems:
-            echo(f"{c.split}: {len(c.errors)} error(s), {len(c.problems) - len(c.errors)} warning(s)")
-            for p in c.problems:
-                echo(f"  {p}{'' if p.is_error else '  (warning)'}")
-    echo("\n".join(summary_lines(checks, cfg)))
-    errors = sum(len(c.errors) for c in checks)
-    if errors:
-        bad = sum(len({p.where for p in c.errors if not p.whole_file}) for c in checks)
-        echo(f"\n{errors} error(s) in {bad} sample(s): training stops on them (data.on_bad_sample: error) "
-             f"or leaves those samples out and reports them (data.on_bad_sample: skip)")
-        return 1
-    echo("\nno errors")
-    return 0

@@ -29,10 +29,13 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from vlmtune.data.rows import PACK_ROWS, plan_rows
 from vlmtune.data.sharegpt import IMAGE_PLACEHOLDER, Sample
-from vlmtune.packing import PACK_ROWS, plan_rows
 
 IGNORE = -100
+"""The label of a token the loss skips (torch cross-entropy's ignore_index): prompt, template, image, padding."""
+CACHED = "cached_vision"
+"""The item and batch key holding per-image cached vision features in place of pixel_values (vlmtune.train.vision_cache)."""
 
 
 @dataclass

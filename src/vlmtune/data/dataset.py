@@ -11,7 +11,6 @@ samples stop the run with every problem listed (``data.on_bad_sample: error``) o
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,9 +20,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlmtune.config import BUILTIN_DATA_PREFIX, DataConfig
+from vlmtune.config.schema import BUILTIN_DATA_PREFIX, DataConfig
+from vlmtune.data import shapes
 from vlmtune.data.augment import Augmenter
 from vlmtune.data.collate import (
+    CACHED,
     IGNORE,
     PER_TOKEN,
     counts_image_tokens,
@@ -37,11 +38,7 @@ from vlmtune.data.collate import (
     to_chat,
 )
 from vlmtune.data.sharegpt import DataError, DuplicateFinder, Format, Problem, Sample, read_file
-
-
-def cache_dir() -> Path:
-    """Where generated data and the builtin model are kept (``VLMTUNE_CACHE``, else ~/.cache/vlmtune)."""
-    return Path(os.environ.get("VLMTUNE_CACHE", Path.home() / ".cache" / "vlmtune"))
+from vlmtune.paths import cache_dir
 
 
 def _source_error(message: str) -> DataError:
@@ -55,7 +52,6 @@ def resolve_source(spec: str, data: DataConfig, split: str) -> tuple[Path, Forma
         DataError: names the spec and what would be valid.
     """
     if spec.startswith(BUILTIN_DATA_PREFIX):
-        from vlmtune import shapes
 
         task = spec[len(BUILTIN_DATA_PREFIX):]
         if task not in shapes.TASKS:
@@ -240,7 +236,7 @@ def check_sample(sample: Sample, processor, data: DataConfig) -> Checked:
             done.item, done.outcome = _Item(sample, max_pixels, None, len(small.input_ids), sizes), "downscaled"
     if policy == "truncate" and done.item is None:
         image_end = max((e for _, e in enc.image_spans), default=0)
-        if image_end <= limit and any(l != IGNORE for l in enc.labels[:limit]):
+        if image_end <= limit and any(lab != IGNORE for lab in enc.labels[:limit]):
             done.item, done.outcome = _Item(sample, data.image_max_pixels, limit, limit, sizes), "truncated"
     if done.item is None:
         done.outcome = "dropped"
@@ -338,7 +334,6 @@ class VLMDataset(Dataset):
         return {**_cut(item, enc), **extra, **pixels}
 
     def _cached_item(self, item: _Item) -> dict:
-        from vlmtune.vision_cache import CACHED
 
         min_pixels, merge = self.data.image_min_pixels, self.processor.image_processor.merge_size
         grids = [image_grid(self.processor, h, w, min_pixels, item.max_pixels) for h, w in item.sizes]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from vlmtune.config import Config
+from vlmtune.config.schema import Config
 from vlmtune.data.augment import Augmenter
 from vlmtune.data.collate import load_images
 from vlmtune.data.dataset import iter_split

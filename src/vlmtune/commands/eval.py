@@ -1,0 +1,48 @@
+"""`vlmtune eval`: language and vision-language alignment metrics of a checkpoint, each beside its chance level."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from vlmtune.commands.loading import load_checkpoint, load_eval_data, resolve_checkpoint, with_overrides
+from vlmtune.eval.evaluate import EvalResult, plot_metrics, report_table, run_eval, write_report
+from vlmtune.model.load import arch_for
+from vlmtune.tracking import echo
+
+
+def command(args: argparse.Namespace) -> int:
+    """``vlmtune eval --checkpoint DIR [--data D] [--out F] [--no-generate] [overrides]``."""
+    evaluate_checkpoint(args.checkpoint, args.data, args.out, args.overrides, not args.no_generate, echo=echo)
+    return 0
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, out: str | Path | None = None,
+                        overrides: list[str] | None = None, generate_answers: bool = True, echo=print) -> EvalResult:
+    """``vlmtune eval``: load -> data -> metrics -> table, JSON report, and the run's metrics plot.
+
+    Args:
+        checkpoint: a checkpoint folder, a run folder (its ``final/``), or a plain model folder.
+        data: eval data; None means the run's ``data.eval``.
+        out: the JSON report; None means ``eval_report.json`` in the checkpoint folder.
+        overrides: ``key.path=value`` settings, e.g. ``eval.retrieval_k=4``.
+        generate_answers: generate for exact match / BLEU / ROUGE.
+        echo: where the table and notes are printed.
+    """
+    folder, run = resolve_checkpoint(checkpoint)
+    model, processor, saved = load_checkpoint(folder, "cuda" if torch.cuda.is_available() else "cpu")
+    cfg = with_overrides(saved, overrides)
+    items = load_eval_data(cfg, data, processor, cfg.eval.samples)
+    echo(f"evaluating {folder} on {len(items)} samples of {data or cfg.data.eval}")
+    result = run_eval(model, processor, items, cfg.eval, generate_answers, arch_for(model, cfg.model), progress=True)
+    echo(report_table(result.metrics))
+    for note in result.notes:
+        echo(f"note: {note}")
+    report = write_report(result, Path(out) if out else folder / "eval_report.json",
+                          {"checkpoint": str(folder), "data": str(data or cfg.data.eval)})
+    echo(f"wrote {report}")
+    if run is not None:
+        echo(f"wrote {plot_metrics(run / 'metrics.jsonl', run / 'metrics.png')} (metrics over training)")
+    return result

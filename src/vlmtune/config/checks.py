@@ -1,0 +1,37 @@
+"""Checks a schema cannot express: group names on the raw dict, cross-field rules on a validated config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmtune.config.schema import BUILTIN_MODEL, GROUPS, Config
+
+
+def raw_problems(raw: dict) -> list[str]:
+    """Checks that need only the raw config dict, so they are reported even beside schema errors."""
+    problems = []
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    path = model.get("path", BUILTIN_MODEL)
+    if isinstance(path, str) and path != BUILTIN_MODEL:
+        p = Path(path)
+        if not p.is_dir():
+            problems.append(f"'model.path': '{p}' is not a local folder (vlmtune loads local model folders only; download it first, or use {BUILTIN_MODEL})")
+        elif not (p / "config.json").is_file():
+            problems.append(f"'model.path': '{p}' has no config.json")
+    return problems
+
+
+
+def semantic_problems(cfg: Config) -> list[str]:
+    """Cross-field checks on a validated config that a schema cannot express."""
+    problems = []
+    for name, g in cfg.groups.items():
+        if isinstance(g.targets, str) and g.targets not in ("all-linear", "attention", "mlp"):
+            problems.append(f"'groups.{name}.targets': '{g.targets}' is not all-linear, attention or mlp; give a list for module names, e.g. [{g.targets}]")
+        if isinstance(g.targets, list) and not g.targets:
+            problems.append(f"'groups.{name}.targets' is an empty list")
+    if not any(cfg.group(g).mode != "frozen" for g in GROUPS):
+        problems.append("every group is frozen: set at least one of groups.<group>.mode to lora or full")
+    if cfg.train.packing_length is not None and not cfg.train.packing:
+        problems.append("'train.packing_length' is set but train.packing is false: set train.packing: true or drop packing_length")
+    return problems

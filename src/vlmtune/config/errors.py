@@ -1,0 +1,73 @@
+"""Config errors: every problem found, reported together, each naming its key and what would be valid."""
+
+from __future__ import annotations
+
+import difflib
+
+from pydantic import BaseModel, ValidationError
+
+from vlmtune.config.schema import GROUPS, Config, StageConfig
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, reported together."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid keys beside the last element of ``loc`` (for "did you mean")."""
+    parent = loc[:-1]
+    model: type[BaseModel] = Config
+    for part in parent:
+        if isinstance(part, int) or str(part).isdigit():  # an index into stages
+            continue
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if model is Config and part == "stages":
+            ann = StageConfig
+        ann = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+
+def suggest(name: str, valid: list[str]) -> str:
+    """' (did you mean X?)' for the closest valid name, or ''."""
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+
+_TYPE_LABELS = {"str", "int", "float", "bool", "dict", "list", "tuple", "none", "literal"}
+
+
+
+def format_validation_error(err: ValidationError, extra_valid: list[str] | None = None) -> list[str]:
+    """Turns pydantic's errors into one line each, naming the key and what would be valid."""
+    problems: list[str] = []
+    for e in err.errors():
+        # pydantic puts the union member it tried into the location ("targets.list[str].0"); keep only keys and indexes.
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_LABELS)))
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden" and len(loc) >= 2 and loc[-2] == "groups":
+            where = ".".join(str(p) for p in loc[:-1])
+            problems.append(f"'{key}' is not a component group{suggest(str(loc[-1]), list(GROUPS))}; "
+                            f"{where} are {', '.join(GROUPS)}")
+        elif e["type"] == "extra_forbidden":
+            valid = _fields_at(loc) + (extra_valid or [] if len(loc) == 1 else [])
+            problems.append(f"unknown key '{key}'{suggest(str(loc[-1]), valid)}; valid here: {', '.join(_fields_at(loc))}")
+        else:
+            line = f"'{key}': {e['msg']} (got {e.get('input')!r})"
+            same_key = [i for i, p in enumerate(problems) if p.startswith(f"'{key}': ")]
+            if same_key:  # one line per key: a union reports each member's complaint
+                problems[same_key[0]] = problems[same_key[0]].replace(" (got", f", or {e['msg']} (got", 1)
+            else:
+                problems.append(line)
+    return problems

@@ -1,0 +1,65 @@
+"""Loading a model folder with its processor, and choosing its registry entry.
+
+``model.path: builtin:...`` is resolved to a folder by the commands (``vlmtune.builtin.base.model_folder``),
+which hand the recipe a ``ModelFolder`` function; this layer only loads local folders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from vlmtune.config.errors import ConfigError
+from vlmtune.config.schema import BUILTIN_MODEL, ModelConfig
+from vlmtune.model.archs import REGISTRY, ArchSpec, arch_from_dict, find_arch
+
+
+class ModelFolder(Protocol):
+    """Resolves ``model.path`` to a local folder; ``alone``: another process may be running the same code."""
+
+    def __call__(self, mcfg: ModelConfig, echo=print, alone: bool = False) -> Path: ...
+
+
+def local_folder(mcfg: ModelConfig, echo=print, alone: bool = False) -> Path:
+    """``model.path`` as a folder; the builtin base needs the commands' resolver (it is built by training)."""
+    if mcfg.path == BUILTIN_MODEL:
+        raise ConfigError([f"'model.path': {BUILTIN_MODEL} is resolved by the vlmtune commands; "
+                           "pass vlmtune.builtin.base.model_folder to the recipe"])
+    return Path(mcfg.path)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: float32 on CPU, bfloat16 on a GPU that supports it (else float16)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(mcfg: ModelConfig, device: torch.device, folder: Path):
+    """Loads (model, processor) from a local folder; safetensors weights only, remote code only if allowed."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder,
+        dtype=resolve_dtype(mcfg.dtype, device),
+        attn_implementation=mcfg.attn_implementation,
+        trust_remote_code=mcfg.trust_remote_code,
+        use_safetensors=True,
+    )
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=mcfg.trust_remote_code)
+    return model, processor
+
+
+def arch_for(model, mcfg: ModelConfig) -> ArchSpec:
+    """The registry entry: user-supplied, named, or found from the model's ``config.model_type``."""
+    if mcfg.arch_entry is not None:
+        return arch_from_dict(mcfg.arch or "user", mcfg.arch_entry)
+    if mcfg.arch is not None:
+        if mcfg.arch not in REGISTRY:
+            raise ValueError(f"'model.arch': no entry '{mcfg.arch}'; entries: {', '.join(REGISTRY)}")
+        return REGISTRY[mcfg.arch]
+    return find_arch(model.config.model_type)

@@ -1,0 +1,86 @@
+"""Where vlmtune keeps things on disk, and writing a folder atomically (temporary folder, fsync, rename).
+
+Every command that writes a folder (checkpoints, exports) goes through ``begin`` / ``commit``, so a crash
+leaves either the previous folder or the new one complete under its name, never a half-written one;
+``recover`` tidies what a crash between the steps left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+TMP_SUFFIX = ".tmp"
+
+
+
+OLD_SUFFIX = ".old"
+
+
+
+def begin(out: Path) -> Path:
+    """An empty temporary folder beside ``out`` to write into (a leftover one is removed)."""
+    tmp = out.with_name(out.name + TMP_SUFFIX)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+
+def commit(tmp: Path, out: Path) -> Path:
+    """Flushes every file of ``tmp`` to disk, then renames it to ``out``.
+
+    An existing ``out`` is first renamed to ``out.old`` and removed after the swap, so at every instant
+    either the previous or the new folder is complete under its own name (``recover`` handles a crash
+    between the two renames).
+    """
+    for p in sorted(tmp.rglob("*")):
+        _fsync(p)
+    _fsync(tmp)
+    old = out.with_name(out.name + OLD_SUFFIX)
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    tmp.rename(out)
+    _fsync(out.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return out
+
+
+
+def recover(run_dir: Path) -> list[str]:
+    """Cleans up after a crash during a save: half-written ``*.tmp`` folders are removed; an ``X.old`` whose
+    ``X`` is missing (a crash between the two renames of ``commit``) is put back. Returns what it did."""
+    done = []
+    if not run_dir.is_dir():
+        return done
+    for p in sorted(run_dir.iterdir()):
+        if p.is_dir() and p.name.endswith(TMP_SUFFIX):
+            shutil.rmtree(p)
+            done.append(f"removed the half-written {p.name} (a save was interrupted)")
+        elif p.is_dir() and p.name.endswith(OLD_SUFFIX):
+            target = p.with_name(p.name[: -len(OLD_SUFFIX)])
+            if target.exists():
+                shutil.rmtree(p)
+            else:
+                p.rename(target)
+                done.append(f"restored {target.name} from {p.name} (a save was interrupted)")
+    return done
+
+
+def cache_dir() -> Path:
+    """Where generated data and the builtin model are kept (``VLMTUNE_CACHE``, else ~/.cache/vlmtune)."""
+    return Path(os.environ.get("VLMTUNE_CACHE", Path.home() / ".cache" / "vlmtune"))

@@ -1,0 +1,284 @@
+"""The training recipe: config -> model -> trainability -> data -> for each stage: optimizer, loop, checkpoint.
+
+Reads top to bottom. ``train`` sets up the run (or resumes it) and runs its stages; a stage is
+``prepare_stage`` (plan, data, optimizer, schedule), the loop of ``train_step`` (one micro-batch) and
+``after_step`` (logging, evaluation, saving, stopping) per optimizer step, then ``finish_stage``. The loss comes
+from the run's objective (``vlmtune.train.sft``), so another method plugs in with its own loss and batch.
+accelerate places the model and data and synchronises processes, so ``accelerate launch -m vlmtune train CONFIG``
+runs this same code unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from pathlib import Path
+
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from vlmtune.checks import group_grad_norms, inner_model
+from vlmtune.config.errors import ConfigError
+from vlmtune.config.load import config_to_yaml
+from vlmtune.config.schema import Config
+from vlmtune.config.stages import Stage, resolve_stages
+from vlmtune.data.collate import CACHED
+from vlmtune.data.dataset import build_dataset
+from vlmtune.eval.evaluate import plot_metrics
+from vlmtune.model.build import BuiltModel, build_model
+from vlmtune.model.load import ModelFolder, local_folder
+from vlmtune.model.tuning import GroupPlan, activate
+from vlmtune.tracking import MetricsLog, echo, plot_loss
+from vlmtune.train.checkpoint import adapter_size
+from vlmtune.train.distributed import all_finite, any_process, make_accelerator
+from vlmtune.train.evaluation import evaluate_stage
+from vlmtune.train.loader import loader_workers, make_loader, write_data_report
+from vlmtune.train.optim import build_optimizer, build_scheduler, param_groups
+from vlmtune.train.packing import rope_index_of
+from vlmtune.train.report import announce, fingerprints, report_changes
+from vlmtune.train.resume import Progress, TrainerState, load_trainable, read_state, restore_rng, resume_or_clear
+from vlmtune.train.run import Run, RunResult, StageRun
+from vlmtune.train.saving import save_final, save_resumable
+from vlmtune.train.sft import SFT
+from vlmtune.train.stopping import (
+    RunStopped,
+    StopSignals,
+    stop_for_nonfinite,
+    stop_requested,
+    stop_unless_gradients_flow,
+)
+from vlmtune.train.vision_cache import ImageKeys, fill_cache, open_cache
+from vlmtune.train.window import Window
+
+
+def train(cfg: Config, model_folder: ModelFolder = local_folder) -> RunResult:
+    """Runs a fine-tuning job (every stage, in order) and writes its outputs to ``cfg.train.output_dir``.
+
+    Args:
+        cfg: the validated run config.
+        model_folder: resolves ``model.path`` to a local folder (the commands pass one that builds the builtin base).
+
+    Raises:
+        RunStopped: a signal asked the run to stop (a checkpoint was written) or the loss became non-finite.
+        ConfigError: the plan is invalid, or a resume would mix runs with different settings.
+    """
+    t = cfg.train
+    accelerator = make_accelerator(t.grad_accum, t.report_to, t.output_dir)
+    set_seed(t.seed)
+    stages = resolve_stages(cfg)
+    with accelerator.main_process_first():  # one process builds the builtin base; the others then find it
+        folder = model_folder(cfg.model, echo=echo, alone=accelerator.num_processes > 1)
+
+    # Model and trainability: every parameter in one group; each stage makes each group frozen, LoRA or full.
+    built = build_model(cfg, stages, folder, accelerator.device, echo=echo)
+    run, state = start_run(cfg, stages, built, accelerator)
+
+    with StopSignals() as signals:
+        model = built.model
+        for stage, plans in zip(stages, built.stage_plans):
+            if stage.index >= run.progress.stage_index:
+                resuming = state if state is not None and run.progress.stage_step > 0 else None
+                model = run_stage(run, model, stage, plans, resuming, signals)
+                state = None
+
+    final = save_final(run, model)
+    if accelerator.is_main_process:
+        plot_loss(run.metrics.records, run.out / "loss.png")
+        if any(k.startswith("eval/") for r in run.metrics.records for k in r):
+            plot_metrics(run.out / "metrics.jsonl", run.out / "metrics.png")
+        echo(f"wrote {final} ({adapter_size(final) / 1e6:.2f} MB of weights), {run.out / 'metrics.jsonl'}, "
+             f"{run.out / 'loss.png'}")
+    accelerator.end_training()
+    stage_dirs = [run.out / s.name for s in stages if s.named]
+    return RunResult(run.out, final, run.progress.global_step, run.first_eval, run.last_eval, run.last_loss, stage_dirs)
+
+
+def start_run(cfg: Config, stages: list[Stage], built: BuiltModel, accelerator) -> tuple[Run, TrainerState | None]:
+    """The output folder (resumed or cleared), the objective, the vision cache, the metrics log."""
+    out = Path(cfg.train.output_dir)
+    resume_from = resume_or_clear(out, cfg, stages, accelerator)
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+    model, gmap = built.model, built.gmap
+    echo(f"model: {type(model).__name__} ({gmap.arch.name}, layout {gmap.layout.name})")
+    cache = open_cache(cfg, stages, model, gmap, built.union)
+    objective = SFT(cfg.train.label_only_logits, rope_index_of(inner_model(model)))
+    if any(s.cfg.train.packing for s in stages):
+        if objective.rope_index is None:
+            raise ConfigError([f"'train.packing': {type(inner_model(model)).__name__} has no get_rope_index; "
+                               "set train.packing: false"])
+        echo(f"packing: on (samples end to end in rows, positions restarting per sample; "
+             f"{model.config._attn_implementation} attention)")
+    progress, state = Progress(), None
+    if resume_from is not None:
+        state = read_state(resume_from, accelerator.process_index)
+        load_trainable(model, state, built.trained_params)
+        progress = state.progress
+        echo(f"resuming from {resume_from}: stage {progress.stage_index + 1}/{len(stages)}, "
+             f"{progress.stage_step} steps into it, run step {progress.global_step}")
+    metrics = MetricsLog(out / "metrics.jsonl", accelerator, keep=progress.metrics_lines)
+    if cfg.train.report_to:
+        accelerator.init_trackers("vlmtune")
+    run = Run(cfg, accelerator, out, built.processor, gmap, metrics, progress, objective, built.trained_params,
+              n_stages=len(stages), last_checkpoint=resume_from, cache=cache,
+              image_keys=ImageKeys(built.processor) if cache is not None else None)
+    return run, state
+
+
+def run_stage(run: Run, model, stage: Stage, plans: list[GroupPlan], state: TrainerState | None,
+              signals: StopSignals):
+    """Trains one stage: its trainable groups, data, optimizer and schedule; writes its folder at the end."""
+    sr = prepare_stage(run, model, stage, plans, state)
+    t, acc, progress = stage.cfg.train, run.accelerator, run.progress
+    bar = tqdm(total=sr.total, initial=progress.stage_step, desc=stage.name,
+               disable=not (t.progress_bar and acc.is_main_process), dynamic_ncols=True)
+    window = Window()
+    sr.model.train()
+    while progress.stage_step < sr.total:
+        sr.sampler.start = progress.batch_in_epoch * t.batch_size * acc.num_processes
+        sr.loader.set_epoch(progress.epoch)
+        sr.train_ds.set_epoch(progress.epoch)  # augmentation draws depend on (seed, sample, epoch)
+        for batch in sr.loader:
+            progress.batch_in_epoch += 1
+            with acc.accumulate(sr.model):
+                train_step(run, sr, batch, window)
+            if not acc.sync_gradients:
+                continue
+            progress.stage_step += 1
+            progress.global_step += 1
+            bar.update(1)
+            after_step(run, sr, window, bar, signals)
+            if progress.stage_step >= sr.total:
+                break
+        else:
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+    bar.close()
+    finish_stage(run, sr)
+    return sr.model
+
+
+def prepare_stage(run: Run, model, stage: Stage, plans: list[GroupPlan], state: TrainerState | None) -> StageRun:
+    """The stage's plan made active, its data, optimizer groups (one per component, its own rate) and schedule,
+    prepared by accelerate; the state of a resumed stage restored; the eval before training."""
+    cfg, t, acc, progress = stage.cfg, stage.cfg.train, run.accelerator, run.progress
+    unwrapped = acc.unwrap_model(model)
+    activate(unwrapped, run.gmap, plans)
+    if progress.stage_step == 0:
+        progress.epoch = progress.batch_in_epoch = 0
+        progress.stage_start_step[stage.name] = progress.global_step
+        run.metrics.log({"step": progress.global_step, "stage_start": stage.name})
+    progress.stage_name = stage.name
+
+    # Data: samples that fit max_length, never cut inside an image.
+    train_ds = build_dataset(cfg.data.train, cfg.data, run.processor, "train")
+    eval_ds = build_dataset(cfg.data.eval, cfg.data, run.processor, "eval") if cfg.data.eval else None
+    write_data_report(run.out, acc, stage, train_ds, eval_ds)
+    workers = loader_workers(cfg.data.num_workers, acc.num_processes)
+    loader = make_loader(train_ds, run.processor, t.batch_size, True, t.seed, workers, t.group_by_length, t.packing,
+                         t.packing_length)
+    sampler = loader.sampler  # before accelerate wraps the loader
+    eval_loader = make_loader(eval_ds, run.processor, t.batch_size, False, t.seed, 0) if eval_ds else None
+    if run.cache is not None:
+        train_ds.use_vision_cache(run.image_keys, run.cache)  # batches carry cached features and grids, no pixels
+        fill_cache(run.cache, run.image_keys, acc, unwrapped, train_ds, t.batch_size, t.progress_bar)
+
+    # Optimizer: one parameter group per component (its own learning rate and weight decay), new each stage.
+    groups = param_groups(unwrapped, run.gmap, plans)
+    optimizer = build_optimizer(groups, t.adam_betas)
+    steps_per_epoch = max(1, math.ceil(len(loader) / acc.num_processes / t.grad_accum))
+    total = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
+    warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total)
+    scheduler = build_scheduler(optimizer, t.scheduler, warmup, total)
+    acc.free_memory()  # a stage changes what trains: wrap the model afresh (DDP registers trainable parameters once)
+    model, optimizer, loader = acc.prepare(unwrapped, optimizer, loader)
+    eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
+    if state is not None:
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+    sr = StageRun(stage, plans, model, loader, sampler, train_ds, eval_loader, eval_ds, groups, optimizer, scheduler, total,
+                  before={}, flow_checked=not t.check_gradient_flow)
+    announce(run, sr)
+
+    if eval_loader is not None and progress.global_step == 0:
+        run.first_eval = run.last_eval = evaluate_stage(run, sr, show=True)
+        echo(f"eval loss before training: {run.first_eval:.4f}")
+    sr.before = fingerprints(unwrapped, run.trained_params)
+    # The random streams (dropout) continue from the checkpoint, or start from the seed at a stage's start.
+    restore_rng(state.rng_file) if state is not None else set_seed(t.seed + stage.index)
+    return sr
+
+
+def train_step(run: Run, sr: StageRun, batch: dict, window: Window) -> None:
+    """One micro-batch: the objective's loss, backward, and at the end of an accumulation window the optimizer
+    step (after the first step's gradient-flow check and the gradient clipping). Non-finite values skip or stop."""
+    acc, t = run.accelerator, sr.stage.cfg.train
+    step = run.objective.loss(sr.model, batch, acc, packing=t.packing)
+    window.add_batch(step.counts, batch["input_ids"].shape[0], "pixel_values" in batch or CACHED in batch,
+                     acc.num_processes)
+    if all_finite(step.value, acc):
+        acc.backward(step.loss)
+        window.add_loss(step.value.item())
+    elif not window.step_bad:  # one count per optimizer step, however many micro-batches are bad
+        stop_for_nonfinite(run, sr.stage, f"loss {step.value.item()}")
+        window.step_bad = True
+    if not acc.sync_gradients:
+        return
+    if not sr.flow_checked and not window.step_bad and any_process(window.step_images > 0, acc):
+        stop_unless_gradients_flow(run, sr.model, sr.plans, sr.stage)  # text-only batches never reach the projector
+        sr.flow_checked = True
+    stage_step = run.progress.stage_step + 1
+    if stage_step % t.logging_steps == 0 or stage_step == sr.total:
+        window.grad_norms = group_grad_norms(acc.unwrap_model(sr.model), run.gmap)
+    norm = acc.clip_grad_norm_(sr.trainable, t.max_grad_norm) if t.max_grad_norm else None
+    if not window.step_bad and norm is not None and not all_finite(norm.detach().float(), acc):
+        stop_for_nonfinite(run, sr.stage, f"gradient norm {norm.item()}")
+        window.step_bad = True
+    if not window.step_bad:
+        sr.optimizer.step()
+    sr.scheduler.step()
+    sr.optimizer.zero_grad(set_to_none=True)
+    window.end_step()
+
+
+def after_step(run: Run, sr: StageRun, window: Window, bar, signals: StopSignals) -> None:
+    """After an optimizer step: log the window, evaluate, save, and stop (saving first) when a signal asked."""
+    t, progress, step = sr.stage.cfg.train, run.progress, run.progress.stage_step
+    if step % t.logging_steps == 0 or step == sr.total:
+        record = window.record(run.accelerator)
+        if record is not None:
+            run.last_loss = record["loss"]
+            lrs = sr.scheduler.get_last_lr()
+            record = {"step": progress.global_step, "stage": sr.stage.name, "loss": record["loss"], "lr": lrs[0],
+                      **{k: v for k, v in record.items() if k != "loss"}}
+            record.update({f"lr/{g['name']}": lr for g, lr in zip(sr.param_groups, lrs)})
+            record.update({f"grad_norm/{group}": value for group, value in window.grad_norms.items()})
+            if progress.nonfinite_skips:
+                record["nonfinite_skips"] = progress.nonfinite_skips
+            run.metrics.log(record)
+            bar.set_postfix(loss=f"{run.last_loss:.4f}", lr=f"{lrs[0]:.2e}", sps=f"{record['samples_per_s']:.1f}")
+    if sr.eval_loader is not None and t.eval_steps and step % t.eval_steps == 0 and step != sr.total:
+        run.last_eval = evaluate_stage(run, sr)
+    checkpoint = run.out / f"checkpoint-{progress.global_step}"
+    if t.save_steps and step % t.save_steps == 0 and step != sr.total:
+        save_resumable(run, sr.model, checkpoint, sr.optimizer, sr.scheduler)
+    if stop_requested(signals, run.accelerator):
+        folder = save_resumable(run, sr.model, checkpoint, sr.optimizer, sr.scheduler)
+        signum = signals.signum or signal.SIGTERM
+        raise RunStopped(f"stopped by {signal.Signals(signum).name} at stage '{sr.stage.name}' step {step}/{sr.total} "
+                         f"(run step {progress.global_step}); saved {folder}. Run the same command with --resume to "
+                         "continue from there.", 128 + signum)
+
+
+def finish_stage(run: Run, sr: StageRun) -> None:
+    """The stage's last eval, what it changed per group, and its folder (for a named stage)."""
+    stage, progress = sr.stage, run.progress
+    if sr.eval_loader is not None:
+        run.last_eval = evaluate_stage(run, sr, show=True)
+        echo(f"eval loss after stage '{stage.name}': {run.last_eval:.4f}"
+             + (f" (before training: {run.first_eval:.4f})" if run.first_eval is not None else ""))
+    report_changes(run, sr, sr.plans, fingerprints(run.accelerator.unwrap_model(sr.model), run.trained_params))
+    progress.stage_index, progress.stage_step = stage.index + 1, 0
+    progress.epoch = progress.batch_in_epoch = 0
+    if stage.named:
+        save_resumable(run, sr.model, run.out / stage.name)

@@ -1,0 +1,45 @@
+"""What a stage did, in the user's terms: which groups it trained and how many of their tensors it changed."""
+
+from __future__ import annotations
+
+import torch
+
+from vlmtune.model.tuning import GroupPlan, plan_table
+from vlmtune.tracking import echo
+from vlmtune.train.optim import describe
+from vlmtune.train.run import Run, StageRun
+
+
+def announce(run: Run, sr: StageRun) -> None:
+    """The stage's header: what trains, what is frozen, the plan table and the optimizer groups."""
+    stage, plans = sr.stage, sr.plans
+    trained = [f"{p.group} ({p.mode})" for p in plans if p.mode != "frozen"]
+    frozen = [p.group for p in plans if p.mode == "frozen"]
+    echo(f"\nstage {stage.index + 1}/{run.n_stages} '{stage.name}': trains {', '.join(trained)}; "
+         f"frozen: {', '.join(frozen) or '-'}")
+    echo(plan_table(plans))
+    for line in describe(sr.param_groups):
+        echo(line)
+
+
+@torch.no_grad()
+def fingerprints(model, names: set[str]) -> dict[str, tuple[float, float, int]]:
+    """(sum, sum of squares, size) per parameter, in float64: enough to tell which tensors a stage changed."""
+    return {n: (p.double().sum().item(), p.double().square().sum().item(), p.numel())
+            for n, p in model.named_parameters() if n in names}
+
+
+def report_changes(run: Run, sr: StageRun, plans: list[GroupPlan], after: dict) -> None:
+    """Logs, per group, how many of the run's trainable tensors and parameters this stage changed."""
+    before, stage = sr.before, sr.stage
+    record = {"step": run.progress.global_step, "stage_end": stage.name}
+    for plan in plans:
+        names = [n for n in before if run.gmap.group_of(n) == plan.group]
+        if not names:
+            continue
+        changed = [n for n in names if before[n] != after[n]]
+        n_params = sum(after[n][2] for n in changed)
+        record[f"changed_params/{plan.group}"] = n_params
+        echo(f"stage '{stage.name}': {plan.group} ({plan.mode}) changed {len(changed)} of {len(names)} tensors "
+             f"({n_params:,} parameters)")
+    run.metrics.log(record)

@@ -1,0 +1,254 @@
+"""Resume state in safetensors and JSON (never pickles): where the run is, trainable weights, optimizer,
+scheduler and RNG states, written into a checkpoint's ``trainer_state/`` folder.
+
+A resumed run continues exactly where the checkpoint was taken: same stage, step, data position and
+random streams, so its final weights equal those of a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from vlmtune.config.errors import ConfigError
+from vlmtune.config.schema import Config
+from vlmtune.config.stages import Stage
+from vlmtune.paths import recover
+from vlmtune.tracking import echo
+from vlmtune.train.checkpoint import STEP_FOLDER
+
+STATE_DIR = "trainer_state"
+
+# Config keys whose change makes a checkpoint's weights or data position meaningless for the new run.
+MATTERS = ("model", "groups", "data", "stages", "train.seed", "train.batch_size", "train.grad_accum")
+
+
+@dataclass
+class Progress:
+    """Where a run is. Saved as ``trainer_state/trainer.json``."""
+
+    stage_index: int = 0  # the stage to run next (or being run)
+    stage_name: str = ""
+    stage_step: int = 0  # optimizer steps done in that stage
+    global_step: int = 0  # optimizer steps done in the run, all stages together
+    epoch: int = 0  # epoch of the stage's data being read
+    batch_in_epoch: int = 0  # micro-batches of that epoch already consumed (per process)
+    nonfinite_skips: int = 0
+    metrics_lines: int = 0  # lines of metrics.jsonl written up to this point
+    stage_start_step: dict[str, int] = field(default_factory=dict)  # global step at which each stage began
+
+
+@dataclass
+class TrainerState:
+    """What ``read_state`` returns."""
+
+    folder: Path
+    progress: Progress
+    weights: dict[str, torch.Tensor]
+    optimizer: dict | None
+    scheduler: dict | None
+    rng_file: Path | None
+
+
+def _optimizer_to_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"scalars": {}, "param_groups": state["param_groups"]}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                meta["scalars"][f"{idx}.{key}"] = value
+    return tensors, meta
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """torch (CPU and CUDA), Python and NumPy random states as tensors + JSON."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
+    version, internal, gauss = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, list(internal), gauss]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def write_rng(folder: Path, rank: int) -> None:
+    """This process's RNG states (every process writes its own)."""
+    state = folder / STATE_DIR
+    state.mkdir(exist_ok=True)
+    tensors, meta = rng_state()
+    save_file(tensors, str(state / f"rng-{rank}.safetensors"), metadata={"meta": json.dumps(meta)})
+
+
+def restore_rng(path: Path | None) -> None:
+    if path is None or not path.is_file():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    set_rng_state(load_file(str(path)), meta)
+
+
+def write_state(folder: Path, progress: Progress, weights: dict[str, torch.Tensor], optimizer=None, scheduler=None) -> None:
+    """The main process's part of the resume state; ``trainer.json`` is written last."""
+    state = folder / STATE_DIR
+    state.mkdir(exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(state / "weights.safetensors"))
+    if optimizer is not None:
+        tensors, meta = _optimizer_to_files(optimizer.state_dict())
+        save_file(tensors, str(state / "optimizer.safetensors"))
+        (state / "optimizer.json").write_text(json.dumps(meta), encoding="utf-8")
+    if scheduler is not None:
+        (state / "scheduler.json").write_text(json.dumps(scheduler.state_dict()), encoding="utf-8")
+    (state / "trainer.json").write_text(json.dumps(asdict(progress), indent=1), encoding="utf-8")
+
+
+def read_state(folder: Path, rank: int = 0) -> TrainerState:
+    """Reads ``folder/trainer_state``; errors name the missing file."""
+    state = folder / STATE_DIR
+    for name in ("trainer.json", "weights.safetensors"):
+        if not (state / name).is_file():
+            raise FileNotFoundError(f"{folder}: not a resumable checkpoint, {STATE_DIR}/{name} is missing")
+    progress = Progress(**json.loads((state / "trainer.json").read_text(encoding="utf-8")))
+    optimizer = None
+    if (state / "optimizer.safetensors").is_file():
+        meta = json.loads((state / "optimizer.json").read_text(encoding="utf-8"))
+        optimizer = _optimizer_from_files(load_file(str(state / "optimizer.safetensors")), meta)
+    scheduler = None
+    if (state / "scheduler.json").is_file():
+        scheduler = json.loads((state / "scheduler.json").read_text(encoding="utf-8"))
+    rng = state / f"rng-{rank}.safetensors"
+    return TrainerState(folder, progress, load_file(str(state / "weights.safetensors")), optimizer, scheduler,
+                        rng if rng.is_file() else None)
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The resumable checkpoint furthest into the run (checkpoint-STEP or a stage folder), or None."""
+    best, best_key = None, None
+    if not run_dir.is_dir():
+        return None
+    for p in run_dir.iterdir():
+        info = p / STATE_DIR / "trainer.json"
+        if not p.is_dir() or not info.is_file():
+            continue
+        try:
+            pr = json.loads(info.read_text(encoding="utf-8"))
+            key = (pr["global_step"], pr["stage_index"], pr["stage_step"] == 0)
+        except (ValueError, KeyError):
+            continue
+        if best_key is None or key > best_key:
+            best, best_key = p, key
+    return best
+
+
+def _flatten(node, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    if isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+        out = {}
+        for i, v in enumerate(node):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def config_changes(saved_yaml: Path, current: dict) -> list[str]:
+    """Keys that matter for resuming (model, groups, data, stages, seed, batch) whose values differ, as
+    'key: old -> new' lines."""
+    old = _flatten(yaml.safe_load(saved_yaml.read_text(encoding="utf-8")) or {})
+    new = _flatten(json.loads(json.dumps(current)))
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if not any(key == m or key.startswith(m + ".") for m in MATTERS):
+            continue
+        if old.get(key) != new.get(key):
+            changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
+
+
+def resume_or_clear(out: Path, cfg: Config, stages: list[Stage], accelerator) -> Path | None:
+    """Cleans up an interrupted save and picks the checkpoint to resume from (None: start afresh).
+
+    Starting afresh removes an earlier run's checkpoints from ``out`` so that a later ``--resume`` never
+    mixes two runs; resuming refuses a checkpoint whose model, groups, data or stages differ unless forced.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        for line in recover(out):
+            echo(line)
+    accelerator.wait_for_everyone()
+    found = latest(out)
+    if cfg.train.resume == "auto":
+        if found is None:
+            echo(f"resume: no complete checkpoint in {out}; starting from the beginning")
+            return None
+        changes = config_changes(found / "config.yaml", cfg.model_dump(mode="json"))
+        if changes and not cfg.train.force_resume:
+            raise ConfigError([f"{c}" for c in changes] + [
+                "these settings differ from the checkpoint's; resuming would mix two different runs. Use the "
+                "checkpoint's settings, another train.output_dir, or --force-resume to resume anyway"],
+                f"resume from {found}")
+        for c in changes:
+            echo(f"warning: resuming although {c} (forced)")
+        return found
+    names = {"final"} | {s.name for s in stages if s.named}
+    stale = sorted(p for p in out.iterdir() if p.is_dir() and (p / "config.yaml").is_file()
+                   and (p.name in names or STEP_FOLDER.match(p.name) or (p / STATE_DIR).is_dir()))
+    if stale:
+        echo(f"{out} holds checkpoints of an earlier run ({', '.join(p.name for p in stale)}); starting afresh "
+             "removes them (`vlmtune train CONFIG --resume` continues a run instead)")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for p in stale:
+                shutil.rmtree(p)
+    accelerator.wait_for_everyone()
+    return None
+
+
+def load_trainable(model, state: TrainerState, run_params: set[str]) -> None:
+    """Copies a checkpoint's trainable weights into the model; they must be exactly the plan's."""
+    missing, unexpected = run_params - set(state.weights), set(state.weights) - run_params
+    if missing or unexpected:
+        raise ConfigError([f"{state.folder}: its trainable weights do not match this config's plan "
+                           f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})"], "resume")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.weights.items():
+            params[name].copy_(value)

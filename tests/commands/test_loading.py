@@ -1,0 +1,112 @@
+"""Loading checkpoints: what vlmtune train writes, plain model folders, and every incomplete folder named."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmtune.commands.loading import CheckpointError, load_checkpoint, resolve_checkpoint, with_overrides
+from vlmtune.config.errors import ConfigError
+from vlmtune.config.schema import Config
+
+PROCESSOR = ("tokenizer_config.json", "tokenizer.json", "processor_config.json", "chat_template.jinja")
+
+
+def lora_checkpoint(tiny_dir: Path, out: Path, projector_full: bool = False):
+    """A checkpoint as vlmtune train writes it (LoRA on attention, projector LoRA or full), with every adapter
+    weight moved away from its initial value so that merging and loading matter. Returns (peft model, processor)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlmtune.config.overrides import deep_merge
+    from vlmtune.config.schema import DEFAULT_GROUPS
+    from vlmtune.model.groups import assign_groups
+    from vlmtune.model.load import arch_for
+    from vlmtune.model.tuning import apply_plan, build_plan
+    from vlmtune.train.checkpoint import save_checkpoint
+
+    groups = deep_merge(DEFAULT_GROUPS, {"projector": {"mode": "full" if projector_full else "lora"}})
+    cfg = Config.model_validate({"model": {"path": str(tiny_dir)}, "groups": groups})
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    gmap = assign_groups([n for n, _ in model.named_parameters()], arch_for(model, cfg.model))
+    torch.manual_seed(1)
+    model = apply_plan(model, gmap, build_plan(model, gmap, cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    save_checkpoint(model, processor, cfg, out)
+    return model.eval(), processor
+
+
+def _touch(folder: Path, tiny_dir: Path, names: list[str]) -> Path:
+    folder.mkdir(parents=True)
+    for name in names:
+        if name in PROCESSOR:
+            shutil.copy(tiny_dir / name, folder / name)
+        else:
+            (folder / name).write_text("{}")
+    return folder
+
+
+INCOMPLETE = [
+    # name, files present, what the error must say
+    ("empty", [], "has neither adapter_config.json (a peft adapter written by vlmtune train) nor config.json"),
+    ("adapter-without-weights", ["adapter_config.json", "config.yaml", *PROCESSOR], "missing adapter_model.safetensors"),
+    ("adapter-without-config-yaml", ["adapter_config.json", "adapter_model.safetensors", *PROCESSOR],
+     "missing config.yaml (config.yaml names the base model of the adapter)"),
+    ("model-without-weights", ["config.json", *PROCESSOR], "missing model.safetensors"),
+    ("model-without-processor", ["config.json", "model.safetensors"],
+     "missing tokenizer_config.json, processor_config.json or preprocessor_config.json"),
+    ("run-folder", ["metrics.jsonl", "config.yaml"], "(a run folder: give its final/ or a checkpoint-N/ folder)"),
+]
+
+
+@pytest.mark.parametrize("files,fragment", [c[1:] for c in INCOMPLETE], ids=[c[0] for c in INCOMPLETE])
+def test_incomplete_checkpoint_names_the_missing_file(tiny_dir, tmp_path, files, fragment):
+    folder = _touch(tmp_path / "ck", tiny_dir, files)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(folder)
+    assert fragment in str(e.value) and str(folder) in str(e.value)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint folder '.*nowhere' does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_adapter_checkpoint_loads_onto_its_base_with_the_trained_weights(tiny_dir, tmp_path, shapes_dir):
+    from peft import PeftModel
+
+    trained, processor = lora_checkpoint(tiny_dir, tmp_path / "final", projector_full=True)
+    model, loaded_processor, cfg = load_checkpoint(tmp_path / "final")
+    assert isinstance(model, PeftModel) and not model.training
+    assert cfg is not None and cfg.model.path == str(tiny_dir) and cfg.group("projector").mode == "full"
+    ids = loaded_processor.tokenizer("What color is the shape?")["input_ids"]
+    batch = {"input_ids": torch.tensor([ids])}
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, trained(**batch).logits, atol=1e-5)
+
+
+def test_plain_model_folder_loads_without_a_run_config(tiny_dir):
+    model, processor, cfg = load_checkpoint(tiny_dir)
+    assert cfg is None and type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert processor.image_token == "<|image_pad|>"
+
+
+def test_run_folder_stands_for_its_final_checkpoint(tmp_path):
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    assert resolve_checkpoint(tmp_path / "run") == (tmp_path / "run" / "final", tmp_path / "run")
+    assert resolve_checkpoint(tmp_path / "run" / "final") == (tmp_path / "run" / "final", tmp_path / "run")
+
+
+def test_overrides_are_validated_with_the_key_named():
+    assert with_overrides(None, ["eval.retrieval_k=4"]).eval.retrieval_k == 4
+    with pytest.raises(ConfigError) as e:
+        with_overrides(None, ["eval.retreival_k=4", "eval.samples=0"])
+    assert "unknown key 'eval.retreival_k' (did you mean 'retrieval_k'?)" in str(e.value)
+    assert "'eval.samples'" in str(e.value)

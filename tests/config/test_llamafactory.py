@@ -1,0 +1,338 @@
+"""LLaMA-Factory flat keys -> vlmtune config (vlmtune.config.llamafactory), through load_config and translate directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlmtune.config.errors import ConfigError
+from vlmtune.config.llamafactory import LLAMA_FACTORY_KEYS, translate
+from vlmtune.config.load import load_config
+from vlmtune.model.archs import GROUPS
+
+
+def _load(tmp_path: Path, raw: dict, overrides: list[str] | None = None):
+    """load_config on a YAML file holding ``raw``; returns (config, echoed lines)."""
+    path = tmp_path / "lf.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    lines: list[str] = []
+    cfg = load_config(path, overrides, echo=lines.append)
+    return cfg, lines
+
+
+def _problems(tmp_path: Path, raw: dict) -> list[str]:
+    path = tmp_path / "lf.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, echo=lambda line: None)
+    return info.value.problems
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """A local model folder as far as config validation is concerned."""
+    d = tmp_path / "qwen2-vl"
+    d.mkdir()
+    (d / "config.json").write_text("{}", encoding="utf-8")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning keys -> group modes
+# ---------------------------------------------------------------------------------------------
+
+F = ("frozen", None)
+FULL = ("full", None)
+ALL = ("lora", "all-linear")
+QV = ("lora", ["q_proj", "v_proj"])
+
+# (id, LLaMA-Factory keys, expected (mode, targets) of vision_tower, projector, language_model, lm_head)
+TUNING = [
+    ("merger", {"lora_target": "merger"}, (F, ALL, F, F)),
+    ("projector-alias", {"lora_target": "projector"}, (F, ALL, F, F)),
+    ("multi_modal_projector-alias", {"lora_target": "multi_modal_projector"}, (F, ALL, F, F)),
+    ("q_proj,v_proj", {"lora_target": "q_proj,v_proj"}, (F, F, QV, F)),
+    ("q_proj,v_proj-spaces", {"lora_target": "q_proj, v_proj"}, (F, F, QV, F)),
+    ("q_proj,v_proj-yaml-list", {"lora_target": ["q_proj", "v_proj"]}, (F, F, QV, F)),
+    ("merger,q_proj,v_proj", {"lora_target": "merger,q_proj,v_proj"}, (F, ALL, QV, F)),
+    ("all", {"lora_target": "all"}, (F, ALL, ALL, F)),
+    ("default-is-all", {"lora_rank": 8}, (F, ALL, ALL, F)),
+    ("all-freeze-projector", {"lora_target": "all", "freeze_multi_modal_projector": True}, (F, F, ALL, F)),
+    ("all-freeze-language-model", {"lora_target": "all", "freeze_language_model": True}, (F, ALL, F, F)),
+    ("all-vision-unfrozen", {"lora_target": "all", "freeze_vision_tower": False}, (ALL, ALL, ALL, F)),
+    ("merger-vision-unfrozen", {"lora_target": "merger", "freeze_vision_tower": False}, (FULL, ALL, F, F)),
+    ("names-vision-unfrozen", {"lora_target": "q_proj,v_proj", "freeze_vision_tower": False}, (FULL, F, QV, F)),
+    ("additional-merger-with-lm-lora", {"lora_target": "q_proj,v_proj", "additional_target": "merger"}, (F, FULL, QV, F)),
+    ("additional-merger-default-target", {"additional_target": "merger"}, (F, FULL, ALL, F)),
+    ("additional-merger-with-all", {"lora_target": "all", "additional_target": "merger"}, (F, FULL, ALL, F)),
+    ("projector-unfrozen", {"lora_target": "q_proj,v_proj", "freeze_multi_modal_projector": False}, (F, FULL, QV, F)),
+    ("finetuning-full", {"finetuning_type": "full"}, (F, FULL, FULL, FULL)),
+    ("finetuning-full-freeze-projector", {"finetuning_type": "full", "freeze_multi_modal_projector": True}, (F, F, FULL, FULL)),
+    ("finetuning-full-vision", {"finetuning_type": "full", "freeze_vision_tower": False}, (FULL, FULL, FULL, FULL)),
+]
+
+
+@pytest.mark.parametrize("raw, expected", [c[1:] for c in TUNING], ids=[c[0] for c in TUNING])
+def test_tuning_keys_to_groups(tmp_path, raw, expected):
+    cfg, lines = _load(tmp_path, raw)
+    got = {}
+    for g in GROUPS:
+        group = cfg.group(g)
+        got[g] = (group.mode, group.targets if group.mode == "lora" else None)
+    assert got == dict(zip(GROUPS, expected))
+    for g, (mode, _) in zip(GROUPS, expected):
+        if mode == "lora":  # LLaMA-Factory's defaults, not vlmtune's seed recipe
+            assert (cfg.group(g).rank, cfg.group(g).alpha, cfg.group(g).lora_alpha, cfg.group(g).dropout) == (8, None, 16.0, 0.0), g
+    assert lines[0] == "LLaMA-Factory keys translated:"
+
+
+@pytest.mark.parametrize("raw, expected", [c[1:] for c in TUNING], ids=[c[0] for c in TUNING])
+def test_translate_directly(raw, expected):
+    before = yaml.safe_dump(raw)
+    native, lines, problems = translate(raw)
+    assert problems == []
+    assert yaml.safe_dump(raw) == before  # input not modified
+    assert set(native) == {"groups"}
+    for g, (mode, targets) in zip(GROUPS, expected):
+        assert native["groups"][g]["mode"] == mode, g
+        if mode == "lora":
+            assert native["groups"][g]["targets"] == targets
+
+
+def test_merger_never_targets_the_patchmerger_container():
+    native, lines, _ = translate({"lora_target": "merger"})
+    projector = native["groups"]["projector"]
+    # LoRA on the projector's linear layers (all-linear inside the group), not a module named "merger".
+    assert projector["targets"] == "all-linear"
+    assert "merger" not in str(native["groups"]["language_model"])
+    assert "lora_target: merger -> groups.projector: lora on all-linear" in lines
+
+
+@pytest.mark.parametrize(
+    "raw, ranked",
+    [
+        ({"lora_target": "merger,q_proj,v_proj"}, ("projector", "language_model")),
+        ({"lora_target": "all", "freeze_vision_tower": False}, ("vision_tower", "projector", "language_model")),
+    ],
+    ids=["projector+lm", "three-groups"],
+)
+def test_lora_rank_alpha_dropout_apply_to_every_lora_group(tmp_path, raw, ranked):
+    cfg, lines = _load(tmp_path, {**raw, "lora_rank": 4, "lora_alpha": 32, "lora_dropout": 0.1})
+    for g in ranked:
+        group = cfg.group(g)
+        assert (group.mode, group.rank, group.alpha, group.lora_alpha, group.dropout) == ("lora", 4, 32.0, 32.0, 0.1), g
+    for key in ("lora_rank", "lora_alpha", "lora_dropout"):
+        assert sum(line.startswith(f"{key}: ") for line in lines) == 1, (key, lines)
+
+
+def test_lora_alpha_defaults_to_twice_the_rank(tmp_path):
+    cfg, _ = _load(tmp_path, {"lora_target": "merger,q_proj", "lora_rank": 32})
+    for g in ("projector", "language_model"):
+        assert cfg.group(g).rank == 32 and cfg.group(g).alpha is None and cfg.group(g).lora_alpha == 64.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Run keys
+# ---------------------------------------------------------------------------------------------
+
+RUN_KEYS = [
+    # (id, LF key, value, vlmtune path, expected value)
+    ("dataset", "dataset", "train.jsonl", "data.train", "train.jsonl"),
+    ("dataset-list", "dataset", "a,b", "data.train", ["a", "b"]),
+    ("eval_dataset", "eval_dataset", "eval.jsonl", "data.eval", "eval.jsonl"),
+    ("dataset_dir", "dataset_dir", "data", "data.dataset_dir", "data"),
+    ("output_dir", "output_dir", "saves/run1", "train.output_dir", "saves/run1"),
+    ("max_steps", "max_steps", 5, "train.max_steps", 5),
+    ("num_train_epochs", "num_train_epochs", 3.0, "train.epochs", 3.0),
+    ("per_device_train_batch_size", "per_device_train_batch_size", 2, "train.batch_size", 2),
+    ("gradient_accumulation_steps", "gradient_accumulation_steps", 4, "train.grad_accum", 4),
+    ("learning_rate", "learning_rate", 1.0e-4, "train.learning_rate", 1.0e-4),
+    ("learning_rate-yaml-string", "learning_rate", "1e-4", "train.learning_rate", 1.0e-4),
+    ("cutoff_len", "cutoff_len", 2048, "data.max_length", 2048),
+    ("image_max_pixels", "image_max_pixels", 262144, "data.image_max_pixels", 262144),
+    ("image_min_pixels", "image_min_pixels", 1024, "data.image_min_pixels", 1024),
+    ("seed", "seed", 7, "train.seed", 7),
+    ("lr_scheduler_type", "lr_scheduler_type", "linear", "train.scheduler", "linear"),
+    ("warmup_ratio", "warmup_ratio", 0.1, "train.warmup_ratio", 0.1),
+    ("logging_steps", "logging_steps", 3, "train.logging_steps", 3),
+    ("save_steps", "save_steps", 50, "train.save_steps", 50),
+    ("weight_decay", "weight_decay", 0.01, "train.weight_decay", 0.01),
+    ("preprocessing_num_workers", "preprocessing_num_workers", 2, "data.num_workers", 2),
+    ("trust_remote_code", "trust_remote_code", True, "model.trust_remote_code", True),
+]
+
+
+def _get(cfg, path: str):
+    node = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+@pytest.mark.parametrize("key, value, path, expected", [c[1:] for c in RUN_KEYS], ids=[c[0] for c in RUN_KEYS])
+def test_run_key_lands_on_vlmtune_key(tmp_path, key, value, path, expected):
+    cfg, lines = _load(tmp_path, {key: value})
+    assert _get(cfg, path) == expected
+    assert f"{key}: {value} -> {path}" in lines
+    # plain run keys leave the seed's group recipe alone
+    assert cfg.group("projector").rank == 16 and cfg.group("language_model").targets == "attention"
+
+
+def test_model_name_or_path(tmp_path, model_dir):
+    cfg, lines = _load(tmp_path, {"model_name_or_path": str(model_dir)})
+    assert cfg.model.path == str(model_dir)
+    assert f"model_name_or_path: {model_dir} -> model.path" in lines
+
+
+def test_a_typical_llama_factory_file(tmp_path, model_dir):
+    raw = {
+        "model_name_or_path": str(model_dir),
+        "image_max_pixels": 262144,
+        "image_min_pixels": 1024,
+        "trust_remote_code": True,
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_rank": 16,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "lora_target": "merger,q_proj,v_proj",
+        "freeze_vision_tower": True,
+        "dataset": "mllm_demo,shapes",
+        "dataset_dir": "data",
+        "template": "qwen2_vl",
+        "cutoff_len": 2048,
+        "output_dir": "saves/qwen2_vl/lora/sft",
+        "logging_steps": 10,
+        "save_steps": 500,
+        "plot_loss": True,
+        "overwrite_output_dir": True,
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 8,
+        "learning_rate": 1.0e-4,
+        "num_train_epochs": 3.0,
+        "max_steps": 20,
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.1,
+        "bf16": True,
+        "seed": 3,
+        "report_to": "none",
+    }
+    cfg, lines = _load(tmp_path, raw)
+    d = cfg.model_dump()
+    assert d["model"]["path"] == str(model_dir) and d["model"]["trust_remote_code"] is True
+    assert d["model"]["dtype"] == "bfloat16"
+    assert d["data"]["train"] == ["mllm_demo", "shapes"] and d["data"]["dataset_dir"] == "data"
+    assert (d["data"]["max_length"], d["data"]["image_max_pixels"], d["data"]["image_min_pixels"]) == (2048, 262144, 1024)
+    t = d["train"]
+    assert (t["output_dir"], t["batch_size"], t["grad_accum"], t["learning_rate"], t["epochs"], t["max_steps"], t["seed"]) == (
+        "saves/qwen2_vl/lora/sft", 1, 8, 1.0e-4, 3.0, 20, 3)
+    assert (t["scheduler"], t["warmup_ratio"], t["logging_steps"], t["save_steps"], t["report_to"]) == ("cosine", 0.1, 10, 500, [])
+    g = d["groups"]
+    assert g["vision_tower"]["mode"] == "frozen" and g["lm_head"]["mode"] == "frozen"
+    assert {k: g["projector"][k] for k in ("mode", "targets", "rank", "alpha", "dropout")} == {
+        "mode": "lora", "targets": "all-linear", "rank": 16, "alpha": 16.0, "dropout": 0.05}
+    assert {k: g["language_model"][k] for k in ("mode", "targets", "rank", "alpha", "dropout")} == {
+        "mode": "lora", "targets": ["q_proj", "v_proj"], "rank": 16, "alpha": 16.0, "dropout": 0.05}
+    # every translated key is printed
+    unmentioned = [k for k in raw if not any(line.startswith(f"{k}: ") for line in lines)]
+    assert unmentioned == [], (unmentioned, lines)
+
+
+NOTED = [
+    ("stage-sft", {"stage": "sft"}, "stage"),
+    ("finetuning_type-lora", {"finetuning_type": "lora"}, "finetuning_type"),
+    ("do_train", {"do_train": True}, "do_train"),
+    ("template", {"template": "qwen2_vl"}, "template"),
+    ("plot_loss", {"plot_loss": True}, "plot_loss"),
+    ("overwrite_output_dir", {"overwrite_output_dir": True}, "overwrite_output_dir"),
+    ("bf16", {"bf16": True}, "bf16"),
+    ("fp16", {"fp16": True}, "fp16"),
+    ("report_to-none", {"report_to": "none"}, "report_to"),
+    ("report_to-tensorboard", {"report_to": "tensorboard"}, "report_to"),
+    ("freeze_vision_tower", {"freeze_vision_tower": True}, "freeze_vision_tower"),
+]
+
+
+@pytest.mark.parametrize("raw, key", [c[1:] for c in NOTED], ids=[c[0] for c in NOTED])
+def test_every_accepted_llama_factory_key_is_echoed(tmp_path, raw, key):
+    _, lines = _load(tmp_path, raw)
+    assert any(line.startswith(f"{key}: ") for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "raw, path, expected",
+    [
+        ({"bf16": True}, "model.dtype", "bfloat16"),
+        ({"fp16": True}, "model.dtype", "float16"),
+        ({"report_to": "tensorboard"}, "train.report_to", ["tensorboard"]),
+        ({"report_to": "none"}, "train.report_to", []),
+    ],
+    ids=["bf16", "fp16", "tensorboard", "none"],
+)
+def test_noted_keys_values(tmp_path, raw, path, expected):
+    cfg, _ = _load(tmp_path, raw)
+    assert _get(cfg, path) == expected
+
+
+def test_native_keys_win_over_translated_ones(tmp_path):
+    cfg, _ = _load(tmp_path, {"max_steps": 5, "train": {"max_steps": 9}, "lora_target": "merger",
+                              "groups": {"projector": {"rank": 2}}})
+    assert cfg.train.max_steps == 9
+    assert cfg.group("projector").mode == "lora" and cfg.group("projector").rank == 2
+
+
+def test_no_flat_keys_no_translation():
+    raw = {"train": {"max_steps": 3}, "groups": {"projector": {"mode": "full"}}}
+    assert translate(raw) == (raw, [], [])
+
+
+def test_overrides_are_translated_too(tmp_path):
+    cfg, lines = _load(tmp_path, {"lora_target": "merger"}, ["cutoff_len=64"])
+    assert cfg.data.max_length == 64
+    assert "cutoff_len: 64 -> data.max_length" in lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+ERRORS = [
+    ("additional-and-lora-same-group", {"lora_target": "merger", "additional_target": "merger"},
+     "'additional_target: merger' trains projector fully but lora_target already puts LoRA on it; choose one"),
+    ("additional-unknown", {"lora_target": "q_proj", "additional_target": "embed_tokens"},
+     "'additional_target: embed_tokens' does not name a component group"),
+    ("stage-rm", {"stage": "rm"}, "'stage: rm' is not supported; vlmtune trains supervised fine-tuning (stage: sft)"),
+    ("stage-dpo", {"stage": "dpo"}, "'stage: dpo' is not supported"),
+    ("finetuning-freeze", {"finetuning_type": "freeze"}, "'finetuning_type: freeze' is not supported; use lora or full"),
+    ("report_to-wandb", {"report_to": "wandb"}, "'report_to: wandb' is not supported; use tensorboard or none"),
+    ("names-without-group", {"lora_target": "merger,q_proj", "freeze_language_model": True},
+     "lora_target names q_proj but freeze_language_model: true leaves no group for them"),
+    ("lora_rnk", {"lora_rnk": 8}, "unknown key 'lora_rnk' (did you mean 'lora_rank'?)"),
+    ("cutof_len", {"cutof_len": 8}, "unknown key 'cutof_len' (did you mean 'cutoff_len'?)"),
+]
+
+
+@pytest.mark.parametrize("raw, fragment", [c[1:] for c in ERRORS], ids=[c[0] for c in ERRORS])
+def test_llama_factory_errors(tmp_path, raw, fragment):
+    problems = _problems(tmp_path, raw)
+    assert len(problems) == 1, problems
+    assert fragment in problems[0]
+
+
+def test_translation_and_schema_problems_reported_together(tmp_path):
+    problems = _problems(tmp_path, {"stage": "rm", "lora_rnk": 8, "train": {"max_stepz": 3}})
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("'stage: rm' is not supported")
+    assert any("unknown key 'lora_rnk' (did you mean 'lora_rank'?)" in p for p in problems)
+    assert any("unknown key 'train.max_stepz' (did you mean 'max_steps'?)" in p for p in problems)
+
+
+def test_llama_factory_keys_are_all_known_to_the_translator():
+    # every key listed as accepted is handled somewhere (rename, tuning or noted)
+    from vlmtune.config.llamafactory import NOTED_KEYS, RENAMES, TUNING_KEYS
+
+    assert LLAMA_FACTORY_KEYS == set(RENAMES) | TUNING_KEYS | NOTED_KEYS
+    assert not (set(RENAMES) & TUNING_KEYS) and not (set(RENAMES) & NOTED_KEYS)
