@@ -14,9 +14,7 @@ from __future__ import annotations
 # commit 0ed3a95 (1,196 bytes, no fields added); the same vision_config block and values also
 # appear in mlx-community/Qwen2-VL-2B-Instruct-4bit and mlx-community/Qwen2-VL-2B-bf16.
 QWEN2_VL_2B_INSTRUCT = {
-    "architectures": [
-        "Qwen2VLForConditionalGeneration"
-    ],
+    "architectures": ["Qwen2VLForConditionalGeneration"],
     "attention_dropout": 0.0,
     "bos_token_id": 151643,
     "eos_token_id": 151645,
@@ -53,17 +51,10 @@ QWEN2_VL_2B_INSTRUCT = {
         "patch_size": 14,
         "spatial_merge_size": 2,
         "spatial_patch_size": 14,
-        "temporal_patch_size": 2
+        "temporal_patch_size": 2,
     },
-    "rope_scaling": {
-        "type": "mrope",
-        "mrope_section": [
-            16,
-            24,
-            24
-        ]
-    },
-    "vocab_size": 151936
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vocab_size": 151936,
 }
 
 # Source: hub repo Qwen/Qwen2-VL-7B-Instruct, config.json.
@@ -73,9 +64,7 @@ QWEN2_VL_2B_INSTRUCT = {
 # huggingface.co/decompute/Qwen2-VL-7B-Instruct-4bit config.json carries the same values
 # (plus its own "quantization" block, not copied).
 QWEN2_VL_7B_INSTRUCT = {
-    "architectures": [
-        "Qwen2VLForConditionalGeneration"
-    ],
+    "architectures": ["Qwen2VLForConditionalGeneration"],
     "attention_dropout": 0.0,
     "bos_token_id": 151643,
     "eos_token_id": 151645,
@@ -112,17 +101,10 @@ QWEN2_VL_7B_INSTRUCT = {
         "patch_size": 14,
         "spatial_merge_size": 2,
         "spatial_patch_size": 14,
-        "temporal_patch_size": 2
+        "temporal_patch_size": 2,
     },
-    "rope_scaling": {
-        "type": "mrope",
-        "mrope_section": [
-            16,
-            24,
-            24
-        ]
-    },
-    "vocab_size": 152064
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vocab_size": 152064,
 }
 
 # Source: hub repo Qwen/Qwen2.5-VL-3B-Instruct, config.json (the original upload, in the same
@@ -130,9 +112,7 @@ QWEN2_VL_7B_INSTRUCT = {
 # Text taken from a GitHub notes file headed "# Qwen/Qwen2.5-VL-3B-Instruct / ## model config" that
 # quotes the file verbatim; the HCPO GUI-agent README quotes the same text (model_type renamed there).
 QWEN2_5_VL_3B_INSTRUCT = {
-    "architectures": [
-        "Qwen2_5_VLForConditionalGeneration"
-    ],
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
     "attention_dropout": 0.0,
     "bos_token_id": 151643,
     "eos_token_id": 151645,
@@ -171,24 +151,12 @@ QWEN2_5_VL_3B_INSTRUCT = {
         "spatial_merge_size": 2,
         "spatial_patch_size": 14,
         "window_size": 112,
-        "fullatt_block_indexes": [
-            7,
-            15,
-            23,
-            31
-        ],
+        "fullatt_block_indexes": [7, 15, 23, 31],
         "tokens_per_second": 2,
-        "temporal_patch_size": 2
+        "temporal_patch_size": 2,
     },
-    "rope_scaling": {
-        "type": "mrope",
-        "mrope_section": [
-            16,
-            24,
-            24
-        ]
-    },
-    "vocab_size": 151936
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vocab_size": 151936,
 }
 
 # Source: hub repo Qwen/Qwen2.5-VL-7B-Instruct, config.json.
@@ -197,9 +165,7 @@ QWEN2_5_VL_3B_INSTRUCT = {
 # vocab_size; those three are not part of the hub file and are left out. The same vision_config
 # block is quoted in PaddleFormers' DFNRopeVisionTransformerConfig as "qwen2_5 视觉参数".
 QWEN2_5_VL_7B_INSTRUCT = {
-    "architectures": [
-        "Qwen2_5_VLForConditionalGeneration"
-    ],
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
     "attention_dropout": 0.0,
     "bos_token_id": 151643,
     "eos_token_id": 151645,
@@ -238,24 +204,12 @@ QWEN2_5_VL_7B_INSTRUCT = {
         "spatial_merge_size": 2,
         "spatial_patch_size": 14,
         "window_size": 112,
-        "fullatt_block_indexes": [
-            7,
-            15,
-            23,
-            31
-        ],
+        "fullatt_block_indexes": [7, 15, 23, 31],
         "tokens_per_second": 2,
-        "temporal_patch_size": 2
+        "temporal_patch_size": 2,
     },
-    "rope_scaling": {
-        "type": "mrope",
-        "mrope_section": [
-            16,
-            24,
-            24
-        ]
-    },
-    "vocab_size": 152064
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vocab_size": 152064,
 }
 
 REAL_CONFIGS: dict[str, dict] = {

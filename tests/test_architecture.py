@@ -17,9 +17,13 @@ def _contracts() -> list[dict]:
 def test_every_part_of_the_recipe_is_in_the_components_layer():
     (layers,) = [c["layers"] for c in _contracts() if c["type"] == "layers"]
     listed = {m.strip() for layer in layers for m in layer.replace("|", ":").split(":")}
-    parts = {f"vlmtune.train.{p.stem}" for p in (PACKAGE / "train").glob("*.py") if p.stem not in ("__init__", "recipe")}
+    parts = {
+        f"vlmtune.train.{p.stem}" for p in (PACKAGE / "train").glob("*.py") if p.stem not in ("__init__", "recipe")
+    }
     assert parts - listed == set(), "add the new module of vlmtune/train to the layers contract in pyproject.toml"
-    assert layers.index("vlmtune.train.recipe") < next(i for i, layer in enumerate(layers) if "vlmtune.train.loss" in layer)
+    assert layers.index("vlmtune.train.recipe") < next(
+        i for i, layer in enumerate(layers) if "vlmtune.train.loss" in layer
+    )
 
 
 def test_no_import_cycles_is_a_contract():
@@ -29,8 +33,11 @@ def test_no_import_cycles_is_a_contract():
 def test_few_top_level_modules_and_none_over_400_lines():
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(top) <= 12, top
-    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
-            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400
+    }
     assert long == {}
 
 

@@ -91,11 +91,15 @@ def check_gradients(model: nn.Module, gmap: GroupMap, plans: list[GroupPlan]) ->
         if group in trained:
             norm = norms.get(group, 0.0)
             if not math.isfinite(norm):
-                problems.append(f"gradients of {group} are not finite (norm {norm}) over its {tensors[group]} trainable tensor(s)")
+                problems.append(
+                    f"gradients of {group} are not finite (norm {norm}) over its {tensors[group]} trainable tensor(s)"
+                )
             elif norm == 0.0:
-                problems.append(f"gradients do not reach {group}: norm 0 over its {tensors[group]} trainable tensor(s); "
-                                "something between the loss and this group cuts the graph (a detach(), torch.no_grad(), "
-                                "or an input that never reaches it)")
+                problems.append(
+                    f"gradients do not reach {group}: norm 0 over its {tensors[group]} trainable tensor(s); "
+                    "something between the loss and this group cuts the graph (a detach(), torch.no_grad(), "
+                    "or an input that never reaches it)"
+                )
             else:
                 seen.append(f"{group} {norm:.3g}")
         if group in frozen_with_grad:
@@ -104,7 +108,11 @@ def check_gradients(model: nn.Module, gmap: GroupMap, plans: list[GroupPlan]) ->
     if problems:
         return CheckResult("gradient flow", "FAIL", problems + ([f"gradient norms: {', '.join(seen)}"] if seen else []))
     frozen = [g for g in GROUPS if g not in trained]
-    return CheckResult("gradient flow", "PASS", [f"gradient norms: {', '.join(seen)}; frozen and gradient-free: {', '.join(frozen) or 'none'}"])
+    return CheckResult(
+        "gradient flow",
+        "PASS",
+        [f"gradient norms: {', '.join(seen)}; frozen and gradient-free: {', '.join(frozen) or 'none'}"],
+    )
 
 
 def forward_backward(model: nn.Module, batch: dict) -> tuple[float, int]:
@@ -160,15 +168,25 @@ def _expected_width(module: nn.Module) -> int | None:
     return None
 
 
-def check_dimensions(model: nn.Module, gmap: GroupMap, batch: dict, image_token_id: int, where: str = "") -> list[CheckResult]:
+def check_dimensions(
+    model: nn.Module, gmap: GroupMap, batch: dict, image_token_id: int, where: str = ""
+) -> list[CheckResult]:
     """Runs the vision path on one real sample and compares widths and counts at each boundary:
     vision tower output -> projector input, projector output -> language model hidden size, and
     image placeholder tokens -> features produced for the sample's image grid."""
     inner = inner_model(model)
-    names = ("dimensions: vision tower -> projector", "dimensions: projector -> language model", "dimensions: image tokens")
+    names = (
+        "dimensions: vision tower -> projector",
+        "dimensions: projector -> language model",
+        "dimensions: image tokens",
+    )
     roots = group_roots(inner, gmap, "projector")
     if "pixel_values" not in batch or not roots or not hasattr(inner, "get_image_features"):
-        why = "the sample has no image" if "pixel_values" not in batch else "no projector / no get_image_features on this model"
+        why = (
+            "the sample has no image"
+            if "pixel_values" not in batch
+            else "no projector / no get_image_features on this model"
+        )
         return [CheckResult(n, "WARN", [f"not checked: {why}"]) for n in names]
     proj_name, proj = roots[0]
     calls: list[tuple[str, int | None, int]] = []  # (layer, expected input width, received width), in call order
@@ -184,10 +202,15 @@ def check_dimensions(model: nn.Module, gmap: GroupMap, batch: dict, image_token_
     def record_layer(name: str):
         def hook(module, args) -> None:
             calls.append((name, _expected_width(module), args[0].shape[-1]))
+
         return hook
 
     hooks = [proj.register_forward_pre_hook(record_input), proj.register_forward_hook(record_output)]
-    hooks += [leaf.register_forward_pre_hook(record_layer(n)) for n, leaf in proj.named_modules() if _expected_width(leaf) is not None]
+    hooks += [
+        leaf.register_forward_pre_hook(record_layer(n))
+        for n, leaf in proj.named_modules()
+        if _expected_width(leaf) is not None
+    ]
     error, produced = None, None
     try:
         with torch.no_grad():
@@ -206,21 +229,38 @@ def check_dimensions(model: nn.Module, gmap: GroupMap, batch: dict, image_token_
     elif bad:
         first = calls and calls[0][0] == bad[0][0]
         n, exp, got = bad[0]
-        head = (f"vision tower output width {got} does not match the projector's input width {exp} ({proj_name}.{n})" if first
-                else f"{proj_name}.{n} expects width {exp} but receives {got}")
+        head = (
+            f"vision tower output width {got} does not match the projector's input width {exp} ({proj_name}.{n})"
+            if first
+            else f"{proj_name}.{n} expects width {exp} but receives {got}"
+        )
         results.append(CheckResult(names[0], "FAIL", [head] + ([f"error: {error}"] if error else [])))
     else:
-        results.append(CheckResult(names[0], "PASS", [f"vision tower output width {seen['in'][-1]} = projector input width"]))
+        results.append(
+            CheckResult(names[0], "PASS", [f"vision tower output width {seen['in'][-1]} = projector input width"])
+        )
 
     # projector -> language model
     hidden = inner.get_input_embeddings().embedding_dim
     if "out" in seen:
         width, source = seen["out"][-1], "output"
     else:
-        linears = [(n, m) for n, m in proj.named_modules() if isinstance(m, nn.Linear) and not n.endswith(("lora_A.default", "lora_B.default"))]
+        linears = [
+            (n, m)
+            for n, m in proj.named_modules()
+            if isinstance(m, nn.Linear) and not n.endswith(("lora_A.default", "lora_B.default"))
+        ]
         width, source = (linears[-1][1].out_features, f"last layer {linears[-1][0]}") if linears else (None, "")
     if width != hidden:
-        results.append(CheckResult(names[1], "FAIL", [f"projector {source} width {width} does not match the language model's hidden size {hidden} ({proj_name})"]))
+        results.append(
+            CheckResult(
+                names[1],
+                "FAIL",
+                [
+                    f"projector {source} width {width} does not match the language model's hidden size {hidden} ({proj_name})"
+                ],
+            )
+        )
     else:
         results.append(CheckResult(names[1], "PASS", [f"projector output width {width} = language model hidden size"]))
 
@@ -241,12 +281,21 @@ def check_dimensions(model: nn.Module, gmap: GroupMap, batch: dict, image_token_
     # tokens such as LLaVA-NeXT's image_newline); the projector's own output is the fallback.
     features = produced if produced is not None else math.prod(seen["out"][:-1]) if "out" in seen else expected
     if tokens != features:
-        results.append(CheckResult(names[2], "FAIL", [
-            f"{place}{tokens} image placeholder tokens but the vision path produces {features} features for {fail_source}{why}; "
-            "the processor and the model disagree on how many tokens an image takes (compare the processor's "
-            "patch and merge sizes with the model's vision config)"]))
+        results.append(
+            CheckResult(
+                names[2],
+                "FAIL",
+                [
+                    f"{place}{tokens} image placeholder tokens but the vision path produces {features} features for {fail_source}{why}; "
+                    "the processor and the model disagree on how many tokens an image takes (compare the processor's "
+                    "patch and merge sizes with the model's vision config)"
+                ],
+            )
+        )
     else:
-        results.append(CheckResult(names[2], "PASS", [f"{place}{tokens} image tokens = {features} features for {source}"]))
+        results.append(
+            CheckResult(names[2], "PASS", [f"{place}{tokens} image tokens = {features} features for {source}"])
+        )
     return results
 
 
@@ -266,7 +315,8 @@ def image_inputs(model: nn.Module, batch: dict) -> dict:
 
     params = inspect.signature(model.get_image_features).parameters
     open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return {k: v for k, v in batch.items()
-            if k in params or (open_kwargs and k.startswith(("pixel_", "image_")) and k != "image_token_id")}
-
-
+    return {
+        k: v
+        for k, v in batch.items()
+        if k in params or (open_kwargs and k.startswith(("pixel_", "image_")) and k != "image_token_id")
+    }

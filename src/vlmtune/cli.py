@@ -29,9 +29,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 def _add_commands(sub) -> None:
     ck = "checkpoint folder (final/, checkpoint-N/, a stage folder), a run folder, or a plain transformers model folder"
-    p = sub.add_parser("eval", help="language and vision-language alignment metrics of a checkpoint",
-                       description="Answer loss, perplexity, token accuracy, exact match, BLEU-4, ROUGE, image-ablation "
-                                   "gap, caption retrieval and projector alignment, each beside its chance level.")
+    p = sub.add_parser(
+        "eval",
+        help="language and vision-language alignment metrics of a checkpoint",
+        description="Answer loss, perplexity, token accuracy, exact match, BLEU-4, ROUGE, image-ablation "
+        "gap, caption retrieval and projector alignment, each beside its chance level.",
+    )
     p.add_argument("--checkpoint", required=True, help=ck)
     p.add_argument("--data", help="eval data (file, dataset name or builtin:shapes:TASK); default: the run's data.eval")
     p.add_argument("--out", help="JSON report path (default: CHECKPOINT/eval_report.json)")
@@ -57,16 +60,25 @@ def _add_commands(sub) -> None:
     p.add_argument("--checkpoint", required=True, help=ck)
     p.add_argument("--out", required=True, help="export folder")
     p.add_argument("--merge", action="store_true", help="merge LoRA and the fully trained groups into the base weights")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="saved dtype of a merged export (default: the base's)")
-    p.add_argument("--atol", type=float, help="allowed max abs logit difference, merged vs. unmerged (default: per dtype)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="saved dtype of a merged export (default: the base's)",
+    )
+    p.add_argument(
+        "--atol", type=float, help="allowed max abs logit difference, merged vs. unmerged (default: per dtype)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=export.command)
 
 
 def _add_bench_command(sub) -> None:
-    p = sub.add_parser("bench", help="time vlmtune's trainer against a plain transformers + peft loop (same training)",
-                       description="Runs the same LoRA training through vlmtune and through a plain reference loop, "
-                                   "alternately, and prints s/step, samples/s, tokens/s, peak memory and the ratios.")
+    p = sub.add_parser(
+        "bench",
+        help="time vlmtune's trainer against a plain transformers + peft loop (same training)",
+        description="Runs the same LoRA training through vlmtune and through a plain reference loop, "
+        "alternately, and prints s/step, samples/s, tokens/s, peak memory and the ratios.",
+    )
     bench.add_arguments(p)
     p.set_defaults(func=bench.run_from_args)
 
@@ -75,7 +87,9 @@ def _add_check_commands(sub) -> None:
     """`data check`, `data preview` and `doctor`."""
     data = sub.add_parser("data", help="check or preview data before training")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    p = data_sub.add_parser("check", help="report every problem of every sample by place, then a summary (exit 1 on errors)")
+    p = data_sub.add_parser(
+        "check", help="report every problem of every sample by place, then a summary (exit 1 on errors)"
+    )
     p.add_argument("target", help="a YAML config (checks data.train and data.eval) or a JSON/JSONL data file")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. data.max_length=512 model.path=DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -96,7 +110,9 @@ def _add_check_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmtune", description="Fine-tune vision-language models component by component.")
+    parser = argparse.ArgumentParser(
+        prog="vlmtune", description="Fine-tune vision-language models component by component."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "train",
@@ -106,9 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="config reference:\n" + "\n".join(reference()),
     )
     p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=50 groups.projector.lr=1e-3")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir (train.resume=auto)")
-    p.add_argument("--force-resume", action="store_true", help="resume even if model, groups, data or stages changed since the checkpoint")
+    p.add_argument(
+        "overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=50 groups.projector.lr=1e-3"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in output_dir (train.resume=auto)",
+    )
+    p.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume even if model, groups, data or stages changed since the checkpoint",
+    )
     p.set_defaults(func=train_command.command)
     _add_commands(sub)
     _add_check_commands(sub)

@@ -14,9 +14,7 @@ from pathlib import Path
 TMP_SUFFIX = ".tmp"
 
 
-
 OLD_SUFFIX = ".old"
-
 
 
 def begin(out: Path) -> Path:
@@ -28,14 +26,12 @@ def begin(out: Path) -> Path:
     return tmp
 
 
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
 
 
 def commit(tmp: Path, out: Path) -> Path:
@@ -58,7 +54,6 @@ def commit(tmp: Path, out: Path) -> Path:
     if old.exists():
         shutil.rmtree(old)
     return out
-
 
 
 def recover(run_dir: Path) -> list[str]:

@@ -67,8 +67,15 @@ def plot_loss(records: list[dict], out: Path) -> Path:
     for r in records:
         if "stage_start" in r:  # stage boundaries of a progressive run
             ax.axvline(r["step"], color="grey", linestyle="--", linewidth=0.8)
-            ax.annotate(r["stage_start"], (r["step"], 1), xycoords=("data", "axes fraction"),
-                        xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
+            ax.annotate(
+                r["stage_start"],
+                (r["step"], 1),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -12),
+                textcoords="offset points",
+                fontsize=8,
+                color="grey",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (answer tokens)")
     ax.grid(alpha=0.3)

@@ -54,10 +54,13 @@ def test_variable_workload_answers_images_and_sizes(processor):
     assert len(sizes) > 3
 
 
-@pytest.mark.parametrize("preset, params, vision", [
-    ("gpu-2b", 2_208_985_600, 665_271_296),  # Qwen2-VL-2B-Instruct: 2.21B parameters, 665M in the vision tower
-    ("cpu", 8_957_824, 2_793_088),
-])
+@pytest.mark.parametrize(
+    "preset, params, vision",
+    [
+        ("gpu-2b", 2_208_985_600, 665_271_296),  # Qwen2-VL-2B-Instruct: 2.21B parameters, 665M in the vision tower
+        ("cpu", 8_957_824, 2_793_088),
+    ],
+)
 def test_preset_model_shapes_on_meta(processor, preset, params, vision):
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -73,8 +76,28 @@ def test_bench_runs_both_sides_and_prints_ratios(tmp_path, capsys):
     from vlmtune.cli import main
 
     out = tmp_path / "results.json"
-    assert main(["bench", "--preset", "tiny", "--workload", "fixed", "--steps", "3", "--epochs", "2", "--rounds", "1",
-                 "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--preset",
+                "tiny",
+                "--workload",
+                "fixed",
+                "--steps",
+                "3",
+                "--epochs",
+                "2",
+                "--rounds",
+                "1",
+                "--out",
+                str(out),
+                "--work",
+                str(tmp_path / "work"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "vlmtune/reference" in printed and "s/step" in printed and f"wrote {out}" in printed
     result = json.loads(out.read_text())["workloads"]["fixed"]
@@ -106,7 +129,9 @@ def test_bench_variable_workload_grouped_batches_same_epoch_tokens(tmp_path, cap
     and tokens every epoch, and the table says the batches differ."""
     from vlmtune.bench.command import run_bench
 
-    result = run_bench("tiny", ("variable",), steps=4, rounds=1, epochs=2, work=tmp_path / "work")["workloads"]["variable"]
+    result = run_bench("tiny", ("variable",), steps=4, rounds=1, epochs=2, work=tmp_path / "work")["workloads"][
+        "variable"
+    ]
     c = result["checks"]
     assert c["same_tokens_each_epoch"] and c["same_image_tokens_each_epoch"] and c["same_lora_modules"]
     assert not c["same_batches"]

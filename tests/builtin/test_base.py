@@ -21,8 +21,11 @@ def test_base_is_a_plain_transformers_folder(base_dir):
     processor = AutoProcessor.from_pretrained(base_dir)
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
     assert isinstance(processor, Qwen2VLProcessor)
-    losses = [json.loads(line)["loss"] for line in (base_dir / "pretrain_metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (base_dir / "pretrain_metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert losses[-1] < 0.2 * losses[0], losses
 
 

@@ -26,8 +26,16 @@ from vlmtune.model.tuning import apply_plan, build_plan
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = Path(__file__).parents[1] / "assets"
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
-SAMPLES = [Sample(messages=[("user", "<image>What color is the shape?"), ("assistant", c)], images=[ASSETS / f], where=f"d.jsonl:{i}")
-           for i, (f, c) in enumerate([("red_square.png", "red"), ("blue_circle.png", "blue"), ("big_gray.png", "gray")], start=1)]
+SAMPLES = [
+    Sample(
+        messages=[("user", "<image>What color is the shape?"), ("assistant", c)],
+        images=[ASSETS / f],
+        where=f"d.jsonl:{i}",
+    )
+    for i, (f, c) in enumerate(
+        [("red_square.png", "red"), ("blue_circle.png", "blue"), ("big_gray.png", "gray")], start=1
+    )
+]
 CPU = torch.device("cpu")
 
 
@@ -56,7 +64,9 @@ def _by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
 
 def _run(setup) -> dict[str, CheckResult]:
     model, processor, gmap, plans, items, wheres = setup
-    return _by_name(run_checks(model, processor, gmap, plans, items, wheres, CPU, max_length=256, batch_size=len(items)))
+    return _by_name(
+        run_checks(model, processor, gmap, plans, items, wheres, CPU, max_length=256, batch_size=len(items))
+    )
 
 
 def test_quickstart_recipe_passes_every_check(tiny_dir):
@@ -69,7 +79,9 @@ def test_quickstart_recipe_passes_every_check(tiny_dir):
         "LoRA settings": "PASS",
         "memory": "PASS",
     }
-    assert results["dimensions: image tokens"].lines == ["d.jsonl:1: 16 image tokens = 16 features for grid(s) [[1, 8, 8]]"]
+    assert results["dimensions: image tokens"].lines == [
+        "d.jsonl:1: 16 image tokens = 16 features for grid(s) [[1, 8, 8]]"
+    ]
     assert results["gradient flow"].lines[0].endswith("frozen and gradient-free: vision_tower, lm_head")
 
 
@@ -81,8 +93,9 @@ def test_projector_output_wider_than_the_language_model_fails(tiny_dir):
     results = _run(_setup(tiny_dir, break_model=widen))
     dims = results["dimensions: projector -> language model"]
     assert dims.status == "FAIL"
-    assert dims.lines[0] == ("projector output width 136 does not match the language model's hidden size 128 "
-                             "(model.visual.merger)")
+    assert dims.lines[0] == (
+        "projector output width 136 does not match the language model's hidden size 128 (model.visual.merger)"
+    )
     assert results["gradient flow"].status == "FAIL"  # the model cannot even run a step
     assert results["dimensions: vision tower -> projector"].status == "PASS"
 
@@ -95,7 +108,10 @@ def test_vision_tower_narrower_than_the_projector_input_fails(tiny_dir):
     results = _run(_setup(tiny_dir, break_model=narrow_input))
     dims = results["dimensions: vision tower -> projector"]
     assert dims.status == "FAIL"
-    assert dims.lines[0] == "vision tower output width 64 does not match the projector's input width 72 (model.visual.merger.ln_q)"
+    assert (
+        dims.lines[0]
+        == "vision tower output width 64 does not match the projector's input width 72 (model.visual.merger.ln_q)"
+    )
 
 
 def test_detached_projector_output_fails_naming_the_projector(tiny_dir):
@@ -115,8 +131,10 @@ def test_processor_making_the_wrong_number_of_image_tokens_fails(tiny_dir):
     results = _run(_setup(tiny_dir, break_processor=merge_one))
     tokens = results["dimensions: image tokens"]
     assert tokens.status == "FAIL"
-    assert tokens.lines[0].startswith("d.jsonl:1: 64 image placeholder tokens but the vision path produces 16 features "
-                                      "for its image grid(s) [[1, 8, 8]]")
+    assert tokens.lines[0].startswith(
+        "d.jsonl:1: 64 image placeholder tokens but the vision path produces 16 features "
+        "for its image grid(s) [[1, 8, 8]]"
+    )
     assert results["dimensions: projector -> language model"].status == "PASS"
 
 
@@ -144,8 +162,13 @@ def test_group_grad_norms_and_judging_existing_gradients(tiny_dir):
     assert math.isfinite(loss) and activations > 0
     norms = group_grad_norms(model, gmap)
     assert list(norms) == ["projector", "language_model"]
-    manual = math.sqrt(sum(float(p.grad.pow(2).sum()) for n, p in model.named_parameters()
-                           if p.grad is not None and gmap.group_of(n) == "projector"))
+    manual = math.sqrt(
+        sum(
+            float(p.grad.pow(2).sum())
+            for n, p in model.named_parameters()
+            if p.grad is not None and gmap.group_of(n) == "projector"
+        )
+    )
     assert norms["projector"] == pytest.approx(manual, rel=1e-6) and norms["projector"] > 0
     assert check_gradients(model, gmap, plans).status == "PASS"
     assert any(p.grad is not None for p in model.parameters())  # judging does not clear them
@@ -154,12 +177,19 @@ def test_group_grad_norms_and_judging_existing_gradients(tiny_dir):
 @pytest.mark.parametrize(
     "overrides, status, fragment",
     [
-        (["groups.projector.alpha=4"], "WARN", "groups.projector: alpha/rank = 0.25 (alpha 4, rank 16); the seed starts at alpha = 2 x rank (32)"),
+        (
+            ["groups.projector.alpha=4"],
+            "WARN",
+            "groups.projector: alpha/rank = 0.25 (alpha 4, rank 16); the seed starts at alpha = 2 x rank (32)",
+        ),
         (["groups.projector.dropout=0.1"], "WARN", "groups.projector.dropout = 0.1: on the vision path"),
         (["groups.language_model.dropout=0.1"], "PASS", "language_model r16/alpha 32/dropout 0.1"),
-        (["groups.language_model.rank=100", "groups.language_model.alpha=200"], "FAIL",
-         "groups.language_model.rank = 100 is larger than the width min(in, out) of 4 layer(s): "
-         "model.language_model.layers.0.self_attn.k_proj (64)"),
+        (
+            ["groups.language_model.rank=100", "groups.language_model.alpha=200"],
+            "FAIL",
+            "groups.language_model.rank = 100 is larger than the width min(in, out) of 4 layer(s): "
+            "model.language_model.layers.0.self_attn.k_proj (64)",
+        ),
     ],
     ids=["alpha-far-from-2x", "dropout-on-projector", "dropout-on-language-model", "rank-above-width"],
 )
@@ -184,9 +214,17 @@ def test_doctor_command_on_the_quickstart_recipe(tiny_dir, capsys):
     cfg = load_config(QUICKSTART, [f"model.path={tiny_dir}", "train.batch_size=4", "data.builtin_train_samples=8"])
     assert doctor(cfg) == 0
     out = capsys.readouterr().out
-    for fragment in ("environment", "transformers ", "device cpu", "training dtype: float32",
-                     "projector       lora    2: mlp.0, mlp.2", "optimizer group projector", "lr=3.00e-03",
-                     "PASS  gradient flow", "all checks passed"):
+    for fragment in (
+        "environment",
+        "transformers ",
+        "device cpu",
+        "training dtype: float32",
+        "projector       lora    2: mlp.0, mlp.2",
+        "optimizer group projector",
+        "lr=3.00e-03",
+        "PASS  gradient flow",
+        "all checks passed",
+    ):
         assert fragment in out, fragment
 
 
@@ -202,7 +240,18 @@ def test_cli_doctor_on_the_quickstart_config_with_the_builtin_base(base_dir, cap
 def test_cli_doctor_exits_1_on_a_failure(tiny_dir, capsys):
     from vlmtune.cli import main
 
-    assert main(["doctor", str(QUICKSTART), f"model.path={tiny_dir}", "groups.language_model.rank=100",
-                 "data.builtin_train_samples=8", "train.batch_size=2"]) == 1
+    assert (
+        main(
+            [
+                "doctor",
+                str(QUICKSTART),
+                f"model.path={tiny_dir}",
+                "groups.language_model.rank=100",
+                "data.builtin_train_samples=8",
+                "train.batch_size=2",
+            ]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert "FAIL  LoRA settings: groups.language_model.rank = 100" in out and "1 check(s) failed: LoRA settings" in out

@@ -51,7 +51,13 @@ def test_adapter_export_loads_with_peft_and_reports_its_size(tiny_dir, tmp_path,
     out = tmp_path / "adapter"
     size = (out / "adapter_model.safetensors").stat().st_size
     assert f"wrote adapter export to {out} ({size / 1e6:.2f} MB of weights)" in capsys.readouterr().out
-    for name in ("adapter_config.json", "chat_template.jinja", "tokenizer.json", "processor_config.json", "config.yaml"):
+    for name in (
+        "adapter_config.json",
+        "chat_template.jinja",
+        "tokenizer.json",
+        "processor_config.json",
+        "config.yaml",
+    ):
         assert (out / name).is_file(), name
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_dir), out)
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
@@ -64,10 +70,17 @@ def test_failed_logits_check_writes_nothing(tiny_dir, tmp_path):
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.tmp").exists()
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--checkpoint", "{tiny}", "--out", "{tmp}/x"], "holds a full model (no group used LoRA), not an adapter"),
-    (["--checkpoint", "{tmp}/missing", "--out", "{tmp}/x", "--merge"], "checkpoint folder '{tmp}/missing' does not exist"),
-], ids=["full-model-without-merge", "missing-checkpoint"])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--checkpoint", "{tiny}", "--out", "{tmp}/x"], "holds a full model (no group used LoRA), not an adapter"),
+        (
+            ["--checkpoint", "{tmp}/missing", "--out", "{tmp}/x", "--merge"],
+            "checkpoint folder '{tmp}/missing' does not exist",
+        ),
+    ],
+    ids=["full-model-without-merge", "missing-checkpoint"],
+)
 def test_export_bad_input_exits_2(tiny_dir, tmp_path, capsys, args, fragment):
     fill = {"tiny": str(tiny_dir), "tmp": str(tmp_path)}
     assert main(["export", *[a.format(**fill) for a in args]]) == 2

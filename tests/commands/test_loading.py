@@ -55,12 +55,22 @@ def _touch(folder: Path, tiny_dir: Path, names: list[str]) -> Path:
 INCOMPLETE = [
     # name, files present, what the error must say
     ("empty", [], "has neither adapter_config.json (a peft adapter written by vlmtune train) nor config.json"),
-    ("adapter-without-weights", ["adapter_config.json", "config.yaml", *PROCESSOR], "missing adapter_model.safetensors"),
-    ("adapter-without-config-yaml", ["adapter_config.json", "adapter_model.safetensors", *PROCESSOR],
-     "missing config.yaml (config.yaml names the base model of the adapter)"),
+    (
+        "adapter-without-weights",
+        ["adapter_config.json", "config.yaml", *PROCESSOR],
+        "missing adapter_model.safetensors",
+    ),
+    (
+        "adapter-without-config-yaml",
+        ["adapter_config.json", "adapter_model.safetensors", *PROCESSOR],
+        "missing config.yaml (config.yaml names the base model of the adapter)",
+    ),
     ("model-without-weights", ["config.json", *PROCESSOR], "missing model.safetensors"),
-    ("model-without-processor", ["config.json", "model.safetensors"],
-     "missing tokenizer_config.json, processor_config.json or preprocessor_config.json"),
+    (
+        "model-without-processor",
+        ["config.json", "model.safetensors"],
+        "missing tokenizer_config.json, processor_config.json or preprocessor_config.json",
+    ),
     ("run-folder", ["metrics.jsonl", "config.yaml"], "(a run folder: give its final/ or a checkpoint-N/ folder)"),
 ]
 

@@ -64,12 +64,20 @@ TUNING = [
     ("all-vision-unfrozen", {"lora_target": "all", "freeze_vision_tower": False}, (ALL, ALL, ALL, F)),
     ("merger-vision-unfrozen", {"lora_target": "merger", "freeze_vision_tower": False}, (FULL, ALL, F, F)),
     ("names-vision-unfrozen", {"lora_target": "q_proj,v_proj", "freeze_vision_tower": False}, (FULL, F, QV, F)),
-    ("additional-merger-with-lm-lora", {"lora_target": "q_proj,v_proj", "additional_target": "merger"}, (F, FULL, QV, F)),
+    (
+        "additional-merger-with-lm-lora",
+        {"lora_target": "q_proj,v_proj", "additional_target": "merger"},
+        (F, FULL, QV, F),
+    ),
     ("additional-merger-default-target", {"additional_target": "merger"}, (F, FULL, ALL, F)),
     ("additional-merger-with-all", {"lora_target": "all", "additional_target": "merger"}, (F, FULL, ALL, F)),
     ("projector-unfrozen", {"lora_target": "q_proj,v_proj", "freeze_multi_modal_projector": False}, (F, FULL, QV, F)),
     ("finetuning-full", {"finetuning_type": "full"}, (F, FULL, FULL, FULL)),
-    ("finetuning-full-freeze-projector", {"finetuning_type": "full", "freeze_multi_modal_projector": True}, (F, F, FULL, FULL)),
+    (
+        "finetuning-full-freeze-projector",
+        {"finetuning_type": "full", "freeze_multi_modal_projector": True},
+        (F, F, FULL, FULL),
+    ),
     ("finetuning-full-vision", {"finetuning_type": "full", "freeze_vision_tower": False}, (FULL, FULL, FULL, FULL)),
 ]
 
@@ -84,7 +92,12 @@ def test_tuning_keys_to_groups(tmp_path, raw, expected):
     assert got == dict(zip(GROUPS, expected))
     for g, (mode, _) in zip(GROUPS, expected):
         if mode == "lora":  # LLaMA-Factory's defaults, not vlmtune's seed recipe
-            assert (cfg.group(g).rank, cfg.group(g).alpha, cfg.group(g).lora_alpha, cfg.group(g).dropout) == (8, None, 16.0, 0.0), g
+            assert (cfg.group(g).rank, cfg.group(g).alpha, cfg.group(g).lora_alpha, cfg.group(g).dropout) == (
+                8,
+                None,
+                16.0,
+                0.0,
+            ), g
     assert lines[0] == "LLaMA-Factory keys translated:"
 
 
@@ -225,17 +238,44 @@ def test_a_typical_llama_factory_file(tmp_path, model_dir):
     assert d["model"]["path"] == str(model_dir) and d["model"]["trust_remote_code"] is True
     assert d["model"]["dtype"] == "bfloat16"
     assert d["data"]["train"] == ["mllm_demo", "shapes"] and d["data"]["dataset_dir"] == "data"
-    assert (d["data"]["max_length"], d["data"]["image_max_pixels"], d["data"]["image_min_pixels"]) == (2048, 262144, 1024)
+    assert (d["data"]["max_length"], d["data"]["image_max_pixels"], d["data"]["image_min_pixels"]) == (
+        2048,
+        262144,
+        1024,
+    )
     t = d["train"]
-    assert (t["output_dir"], t["batch_size"], t["grad_accum"], t["learning_rate"], t["epochs"], t["max_steps"], t["seed"]) == (
-        "saves/qwen2_vl/lora/sft", 1, 8, 1.0e-4, 3.0, 20, 3)
-    assert (t["scheduler"], t["warmup_ratio"], t["logging_steps"], t["save_steps"], t["report_to"]) == ("cosine", 0.1, 10, 500, [])
+    assert (
+        t["output_dir"],
+        t["batch_size"],
+        t["grad_accum"],
+        t["learning_rate"],
+        t["epochs"],
+        t["max_steps"],
+        t["seed"],
+    ) == ("saves/qwen2_vl/lora/sft", 1, 8, 1.0e-4, 3.0, 20, 3)
+    assert (t["scheduler"], t["warmup_ratio"], t["logging_steps"], t["save_steps"], t["report_to"]) == (
+        "cosine",
+        0.1,
+        10,
+        500,
+        [],
+    )
     g = d["groups"]
     assert g["vision_tower"]["mode"] == "frozen" and g["lm_head"]["mode"] == "frozen"
     assert {k: g["projector"][k] for k in ("mode", "targets", "rank", "alpha", "dropout")} == {
-        "mode": "lora", "targets": "all-linear", "rank": 16, "alpha": 16.0, "dropout": 0.05}
+        "mode": "lora",
+        "targets": "all-linear",
+        "rank": 16,
+        "alpha": 16.0,
+        "dropout": 0.05,
+    }
     assert {k: g["language_model"][k] for k in ("mode", "targets", "rank", "alpha", "dropout")} == {
-        "mode": "lora", "targets": ["q_proj", "v_proj"], "rank": 16, "alpha": 16.0, "dropout": 0.05}
+        "mode": "lora",
+        "targets": ["q_proj", "v_proj"],
+        "rank": 16,
+        "alpha": 16.0,
+        "dropout": 0.05,
+    }
     # every translated key is printed
     unmentioned = [k for k in raw if not any(line.startswith(f"{k}: ") for line in lines)]
     assert unmentioned == [], (unmentioned, lines)
@@ -278,8 +318,10 @@ def test_noted_keys_values(tmp_path, raw, path, expected):
 
 
 def test_native_keys_win_over_translated_ones(tmp_path):
-    cfg, _ = _load(tmp_path, {"max_steps": 5, "train": {"max_steps": 9}, "lora_target": "merger",
-                              "groups": {"projector": {"rank": 2}}})
+    cfg, _ = _load(
+        tmp_path,
+        {"max_steps": 5, "train": {"max_steps": 9}, "lora_target": "merger", "groups": {"projector": {"rank": 2}}},
+    )
     assert cfg.train.max_steps == 9
     assert cfg.group("projector").mode == "lora" and cfg.group("projector").rank == 2
 
@@ -300,16 +342,29 @@ def test_overrides_are_translated_too(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 ERRORS = [
-    ("additional-and-lora-same-group", {"lora_target": "merger", "additional_target": "merger"},
-     "'additional_target: merger' trains projector fully but lora_target already puts LoRA on it; choose one"),
-    ("additional-unknown", {"lora_target": "q_proj", "additional_target": "embed_tokens"},
-     "'additional_target: embed_tokens' does not name a component group"),
+    (
+        "additional-and-lora-same-group",
+        {"lora_target": "merger", "additional_target": "merger"},
+        "'additional_target: merger' trains projector fully but lora_target already puts LoRA on it; choose one",
+    ),
+    (
+        "additional-unknown",
+        {"lora_target": "q_proj", "additional_target": "embed_tokens"},
+        "'additional_target: embed_tokens' does not name a component group",
+    ),
     ("stage-rm", {"stage": "rm"}, "'stage: rm' is not supported; vlmtune trains supervised fine-tuning (stage: sft)"),
     ("stage-dpo", {"stage": "dpo"}, "'stage: dpo' is not supported"),
-    ("finetuning-freeze", {"finetuning_type": "freeze"}, "'finetuning_type: freeze' is not supported; use lora or full"),
+    (
+        "finetuning-freeze",
+        {"finetuning_type": "freeze"},
+        "'finetuning_type: freeze' is not supported; use lora or full",
+    ),
     ("report_to-wandb", {"report_to": "wandb"}, "'report_to: wandb' is not supported; use tensorboard or none"),
-    ("names-without-group", {"lora_target": "merger,q_proj", "freeze_language_model": True},
-     "lora_target names q_proj but freeze_language_model: true leaves no group for them"),
+    (
+        "names-without-group",
+        {"lora_target": "merger,q_proj", "freeze_language_model": True},
+        "lora_target names q_proj but freeze_language_model: true leaves no group for them",
+    ),
     ("lora_rnk", {"lora_rnk": 8}, "unknown key 'lora_rnk' (did you mean 'lora_rank'?)"),
     ("cutof_len", {"cutof_len": 8}, "unknown key 'cutof_len' (did you mean 'cutoff_len'?)"),
 ]

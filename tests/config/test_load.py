@@ -69,7 +69,10 @@ def test_defaults_validate_to_the_seed_recipe():
     assert cfg.data.max_length == 1024 and cfg.data.too_long == "drop"
     assert cfg.train.learning_rate == 2e-4 and cfg.train.max_steps is None
     assert {g: cfg.group(g).mode for g in GROUPS} == {
-        "vision_tower": "frozen", "projector": "lora", "language_model": "lora", "lm_head": "frozen",
+        "vision_tower": "frozen",
+        "projector": "lora",
+        "language_model": "lora",
+        "lm_head": "frozen",
     }
     assert cfg.group("projector").rank == 16 and cfg.group("projector").targets == "all-linear"
     assert cfg.group("language_model").targets == "attention"
@@ -81,7 +84,9 @@ def test_defaults_validate_to_the_seed_recipe():
 
 
 def test_yaml_file_then_dotted_overrides(tmp_path):
-    path = _write(tmp_path / "run.yaml", """
+    path = _write(
+        tmp_path / "run.yaml",
+        """
 train:
   max_steps: 100
   learning_rate: 1.0e-4
@@ -90,14 +95,18 @@ groups:
     rank: 4
 data:
   max_length: 256
-""")
-    cfg = load_config(path, [
-        "train.max_steps=5",
-        "groups.projector.lr=1e-3",
-        "groups.language_model.targets=[q_proj,v_proj]",
-        "data.train=[a.jsonl, b.jsonl]",
-        "train.save_steps=",
-    ])
+""",
+    )
+    cfg = load_config(
+        path,
+        [
+            "train.max_steps=5",
+            "groups.projector.lr=1e-3",
+            "groups.language_model.targets=[q_proj,v_proj]",
+            "data.train=[a.jsonl, b.jsonl]",
+            "train.save_steps=",
+        ],
+    )
     assert cfg.train.max_steps == 5  # the override wins over the file
     assert cfg.train.learning_rate == 1e-4  # the file's value, kept
     assert cfg.data.max_length == 256
@@ -180,7 +189,9 @@ def test_unknown_group_name_suggests_projector():
 
 
 def test_every_problem_of_one_file_is_reported_together(tmp_path):
-    path = _write(tmp_path / "bad.yaml", """
+    path = _write(
+        tmp_path / "bad.yaml",
+        """
 foo: 1
 train:
   lerning_rate: 0.1
@@ -192,7 +203,8 @@ groups:
     mode: sometimes
 data:
   too_long: cut
-""")
+""",
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path)
     problems = info.value.problems
@@ -216,13 +228,16 @@ data:
 def test_schema_and_cross_field_problems_are_reported_together(tmp_path):
     # One file with a misspelt key AND a misspelt group name: the user should see both at once,
     # not fix one and then meet the other.
-    path = _write(tmp_path / "bad.yaml", """
+    path = _write(
+        tmp_path / "bad.yaml",
+        """
 train:
   lerning_rate: 0.1
 groups:
   projecter:
     mode: lora
-""")
+""",
+    )
     problems = _problems(path)
     assert len(problems) == 2, problems
     assert any("unknown key 'train.lerning_rate' (did you mean 'learning_rate'?)" in p for p in problems)
@@ -259,7 +274,7 @@ def test_bad_union_value_names_the_config_key(override, key):
     # not pydantic's union members ('groups.projector.targets.list[str]' is no config key).
     problems = _problems(None, [override])
     named = [p.split("'")[1] for p in problems]
-    assert named and all(n == key or n.startswith(key + ".") and n[len(key) + 1:].isdigit() for n in named), problems
+    assert named and all(n == key or n.startswith(key + ".") and n[len(key) + 1 :].isdigit() for n in named), problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,13 +282,22 @@ def test_bad_union_value_names_the_config_key(override, key):
 # ---------------------------------------------------------------------------------------------
 
 SEMANTIC = [
-    ("targets-string", ["groups.projector.targets=q_proj"],
-     "'groups.projector.targets': 'q_proj' is not all-linear, attention or mlp; give a list for module names, e.g. [q_proj]"),
+    (
+        "targets-string",
+        ["groups.projector.targets=q_proj"],
+        "'groups.projector.targets': 'q_proj' is not all-linear, attention or mlp; give a list for module names, e.g. [q_proj]",
+    ),
     ("targets-empty-list", ["groups.language_model.targets=[]"], "'groups.language_model.targets' is an empty list"),
-    ("all-frozen", ["groups.projector.mode=frozen", "groups.language_model.mode=frozen"],
-     "every group is frozen: set at least one of groups.<group>.mode to lora or full"),
-    ("packing-length-without-packing", ["train.packing_length=2048"],
-     "'train.packing_length' is set but train.packing is false: set train.packing: true or drop packing_length"),
+    (
+        "all-frozen",
+        ["groups.projector.mode=frozen", "groups.language_model.mode=frozen"],
+        "every group is frozen: set at least one of groups.<group>.mode to lora or full",
+    ),
+    (
+        "packing-length-without-packing",
+        ["train.packing_length=2048"],
+        "'train.packing_length' is set but train.packing is false: set train.packing: true or drop packing_length",
+    ),
 ]
 
 
@@ -338,14 +362,40 @@ def test_hub_id_is_not_accepted_as_model_path():
 
 def test_every_field_of_every_model_has_a_description():
     models = _models()
-    assert set(models) >= {Config, ModelConfig, ArchEntry, DataConfig, AugmentConfig, TrainConfig, EvalConfig, Groups,
-                           GroupConfig, StageConfig}
+    assert set(models) >= {
+        Config,
+        ModelConfig,
+        ArchEntry,
+        DataConfig,
+        AugmentConfig,
+        TrainConfig,
+        EvalConfig,
+        Groups,
+        GroupConfig,
+        StageConfig,
+    }
     # the rest are the typed overrides of a stage: partial copies of Groups, GroupConfig, DataConfig, AugmentConfig
-    assert {m.__name__ for m in models} - {m.__name__ for m in (Config, ModelConfig, ArchEntry, DataConfig, AugmentConfig,
-        TrainConfig, EvalConfig, Groups, GroupConfig, StageConfig)} == {
-        "GroupsOverrides", "GroupConfigOverrides", "DataOverrides", "AugmentConfigOverrides"}
-    missing = [f"{m.__name__}.{name}" for m in models for name, f in m.model_fields.items()
-               if not (f.description and f.description.strip())]
+    assert {m.__name__ for m in models} - {
+        m.__name__
+        for m in (
+            Config,
+            ModelConfig,
+            ArchEntry,
+            DataConfig,
+            AugmentConfig,
+            TrainConfig,
+            EvalConfig,
+            Groups,
+            GroupConfig,
+            StageConfig,
+        )
+    } == {"GroupsOverrides", "GroupConfigOverrides", "DataOverrides", "AugmentConfigOverrides"}
+    missing = [
+        f"{m.__name__}.{name}"
+        for m in models
+        for name, f in m.model_fields.items()
+        if not (f.description and f.description.strip())
+    ]
     assert missing == []
     for m in models:
         assert m.__doc__ and m.__doc__.strip(), m.__name__
@@ -373,8 +423,10 @@ def test_reference_lists_every_field_with_its_description_and_default():
     text = "\n".join(lines)
     leaves = _leaf_keys(Config)
     nested = {"augment"}  # DataConfig.augment is a section of its own
-    assert len(leaves) == sum(len(set(m.model_fields) - nested) for m in (
-        ModelConfig, DataConfig, AugmentConfig, TrainConfig, EvalConfig, GroupConfig, StageConfig))
+    assert len(leaves) == sum(
+        len(set(m.model_fields) - nested)
+        for m in (ModelConfig, DataConfig, AugmentConfig, TrainConfig, EvalConfig, GroupConfig, StageConfig)
+    )
     for key, field in leaves:
         entry = [line for line in lines if line.startswith(f"  {key} = ")]
         assert len(entry) == 1, key
@@ -394,22 +446,25 @@ def test_config_to_yaml_round_trip(tmp_path):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     _write(model_dir / "config.json", "{}")
-    cfg = load_config(None, [
-        f"model.path={model_dir}",
-        "model.dtype=bfloat16",
-        "groups.vision_tower.mode=full",
-        "groups.vision_tower.lr=1e-5",
-        "groups.language_model.targets=[q_proj, v_proj]",
-        "groups.projector.alpha=8",
-        "groups.projector.dropout=0.05",
-        "data.train=[a.jsonl, b.jsonl]",
-        "data.too_long=downscale",
-        "data.image_max_pixels=50176",
-        "train.max_steps=7",
-        "train.adam_betas=[0.8, 0.95]",
-        "train.report_to=[tensorboard]",
-        "train.scheduler=linear",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            "model.dtype=bfloat16",
+            "groups.vision_tower.mode=full",
+            "groups.vision_tower.lr=1e-5",
+            "groups.language_model.targets=[q_proj, v_proj]",
+            "groups.projector.alpha=8",
+            "groups.projector.dropout=0.05",
+            "data.train=[a.jsonl, b.jsonl]",
+            "data.too_long=downscale",
+            "data.image_max_pixels=50176",
+            "train.max_steps=7",
+            "train.adam_betas=[0.8, 0.95]",
+            "train.report_to=[tensorboard]",
+            "train.scheduler=linear",
+        ],
+    )
     text = config_to_yaml(cfg)
     raw = yaml.safe_load(text)
     assert list(raw) == list(Config.model_fields)
@@ -428,8 +483,15 @@ def test_defaults_round_trip(tmp_path):
 
 
 def test_group_helpers():
-    cfg = load_config(None, ["train.weight_decay=0.1", "groups.projector.weight_decay=0", "groups.projector.rank=4",
-                             "groups.language_model.alpha=3"])
+    cfg = load_config(
+        None,
+        [
+            "train.weight_decay=0.1",
+            "groups.projector.weight_decay=0",
+            "groups.projector.rank=4",
+            "groups.language_model.alpha=3",
+        ],
+    )
     assert cfg.group_weight_decay("projector") == 0.0  # 0 is a value, not "empty"
     assert cfg.group_weight_decay("language_model") == 0.1
     assert cfg.group("projector").lora_alpha == 8.0

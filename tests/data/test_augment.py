@@ -64,8 +64,9 @@ def test_each_sample_epoch_and_image_gets_its_own_draw(image, other):
 
 
 def test_another_seed_another_draw(image):
-    assert not np.array_equal(_pixels(Augmenter(ON)(image, 0, 0)),
-                              _pixels(Augmenter(AugmentConfig(enabled=True, seed=1))(image, 0, 0)))
+    assert not np.array_equal(
+        _pixels(Augmenter(ON)(image, 0, 0)), _pixels(Augmenter(AugmentConfig(enabled=True, seed=1))(image, 0, 0))
+    )
 
 
 def test_size_kept_and_params_within_configured_ranges(image):
@@ -81,14 +82,18 @@ def test_size_kept_and_params_within_configured_ranges(image):
 
 
 def test_flip_only_when_enabled_and_hue_off_by_default(image):
-    flips = [draw_params(AugmentConfig(enabled=True, flip=True), (448, 448), generator_for(0, i, 0, 0)).flip for i in range(40)]
+    flips = [
+        draw_params(AugmentConfig(enabled=True, flip=True), (448, 448), generator_for(0, i, 0, 0)).flip
+        for i in range(40)
+    ]
     assert 5 < sum(flips) < 35
     assert {draw_params(ON, (448, 448), generator_for(0, i, 0, 0)).hue for i in range(20)} == {0.0}
 
 
 def test_everything_off_is_the_identity(image):
-    off = AugmentConfig(enabled=True, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), brightness=0, contrast=0, saturation=0,
-                        rotation=0)
+    off = AugmentConfig(
+        enabled=True, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), brightness=0, contrast=0, saturation=0, rotation=0
+    )
     assert np.array_equal(_pixels(Augmenter(off)(image, 5, 1)), _pixels(image))
 
 
@@ -112,8 +117,10 @@ def test_bad_settings_name_the_key(override, fragment):
 # In the dataset: train only, per epoch, token counts unchanged
 # ---------------------------------------------------------------------------------------------
 
-SAMPLES = [Sample(messages=[("user", "<image>What color is the shape?"), ("assistant", c)], images=[p], where=f"d.jsonl:{i}")
-           for i, (p, c) in enumerate([(RED, "red"), (BIG, "gray")], start=1)]
+SAMPLES = [
+    Sample(messages=[("user", "<image>What color is the shape?"), ("assistant", c)], images=[p], where=f"d.jsonl:{i}")
+    for i, (p, c) in enumerate([(RED, "red"), (BIG, "gray")], start=1)
+]
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +156,20 @@ def test_train_split_is_augmented_per_epoch_eval_never(processor):
 
 
 def test_preview_writes_a_grid(tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", [
-        {"messages": [{"role": "user", "content": "What is red?"}, {"role": "assistant", "content": "a square"}]},
-        {"messages": [{"role": "user", "content": "<image>Color?"}, {"role": "assistant", "content": "red"}], "images": [str(RED)]},
-        {"messages": [{"role": "user", "content": "<image>Color?"}, {"role": "assistant", "content": "gray"}], "images": [str(BIG)]},
-    ])
+    data = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "What is red?"}, {"role": "assistant", "content": "a square"}]},
+            {
+                "messages": [{"role": "user", "content": "<image>Color?"}, {"role": "assistant", "content": "red"}],
+                "images": [str(RED)],
+            },
+            {
+                "messages": [{"role": "user", "content": "<image>Color?"}, {"role": "assistant", "content": "gray"}],
+                "images": [str(BIG)],
+            },
+        ],
+    )
     cfg = load_config(None, [f"data.train={data}", "data.augment.enabled=true"])
     out = preview(cfg, tmp_path / "out" / "grid.png", samples=2, views=3)
     with Image.open(out) as im:
@@ -164,8 +180,15 @@ def test_preview_writes_a_grid(tmp_path):
 def test_cli_preview(tmp_path):
     from vlmtune.cli import main
 
-    data = write_jsonl(tmp_path / "d.jsonl", [
-        {"messages": [{"role": "user", "content": "<image>Color?"}, {"role": "assistant", "content": "red"}], "images": [str(RED)]}])
+    data = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {
+                "messages": [{"role": "user", "content": "<image>Color?"}, {"role": "assistant", "content": "red"}],
+                "images": [str(RED)],
+            }
+        ],
+    )
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"data": {"train": str(data), "augment": {"enabled": True, "flip": True}}}))
     assert main(["data", "preview", str(cfg), "data.augment.seed=3", "--out", str(tmp_path / "g.png")]) == 0

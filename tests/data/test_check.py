@@ -11,8 +11,9 @@ from PIL import Image
 
 from vlmtune.commands.data import load_processor, run_check
 from vlmtune.config.schema import DataConfig
-from vlmtune.data.dataset import build_dataset, iter_split
+from vlmtune.data.dataset import build_dataset
 from vlmtune.data.sharegpt import KINDS, DataError, Problem, Sample, read_file
+from vlmtune.data.sources import iter_split
 
 ASSETS = Path(__file__).parents[1] / "assets"
 MAX_LENGTH = 60  # a 64x64 image sample is about 46 tokens, the 448x448 one about 97 (computed below, not assumed)
@@ -38,8 +39,14 @@ EXPECTED = {
     9: ("image missing", "image '{dir}/images/nope.png' does not exist"),
     10: ("image unreadable", "image '{dir}/images/corrupt.png' cannot be opened:"),
     11: ("image unreadable", "image '{dir}/images/truncated.png' cannot be opened: image file is truncated"),
-    12: ("image too small", "image '{dir}/images/tiny.png' is 8x8, smaller than the processor's minimum (16 px a side, 1024 pixels)"),
-    13: ("too long", "97 tokens (64 of them image tokens for 1 image(s)) > data.max_length=60; data.too_long=drop: dropped"),
+    12: (
+        "image too small",
+        "image '{dir}/images/tiny.png' is 8x8, smaller than the processor's minimum (16 px a side, 1024 pixels)",
+    ),
+    13: (
+        "too long",
+        "97 tokens (64 of them image tokens for 1 image(s)) > data.max_length=60; data.too_long=drop: dropped",
+    ),
     14: ("duplicate", "duplicate of {dir}/bad.jsonl:1 (same messages and images)"),
 }
 GOOD_LINES = (1, 15)
@@ -60,11 +67,24 @@ def bad_dir(tmp_path_factory) -> Path:
         json.dumps(good).encode(),
         b'{"messages": [',
         b'{"messages": "\xff"}',
-        json.dumps({"messages": [{"content": "<image>hi"}, _m("assistant", "x")], "images": ["images/red_square.png"]}).encode(),
-        json.dumps({"messages": [_m("user", "<image>hi"), _m("bot", "x")], "images": ["images/red_square.png"]}).encode(),
-        json.dumps({"messages": [_m("user", "<image>a"), _m("user", "b"), _m("assistant", "c")], "images": ["images/red_square.png"]}).encode(),
-        json.dumps({"messages": [_m("user", "<image>a"), _m("assistant", " ")], "images": ["images/red_square.png"]}).encode(),
-        json.dumps({"messages": [_m("user", "<image><image>a"), _m("assistant", "b")], "images": ["images/red_square.png"]}).encode(),
+        json.dumps(
+            {"messages": [{"content": "<image>hi"}, _m("assistant", "x")], "images": ["images/red_square.png"]}
+        ).encode(),
+        json.dumps(
+            {"messages": [_m("user", "<image>hi"), _m("bot", "x")], "images": ["images/red_square.png"]}
+        ).encode(),
+        json.dumps(
+            {
+                "messages": [_m("user", "<image>a"), _m("user", "b"), _m("assistant", "c")],
+                "images": ["images/red_square.png"],
+            }
+        ).encode(),
+        json.dumps(
+            {"messages": [_m("user", "<image>a"), _m("assistant", " ")], "images": ["images/red_square.png"]}
+        ).encode(),
+        json.dumps(
+            {"messages": [_m("user", "<image><image>a"), _m("assistant", "b")], "images": ["images/red_square.png"]}
+        ).encode(),
         json.dumps(_q("images/nope.png")).encode(),
         json.dumps(_q("images/corrupt.png")).encode(),
         json.dumps(_q("images/truncated.png")).encode(),
@@ -92,7 +112,9 @@ def test_every_kind_is_exercised():
 
 
 def test_check_reports_each_problem_at_its_line(bad_dir, tiny_dir, capsys):
-    code = run_check(str(bad_dir / "bad.jsonl"), [f"model.path={tiny_dir}", f"data.max_length={MAX_LENGTH}"], progress=False)
+    code = run_check(
+        str(bad_dir / "bad.jsonl"), [f"model.path={tiny_dir}", f"data.max_length={MAX_LENGTH}"], progress=False
+    )
     out = capsys.readouterr().out
     assert code == 1
     problem_lines = [lab.strip() for lab in out.splitlines() if lab.startswith(f"  {bad_dir}")]
@@ -116,7 +138,9 @@ def test_check_of_a_config_with_a_missing_file_and_an_eval_split(bad_dir, tiny_d
     evals = tmp_path / "eval.jsonl"
     evals.write_text(json.dumps(_q(str(bad_dir / "images" / "blue_circle.png"), "blue")) + "\n", encoding="utf-8")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {{path: {tiny_dir}}}\ndata: {{train: [{good}, {tmp_path / 'gone.jsonl'}], eval: {evals}}}\n")
+    cfg.write_text(
+        f"model: {{path: {tiny_dir}}}\ndata: {{train: [{good}, {tmp_path / 'gone.jsonl'}], eval: {evals}}}\n"
+    )
     assert run_check(str(cfg), [], progress=False) == 1
     out = capsys.readouterr().out
     assert f"  data file '{tmp_path / 'gone.jsonl'}' does not exist" in out
@@ -129,7 +153,9 @@ def test_clean_data_exits_0_with_length_table(tiny_dir, shapes_dir, capsys):
     out = capsys.readouterr().out
     assert code == 0 and out.rstrip().endswith("no errors")
     assert "train  64       64      0       0" in out
-    row = next(lab for lab in out.splitlines() if lab.startswith("train") and len(lab.split()) == 10)  # the length table
+    row = next(
+        lab for lab in out.splitlines() if lab.startswith("train") and len(lab.split()) == 10
+    )  # the length table
     measured, low, p50, p90, p99, high = row.split()[1:7]
     assert measured == "64" and int(low) <= int(p50) <= int(p90) <= int(p99) <= int(high)
     assert row.split()[8] == "16.0" and row.split()[9] == "0"  # 64x64 images -> 16 tokens each; none over
@@ -160,39 +186,69 @@ def test_training_data_with_error_lists_every_error_in_file_order(bad_dir, proce
 
 
 def test_training_data_with_skip_keeps_the_rest_and_reports_counts(bad_dir, processor):
-    ds = build_dataset(str(bad_dir / "bad.jsonl"), DataConfig(max_length=MAX_LENGTH, on_bad_sample="skip"), processor, "train")
+    ds = build_dataset(
+        str(bad_dir / "bad.jsonl"), DataConfig(max_length=MAX_LENGTH, on_bad_sample="skip"), processor, "train"
+    )
     path = bad_dir / "bad.jsonl"
     assert [it.sample.where for it in ds.items] == [f"{path}:1", f"{path}:14", f"{path}:15"]
     report = ds.report
     assert report.kept == 3 and report.dropped == [f"{path}:13"]
-    assert report.skipped_by_kind() == {"bad JSON": 1, "not UTF-8": 1, "role": 2, "roles out of order": 1, "empty answer": 1,
-                                        "image count": 1, "image missing": 1, "image unreadable": 2, "image too small": 1}
+    assert report.skipped_by_kind() == {
+        "bad JSON": 1,
+        "not UTF-8": 1,
+        "role": 2,
+        "roles out of order": 1,
+        "empty answer": 1,
+        "image count": 1,
+        "image missing": 1,
+        "image unreadable": 2,
+        "image too small": 1,
+    }
     assert report.skipped_samples() == [f"{path}:{n}" for n in range(2, 13)]
     lines = report.lines(MAX_LENGTH)
-    assert lines[0] == ("11 bad sample(s) skipped (data.on_bad_sample: skip): bad JSON 1, not UTF-8 1, role 2, roles out of order 1, "
-                        "empty answer 1, image count 1, image missing 1, image unreadable 2, image too small 1")
+    assert lines[0] == (
+        "11 bad sample(s) skipped (data.on_bad_sample: skip): bad JSON 1, not UTF-8 1, role 2, roles out of order 1, "
+        "empty answer 1, image count 1, image missing 1, image unreadable 2, image too small 1"
+    )
     assert lines[1] == f"  skipped {path}:2: bad JSON line: Expecting value at column 15"
     assert f"1 sample(s) over max_length={MAX_LENGTH} dropped (image tokens are never cut): {path}:13" in lines
-    assert lines[-1] == f"1 duplicate sample(s) kept (each trains as often as it appears): {path}:14: duplicate of {path}:1 (same messages and images)"
+    assert (
+        lines[-1]
+        == f"1 duplicate sample(s) kept (each trains as often as it appears): {path}:14: duplicate of {path}:1 (same messages and images)"
+    )
     data = json.loads(json.dumps(report.to_dict()))
     assert data["skipped_samples"] == 11 and data["skipped_by_kind"]["image unreadable"] == 2
-    assert data["skipped"][0] == {"where": f"{path}:2", "kind": "bad JSON", "message": "bad JSON line: Expecting value at column 15"}
-    assert data["duplicates"] == [{"where": f"{path}:14", "kind": "duplicate", "message": f"duplicate of {path}:1 (same messages and images)"}]
+    assert data["skipped"][0] == {
+        "where": f"{path}:2",
+        "kind": "bad JSON",
+        "message": "bad JSON line: Expecting value at column 15",
+    }
+    assert data["duplicates"] == [
+        {"where": f"{path}:14", "kind": "duplicate", "message": f"duplicate of {path}:1 (same messages and images)"}
+    ]
     for i in range(len(ds)):
         assert len(ds[i]["input_ids"]) == ds.lengths()[i]
 
 
 def test_skip_never_skips_a_missing_file(bad_dir, processor, tmp_path):
     with pytest.raises(DataError) as info:
-        build_dataset([str(bad_dir / "bad.jsonl"), str(tmp_path / "gone.jsonl")],
-                      DataConfig(max_length=MAX_LENGTH, on_bad_sample="skip"), processor, "train")
+        build_dataset(
+            [str(bad_dir / "bad.jsonl"), str(tmp_path / "gone.jsonl")],
+            DataConfig(max_length=MAX_LENGTH, on_bad_sample="skip"),
+            processor,
+            "train",
+        )
     (problem,) = info.value.problems
     assert problem.startswith(f"data file '{tmp_path / 'gone.jsonl'}' does not exist")
 
 
 def test_header_only_mode_misses_truncated_images(bad_dir, processor):
-    ds = build_dataset(str(bad_dir / "bad.jsonl"), DataConfig(max_length=MAX_LENGTH, on_bad_sample="skip", decode_images=False),
-                       processor, "train")
+    ds = build_dataset(
+        str(bad_dir / "bad.jsonl"),
+        DataConfig(max_length=MAX_LENGTH, on_bad_sample="skip", decode_images=False),
+        processor,
+        "train",
+    )
     assert ds.report.skipped_by_kind()["image unreadable"] == 1  # corrupt.png fails to open; truncated.png opens
 
 
@@ -214,9 +270,21 @@ def test_training_with_skip_completes_and_reports(bad_dir, tiny_dir, tmp_path, c
     from vlmtune.cli import main
 
     root = Path(__file__).resolve().parents[2]
-    code = main(["train", str(root / "examples/quickstart.yaml"), f"model.path={tiny_dir}", f"data.train={bad_dir / 'bad.jsonl'}",
-                 "data.eval=null", f"data.max_length={MAX_LENGTH}", "data.on_bad_sample=skip", "train.max_steps=2",
-                 "train.batch_size=2", f"train.output_dir={tmp_path / 'run'}", "train.progress_bar=false"])
+    code = main(
+        [
+            "train",
+            str(root / "examples/quickstart.yaml"),
+            f"model.path={tiny_dir}",
+            f"data.train={bad_dir / 'bad.jsonl'}",
+            "data.eval=null",
+            f"data.max_length={MAX_LENGTH}",
+            "data.on_bad_sample=skip",
+            "train.max_steps=2",
+            "train.batch_size=2",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.progress_bar=false",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "train data: 3 samples" in out
@@ -228,4 +296,7 @@ def test_cli_data_check_exit_status(bad_dir, tiny_dir, capsys):
     from vlmtune.cli import main
 
     assert main(["data", "check", str(bad_dir / "bad.jsonl"), f"model.path={tiny_dir}", "--no-progress"]) == 1
-    assert f"{bad_dir / 'bad.jsonl'}:9: image '{bad_dir / 'images' / 'nope.png'}' does not exist" in capsys.readouterr().out
+    assert (
+        f"{bad_dir / 'bad.jsonl'}:9: image '{bad_dir / 'images' / 'nope.png'}' does not exist"
+        in capsys.readouterr().out
+    )

@@ -212,7 +212,9 @@ def test_64px_image_token_count_matches_processor(processor):
 )
 def test_input_ids_equal_the_processors_own(processor, sample, prompt_only):
     if prompt_only:
-        sample = Sample(messages=[m for m in sample.messages if m[0] != "assistant"][:1], images=sample.images, where="p")
+        sample = Sample(
+            messages=[m for m in sample.messages if m[0] != "assistant"][:1], images=sample.images, where="p"
+        )
     chat = to_chat(sample)
     images = load_images(sample)
     text = processor.apply_chat_template(chat, tokenize=False)
@@ -303,7 +305,14 @@ def test_collate_pads_right_and_masks(processor):
     # pixel inputs concatenated in batch order
     assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], b["pixel_values"], c["pixel_values"]]))
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8]] * 4
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
+    assert set(batch) == {
+        "input_ids",
+        "attention_mask",
+        "labels",
+        "mm_token_type_ids",
+        "pixel_values",
+        "image_grid_thw",
+    }
 
 
 def test_collate_video_tokens_marked_2():

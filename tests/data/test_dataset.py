@@ -16,8 +16,9 @@ import pytest
 from vlmtune.config.schema import DataConfig
 from vlmtune.data import shapes
 from vlmtune.data.collate import IGNORE, encode_text, image_token_counts, to_chat
-from vlmtune.data.dataset import LengthReport, VLMDataset, build_dataset, resolve_source
+from vlmtune.data.dataset import LengthReport, VLMDataset, build_dataset
 from vlmtune.data.sharegpt import DataError, Format, Sample, read_samples
+from vlmtune.data.sources import resolve_source
 from vlmtune.paths import cache_dir
 
 ASSETS = Path(__file__).parents[1] / "assets"
@@ -40,8 +41,12 @@ def _full(processor, sample: Sample, sizes, max_pixels=None):
 
 
 TEXT = Sample(messages=[("user", "Describe a square."), ("assistant", "a small blue square")], where="d.jsonl:1")
-RED_Q = Sample(messages=[("user", "<image>What color is the shape?"), ("assistant", "red")], images=[RED], where="d.jsonl:2")
-BIG_Q = Sample(messages=[("user", "<image>What color is the shape?"), ("assistant", "gray")], images=[BIG], where="d.jsonl:3")
+RED_Q = Sample(
+    messages=[("user", "<image>What color is the shape?"), ("assistant", "red")], images=[RED], where="d.jsonl:2"
+)
+BIG_Q = Sample(
+    messages=[("user", "<image>What color is the shape?"), ("assistant", "gray")], images=[BIG], where="d.jsonl:3"
+)
 MULTI = Sample(
     messages=[
         ("user", "<image>Describe the image."),
@@ -252,7 +257,9 @@ def test_image_tokens_over_the_limit_drop_under_every_policy(processor, policy, 
     assert len(ds) == 0 and ds.report.kept == 0
     assert ds.report.dropped == [sample.where]
     assert ds.report.downscaled == [] and ds.report.truncated == []
-    assert ds.report.lines(limit) == [f"1 sample(s) over max_length={limit} dropped (image tokens are never cut): {sample.where}"]
+    assert ds.report.lines(limit) == [
+        f"1 sample(s) over max_length={limit} dropped (image tokens are never cut): {sample.where}"
+    ]
 
 
 def test_mixed_policies_report_counts(processor):
@@ -319,7 +326,9 @@ def test_build_dataset_reports_every_source_problem(processor, tmp_path):
 
 
 def test_build_dataset_from_files(processor, shapes_dir):
-    ds = build_dataset([str(shapes_dir / "train.jsonl"), str(shapes_dir / "compare.jsonl")], DataConfig(), processor, "train")
+    ds = build_dataset(
+        [str(shapes_dir / "train.jsonl"), str(shapes_dir / "compare.jsonl")], DataConfig(), processor, "train"
+    )
     assert len(ds) == 64 + 8
     assert ds.items[0].sample.where == f"{shapes_dir / 'train.jsonl'}:1"
     assert ds.items[-1].sample.where == f"{shapes_dir / 'compare.jsonl'}:8"

@@ -36,7 +36,7 @@ def test_grouping_by_length_sorts_within_megabatches_and_keeps_every_sample():
     order = s.order()
     assert sorted(order) == list(range(300))
     for k in range(0, 300, 100):
-        chunk = [lengths[i] for i in order[k:k + 100]]
+        chunk = [lengths[i] for i in order[k : k + 100]]
         assert chunk == sorted(chunk, reverse=True)
     assert order == EpochSampler(300, seed=5, lengths=lengths, batch_size=2).order()  # deterministic
     s.set_epoch(1)
@@ -47,7 +47,7 @@ def test_grouping_reduces_padding():
     lengths = [(i * 37) % 101 + 1 for i in range(400)]
 
     def padding(order, b=8):
-        batches = [order[k:k + b] for k in range(0, len(order), b)]
+        batches = [order[k : k + b] for k in range(0, len(order), b)]
         real = sum(lengths[i] for i in order)
         return 1 - real / sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
 

@@ -21,8 +21,11 @@ ANSWERS = {
     "size": set(SIZES),
     "position": set(POSITIONS),
     "compare": {"yes", "no"},
-    "pretrain": CAPTIONS | {f"{c}, {s}, {z}, {p}" for s in SHAPES for c in COLORS for z in SIZES for p in POSITIONS}
-    | set(SHAPES) | set(SIZES) | set(POSITIONS),
+    "pretrain": CAPTIONS
+    | {f"{c}, {s}, {z}, {p}" for s in SHAPES for c in COLORS for z in SIZES for p in POSITIONS}
+    | set(SHAPES)
+    | set(SIZES)
+    | set(POSITIONS),
 }
 
 
@@ -161,7 +164,9 @@ def test_names_keep_splits_apart(tmp_path):
 
 
 def test_unknown_task_and_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="'colour'.*caption, attributes, color, shape, size, position, compare, pretrain"):
+    with pytest.raises(
+        ValueError, match="'colour'.*caption, attributes, color, shape, size, position, compare, pretrain"
+    ):
         generate_shapes(tmp_path, 3, "colour")
     with pytest.raises(ValueError, match="num_samples"):
         generate_shapes(tmp_path, -1, "color")

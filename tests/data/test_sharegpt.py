@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import write_jsonl
 from vlmtune.config.schema import DataConfig
-from vlmtune.data.dataset import resolve_source
 from vlmtune.data.sharegpt import DataError, DuplicateFinder, Format, Problem, Sample, read_file, read_samples
+from vlmtune.data.sources import resolve_source
 
 ASSETS = Path(__file__).parents[1] / "assets"
 RED = ASSETS / "red_square.png"
@@ -91,18 +91,23 @@ def test_json_list_in_a_jsonl_named_file(data_dir):
 
 def test_jsonl_places_count_blank_lines(data_dir):
     path = data_dir / "t.jsonl"
-    path.write_text("\n" + json.dumps(MESSAGES_RECORD) + "\n\n" + json.dumps(CONVERSATIONS_RECORD) + "\n", encoding="utf-8")
+    path.write_text(
+        "\n" + json.dumps(MESSAGES_RECORD) + "\n\n" + json.dumps(CONVERSATIONS_RECORD) + "\n", encoding="utf-8"
+    )
     assert [s.where for s in read_samples(path)] == [f"{path}:2", f"{path}:4"]
 
 
 def test_image_paths_are_relative_to_the_data_file_not_the_cwd(data_dir, tmp_path, monkeypatch):
     sub = data_dir / "splits"
     sub.mkdir()
-    path = write_jsonl(sub / "t.jsonl", [
-        {"messages": [_msg("user", "<image>a"), _msg("assistant", "b")], "images": ["../images/red.png"]},
-        {"messages": [_msg("user", "<image>a"), _msg("assistant", "b")], "images": [str(BLUE)]},
-        {"messages": [_msg("user", "<image>a"), _msg("assistant", "b")], "images": "../images/blue.png"},
-    ])
+    path = write_jsonl(
+        sub / "t.jsonl",
+        [
+            {"messages": [_msg("user", "<image>a"), _msg("assistant", "b")], "images": ["../images/red.png"]},
+            {"messages": [_msg("user", "<image>a"), _msg("assistant", "b")], "images": [str(BLUE)]},
+            {"messages": [_msg("user", "<image>a"), _msg("assistant", "b")], "images": "../images/blue.png"},
+        ],
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -122,28 +127,39 @@ def test_relative_data_path_from_another_cwd(data_dir, monkeypatch):
 
 
 def test_multi_image_multi_turn_with_system_prompt(data_dir):
-    path = write_jsonl(data_dir / "t.jsonl", [{
-        "messages": [
-            _msg("system", "Answer briefly."),
-            _msg("user", "<image><image>Same color?"),
-            _msg("assistant", "no"),
-            _msg("user", "Which is red?"),
-            _msg("assistant", "the first"),
+    path = write_jsonl(
+        data_dir / "t.jsonl",
+        [
+            {
+                "messages": [
+                    _msg("system", "Answer briefly."),
+                    _msg("user", "<image><image>Same color?"),
+                    _msg("assistant", "no"),
+                    _msg("user", "Which is red?"),
+                    _msg("assistant", "the first"),
+                ],
+                "images": ["images/red.png", "images/blue.png"],
+            },
+            {
+                "conversations": [
+                    _conv("system", "Be brief."),
+                    _conv("human", "First <image> then"),
+                    _conv("gpt", "ok"),
+                    _conv("human", "<image> second"),
+                    _conv("gpt", "blue"),
+                ],
+                "images": ["images/red.png", "images/blue.png"],
+            },
         ],
-        "images": ["images/red.png", "images/blue.png"],
-    }, {
-        "conversations": [
-            _conv("system", "Be brief."),
-            _conv("human", "First <image> then"),
-            _conv("gpt", "ok"),
-            _conv("human", "<image> second"),
-            _conv("gpt", "blue"),
-        ],
-        "images": ["images/red.png", "images/blue.png"],
-    }])
+    )
     a, b = read_samples(path)
-    assert a.messages == [("system", "Answer briefly."), ("user", "<image><image>Same color?"), ("assistant", "no"),
-                          ("user", "Which is red?"), ("assistant", "the first")]
+    assert a.messages == [
+        ("system", "Answer briefly."),
+        ("user", "<image><image>Same color?"),
+        ("assistant", "no"),
+        ("user", "Which is red?"),
+        ("assistant", "the first"),
+    ]
     assert a.images == [data_dir / "images" / "red.png", data_dir / "images" / "blue.png"]
     assert [r for r, _ in b.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert b.messages[3] == ("user", "<image> second")
@@ -175,24 +191,39 @@ def _dataset_info(data_dir: Path, info: dict) -> None:
 
 
 def test_dataset_info_name_with_columns_and_tags(data_dir):
-    write_jsonl(data_dir / "custom.jsonl", [{
-        "dialog": [{"speaker": "USER", "text": "<image>Color?"}, {"speaker": "BOT", "text": "red"}],
-        "pics": ["images/red.png"],
-        "sys": "Be brief.",
-    }])
-    _dataset_info(data_dir, {
-        "custom": {
-            "file_name": "custom.jsonl",
-            "formatting": "sharegpt",
-            "columns": {"messages": "dialog", "images": "pics", "system": "sys"},
-            "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "USER", "assistant_tag": "BOT"},
+    write_jsonl(
+        data_dir / "custom.jsonl",
+        [
+            {
+                "dialog": [{"speaker": "USER", "text": "<image>Color?"}, {"speaker": "BOT", "text": "red"}],
+                "pics": ["images/red.png"],
+                "sys": "Be brief.",
+            }
+        ],
+    )
+    _dataset_info(
+        data_dir,
+        {
+            "custom": {
+                "file_name": "custom.jsonl",
+                "formatting": "sharegpt",
+                "columns": {"messages": "dialog", "images": "pics", "system": "sys"},
+                "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "USER", "assistant_tag": "BOT"},
+            },
+            "plain": {"file_name": "plain.jsonl"},
         },
-        "plain": {"file_name": "plain.jsonl"},
-    })
+    )
     path, fmt = resolve_source("custom", DataConfig(dataset_dir=str(data_dir)), "train")
     assert path == data_dir / "custom.jsonl"
-    assert fmt == Format(messages="dialog", images="pics", system="sys", role_tag="speaker", content_tag="text",
-                         user_tag="USER", assistant_tag="BOT")
+    assert fmt == Format(
+        messages="dialog",
+        images="pics",
+        system="sys",
+        role_tag="speaker",
+        content_tag="text",
+        user_tag="USER",
+        assistant_tag="BOT",
+    )
     (s,) = read_samples(path, fmt)
     assert s.messages == [("system", "Be brief."), ("user", "<image>Color?"), ("assistant", "red")]
     assert s.images == [data_dir / "images" / "red.png"]
@@ -200,11 +231,17 @@ def test_dataset_info_name_with_columns_and_tags(data_dir):
 
 def test_dataset_info_llama_factory_sharegpt_entry(data_dir):
     write_jsonl(data_dir / "lf.jsonl", [CONVERSATIONS_RECORD])
-    _dataset_info(data_dir, {"lf_demo": {
-        "file_name": "lf.jsonl", "formatting": "sharegpt",
-        "columns": {"messages": "conversations", "images": "images"},
-        "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"},
-    }})
+    _dataset_info(
+        data_dir,
+        {
+            "lf_demo": {
+                "file_name": "lf.jsonl",
+                "formatting": "sharegpt",
+                "columns": {"messages": "conversations", "images": "images"},
+                "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"},
+            }
+        },
+    )
     path, fmt = resolve_source("lf_demo", DataConfig(dataset_dir=str(data_dir)), "train")
     (s,) = read_samples(path, fmt)
     assert s.messages == [("user", "<image>What is it?"), ("assistant", "a red square")]
@@ -247,27 +284,61 @@ GOOD = MESSAGES_RECORD
 BAD_RECORDS = [
     # (id, record, expected problem after "<file>:1: ")
     ("image-missing", {**GOOD, "images": ["images/green.png"]}, "image '{dir}/images/green.png' does not exist"),
-    ("too-many-placeholders", {**GOOD, "messages": [_msg("user", "<image><image>a"), _msg("assistant", "b")]},
-     "2 '<image>' placeholder(s) but 1 image(s); each image needs one placeholder where it appears"),
-    ("no-placeholder", {**GOOD, "messages": [_msg("user", "a"), _msg("assistant", "b")]},
-     "0 '<image>' placeholder(s) but 1 image(s)"),
-    ("placeholder-without-image", {"messages": [_msg("user", "<image>a"), _msg("assistant", "b")]},
-     "1 '<image>' placeholder(s) but 0 image(s)"),
-    ("roles-out-of-order", {**GOOD, "messages": [_msg("user", "<image>a"), _msg("user", "b"), _msg("assistant", "c")]},
-     "roles out of order (user -> user -> assistant); expected user, assistant, user, assistant, ..."),
-    ("assistant-first", {**GOOD, "messages": [_msg("assistant", "<image>a"), _msg("user", "b")]},
-     "roles out of order (assistant -> user)"),
-    ("system-not-first", {**GOOD, "messages": [_msg("user", "<image>a"), _msg("system", "s"), _msg("assistant", "c")]},
-     "a system message may only come first"),
-    ("ends-with-user", {**GOOD, "messages": [_msg("user", "<image>a"), _msg("assistant", "b"), _msg("user", "c")]},
-     "the last turn is from the user; a training sample ends with an assistant answer"),
-    ("unknown-role", {**GOOD, "messages": [_msg("user", "<image>a"), _msg("bot", "b")]},
-     "turn 1 has role 'bot'; valid: user/human, assistant/gpt, system"),
-    ("unknown-from", {"conversations": [_conv("human", "<image>a"), _conv("robot", "b")], "images": ["images/red.png"]},
-     "turn 1 has role 'robot'"),
-    ("empty-answer", {**GOOD, "messages": [_msg("user", "<image>a"), _msg("assistant", "  ")]}, "assistant turn 1 is empty"),
-    ("content-not-text", {**GOOD, "messages": [_msg("user", [{"type": "text", "text": "a"}]), _msg("assistant", "b")]},
-     "turn 0 has no text 'content'"),
+    (
+        "too-many-placeholders",
+        {**GOOD, "messages": [_msg("user", "<image><image>a"), _msg("assistant", "b")]},
+        "2 '<image>' placeholder(s) but 1 image(s); each image needs one placeholder where it appears",
+    ),
+    (
+        "no-placeholder",
+        {**GOOD, "messages": [_msg("user", "a"), _msg("assistant", "b")]},
+        "0 '<image>' placeholder(s) but 1 image(s)",
+    ),
+    (
+        "placeholder-without-image",
+        {"messages": [_msg("user", "<image>a"), _msg("assistant", "b")]},
+        "1 '<image>' placeholder(s) but 0 image(s)",
+    ),
+    (
+        "roles-out-of-order",
+        {**GOOD, "messages": [_msg("user", "<image>a"), _msg("user", "b"), _msg("assistant", "c")]},
+        "roles out of order (user -> user -> assistant); expected user, assistant, user, assistant, ...",
+    ),
+    (
+        "assistant-first",
+        {**GOOD, "messages": [_msg("assistant", "<image>a"), _msg("user", "b")]},
+        "roles out of order (assistant -> user)",
+    ),
+    (
+        "system-not-first",
+        {**GOOD, "messages": [_msg("user", "<image>a"), _msg("system", "s"), _msg("assistant", "c")]},
+        "a system message may only come first",
+    ),
+    (
+        "ends-with-user",
+        {**GOOD, "messages": [_msg("user", "<image>a"), _msg("assistant", "b"), _msg("user", "c")]},
+        "the last turn is from the user; a training sample ends with an assistant answer",
+    ),
+    (
+        "unknown-role",
+        {**GOOD, "messages": [_msg("user", "<image>a"), _msg("bot", "b")]},
+        "turn 1 has role 'bot'; valid: user/human, assistant/gpt, system",
+    ),
+    (
+        "unknown-from",
+        {"conversations": [_conv("human", "<image>a"), _conv("robot", "b")], "images": ["images/red.png"]},
+        "turn 1 has role 'robot'",
+    ),
+    (
+        "empty-answer",
+        {**GOOD, "messages": [_msg("user", "<image>a"), _msg("assistant", "  ")]},
+        "assistant turn 1 is empty",
+    ),
+    (
+        "content-not-text",
+        {**GOOD, "messages": [_msg("user", [{"type": "text", "text": "a"}]), _msg("assistant", "b")]},
+        "turn 0 has no text 'content'",
+    ),
     ("turn-not-object", {**GOOD, "messages": [_msg("user", "<image>a"), "assistant: b"]}, "turn 1 is not an object"),
     ("first-conversation-turn-not-object", {"conversations": [1, _conv("gpt", "b")]}, "turn 0 is not an object"),
     ("no-turns", {"images": []}, "no 'conversations' list of turns (expected 'messages' or 'conversations')"),
@@ -291,7 +362,7 @@ def test_missing_data_file(tmp_path):
 
 def test_bad_json_line_names_file_and_line(data_dir):
     path = data_dir / "t.jsonl"
-    path.write_text(json.dumps(GOOD) + "\n{\"messages\": [\n" + json.dumps(GOOD) + "\nnot json\n", encoding="utf-8")
+    path.write_text(json.dumps(GOOD) + '\n{"messages": [\n' + json.dumps(GOOD) + "\nnot json\n", encoding="utf-8")
     problems = _errors(path)
     assert len(problems) == 2
     assert problems[0].startswith(f"{path}:2: bad JSON line:")
@@ -344,14 +415,17 @@ def test_bad_json_place_in_a_json_list(data_dir):
 
 
 def test_several_problems_reported_together(data_dir):
-    path = write_jsonl(data_dir / "t.jsonl", [
-        GOOD,
-        {**GOOD, "images": ["images/nope.png"]},
-        {**GOOD, "messages": [_msg("user", "<image>a"), _msg("assistant", "")]},
-        GOOD,
-        {"messages": [_msg("user", "<image><image>a"), _msg("critic", "b")], "images": ["images/red.png"]},
-        {"messages": [_msg("user", "<image><image>a"), _msg("assistant", "b")], "images": ["images/missing.png"]},
-    ])
+    path = write_jsonl(
+        data_dir / "t.jsonl",
+        [
+            GOOD,
+            {**GOOD, "images": ["images/nope.png"]},
+            {**GOOD, "messages": [_msg("user", "<image>a"), _msg("assistant", "")]},
+            GOOD,
+            {"messages": [_msg("user", "<image><image>a"), _msg("critic", "b")], "images": ["images/red.png"]},
+            {"messages": [_msg("user", "<image><image>a"), _msg("assistant", "b")], "images": ["images/missing.png"]},
+        ],
+    )
     problems = _errors(path)
     assert problems == [
         f"{path}:2: image '{data_dir / 'images' / 'nope.png'}' does not exist",
@@ -375,23 +449,39 @@ def test_many_problems_are_summarised(data_dir):
 def test_empty_answer_place_counts_turns_of_the_file_with_a_system_column(data_dir):
     # The turn number in a message must point at the file's own turn list, also when the system
     # prompt comes from a separate column (it is not one of the file's turns).
-    path = write_jsonl(data_dir / "t.jsonl", [{
-        "conversations": [_conv("human", "<image>a"), _conv("gpt", "")],
-        "images": ["images/red.png"],
-        "system": "Be brief.",
-    }])
+    path = write_jsonl(
+        data_dir / "t.jsonl",
+        [
+            {
+                "conversations": [_conv("human", "<image>a"), _conv("gpt", "")],
+                "images": ["images/red.png"],
+                "system": "Be brief.",
+            }
+        ],
+    )
     problems = _errors(path, Format(system="system"))
     assert problems == [f"{path}:1: assistant turn 1 is empty"]
 
 
 # Each bad record's kind, as `vlmtune data check` counts it and `data.on_bad_sample: skip` reports it.
 KIND_OF = {
-    "image-missing": "image missing", "too-many-placeholders": "image count", "no-placeholder": "image count",
-    "placeholder-without-image": "image count", "roles-out-of-order": "roles out of order",
-    "assistant-first": "roles out of order", "system-not-first": "roles out of order", "ends-with-user": "roles out of order",
-    "unknown-role": "role", "unknown-from": "role", "empty-answer": "empty answer", "content-not-text": "bad sample",
-    "turn-not-object": "bad sample", "first-conversation-turn-not-object": "bad sample", "no-turns": "bad sample",
-    "empty-messages": "bad sample", "not-an-object": "bad sample",
+    "image-missing": "image missing",
+    "too-many-placeholders": "image count",
+    "no-placeholder": "image count",
+    "placeholder-without-image": "image count",
+    "roles-out-of-order": "roles out of order",
+    "assistant-first": "roles out of order",
+    "system-not-first": "roles out of order",
+    "ends-with-user": "roles out of order",
+    "unknown-role": "role",
+    "unknown-from": "role",
+    "empty-answer": "empty answer",
+    "content-not-text": "bad sample",
+    "turn-not-object": "bad sample",
+    "first-conversation-turn-not-object": "bad sample",
+    "no-turns": "bad sample",
+    "empty-messages": "bad sample",
+    "not-an-object": "bad sample",
 }
 
 
@@ -408,7 +498,9 @@ def test_bad_sample_kind(data_dir, case):
 def test_missing_role_key_is_a_role_problem(data_dir):
     path = write_jsonl(data_dir / "t.jsonl", [{**GOOD, "messages": [{"content": "<image>a"}, _msg("assistant", "b")]}])
     (problem,) = list(read_file(path))
-    assert problem == Problem(f"{path}:1", "role", "turn 0 has no 'role'; valid roles: user/human, assistant/gpt, system")
+    assert problem == Problem(
+        f"{path}:1", "role", "turn 0 has no 'role'; valid roles: user/human, assistant/gpt, system"
+    )
 
 
 def test_duplicates_name_the_first_place(data_dir):
@@ -417,4 +509,7 @@ def test_duplicates_name_the_first_place(data_dir):
     found = [finder.check(s) for s in read_file(path)]
     # the conversations spelling of the same turns and image is the same sample
     assert [str(p) if p else None for p in found] == [
-        None, f"{path}:2: duplicate of {path}:1 (same messages and images)", f"{path}:3: duplicate of {path}:1 (same messages and images)"]
+        None,
+        f"{path}:2: duplicate of {path}:1 (same messages and images)",
+        f"{path}:3: duplicate of {path}:1 (same messages and images)",
+    ]

@@ -73,7 +73,9 @@ def test_model_that_ignores_the_image_shows_no_gap_and_chance_retrieval(tiny_dir
     retrieval, notes = caption_retrieval(model, processor, items, k=4, batch_size=8)
     # every image ranks the four answers the same way, so each rank 1..4 is taken exactly once
     assert retrieval["retrieval_r1"] == pytest.approx(1 / 4) == pytest.approx(retrieval["retrieval_r1_chance"])
-    assert retrieval["retrieval_mean_rank"] == pytest.approx(2.5) == pytest.approx(retrieval["retrieval_mean_rank_chance"])
+    assert (
+        retrieval["retrieval_mean_rank"] == pytest.approx(2.5) == pytest.approx(retrieval["retrieval_mean_rank_chance"])
+    )
     assert notes == []
 
 
@@ -103,8 +105,13 @@ def test_retrieval_candidates_are_the_distinct_answers_of_a_group(tiny, tmp_path
 def test_projector_alignment_equals_direct_computation(tiny, tmp_path):
     model, processor = tiny
     items = color_items(tmp_path, ("red", "green", "blue"), size=64) + color_items(tmp_path, ("yellow",), size=96)
-    true = score(model, processor, [encode(processor, it) for it in items], batch_size=3,
-                 projector=projector_module(model, find_arch("qwen2_vl")))
+    true = score(
+        model,
+        processor,
+        [encode(processor, it) for it in items],
+        batch_size=3,
+        projector=projector_module(model, find_arch("qwen2_vl")),
+    )
     got = projector_alignment(model, processor, items, [s.pooled for s in true])
 
     # The same quantities from transformers' own API: image features per image, input embeddings per answer.
@@ -115,8 +122,10 @@ def test_projector_alignment_equals_direct_computation(tiny, tmp_path):
             feats = model.model.get_image_features(px["pixel_values"], px["image_grid_thw"]).pooler_output
             pooled.append(torch.cat(list(feats)).mean(0))
         emb = model.get_input_embeddings()
-        answers = [emb(torch.tensor(processor.tokenizer(it.answer, add_special_tokens=False)["input_ids"])).mean(0)
-                   for it in items]
+        answers = [
+            emb(torch.tensor(processor.tokenizer(it.answer, add_special_tokens=False)["input_ids"])).mean(0)
+            for it in items
+        ]
     cos = torch.nn.functional.cosine_similarity(torch.stack(pooled)[:, None], torch.stack(answers)[None], dim=-1)
     eye = torch.eye(len(items), dtype=torch.bool)
     assert got["projector_cos_matched"] == pytest.approx(float(cos[eye].mean()), abs=1e-5)

@@ -21,8 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 BLEU_CASES = [
     # name, predictions, references, sacrebleu tokenizer that must be used
-    ("english", ["a small red circle at the top left", "the cat sat on the mat", "It's 3.5 cm."],
-     ["a small red circle at the top right", "the cat is on the mat", "It is 3.5 cm."], "13a"),
+    (
+        "english",
+        ["a small red circle at the top left", "the cat sat on the mat", "It's 3.5 cm."],
+        ["a small red circle at the top right", "the cat is on the mat", "It is 3.5 cm."],
+        "13a",
+    ),
     ("chinese", ["一个红色的圆在左上角", "猫坐在垫子上"], ["一个红色的圆在右上角", "猫在垫子上"], "zh"),
     ("mixed", ["a red 圆 at top-left", "蓝色 square"], ["a red 圆 at top-right", "蓝色 circle"], "zh"),
 ]
@@ -69,15 +73,33 @@ def test_training_time_evaluation_on_the_tiny_model(tiny, shapes_dir):
     model.train()
     metrics = evaluate_model(model, processor, ds, EvalConfig(samples=8, max_new_tokens=4, retrieval_k=4))
     assert model.training, "the model's training mode is restored"
-    for key in ("loss", "perplexity", "token_accuracy", "exact_match", "bleu4", "rouge1", "rouge2", "rougeL",
-                "ablation_gap_blank", "ablation_gap_other", "retrieval_r1", "retrieval_r1_chance",
-                "retrieval_mean_rank", "projector_cos_matched", "projector_cos_mismatched", "projector_cos_gap"):
+    for key in (
+        "loss",
+        "perplexity",
+        "token_accuracy",
+        "exact_match",
+        "bleu4",
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "ablation_gap_blank",
+        "ablation_gap_other",
+        "retrieval_r1",
+        "retrieval_r1_chance",
+        "retrieval_mean_rank",
+        "projector_cos_matched",
+        "projector_cos_mismatched",
+        "projector_cos_gap",
+    ):
         assert isinstance(metrics[f"eval/{key}"], float), key
     assert metrics["eval/samples"] == 8.0 and metrics["eval/retrieval_k"] == 4.0
     # the answer loss is the model's own loss over every answer token of the 8 samples in one batch
     tok = processor.tokenizer
-    batch = collate([ds[i] for i in range(8)], pad_id=tok.pad_token_id,
-                    image_token_id=tok.convert_tokens_to_ids(processor.image_token))
+    batch = collate(
+        [ds[i] for i in range(8)],
+        pad_id=tok.pad_token_id,
+        image_token_id=tok.convert_tokens_to_ids(processor.image_token),
+    )
     with torch.no_grad():
         expected = float(model.eval()(**batch).loss)
     assert metrics["eval/loss"] == pytest.approx(expected, rel=1e-4)
@@ -85,19 +107,30 @@ def test_training_time_evaluation_on_the_tiny_model(tiny, shapes_dir):
 
 
 def test_report_table_shows_chance_beside_each_alignment_figure():
-    table = report_table({"eval/loss": 0.5, "eval/retrieval_r1": 0.75, "eval/retrieval_r1_chance": 0.25,
-                          "eval/retrieval_k": 4.0, "eval/ablation_gap_blank": 0.3})
+    table = report_table(
+        {
+            "eval/loss": 0.5,
+            "eval/retrieval_r1": 0.75,
+            "eval/retrieval_r1_chance": 0.25,
+            "eval/retrieval_k": 4.0,
+            "eval/ablation_gap_blank": 0.3,
+        }
+    )
     lines = table.splitlines()
     assert lines[0].split() == ["metric", "value", "chance", "/", "baseline"]
     row = next(line for line in lines if line.startswith("retrieval recall@1"))
     assert "(K=4)" in row and row.split()[-2:] == ["0.750", "0.250"]
-    assert any(line.startswith("image-ablation gap, blank") and line.endswith("+0.3000  0 (image ignored)")
-               for line in lines)
+    assert any(
+        line.startswith("image-ablation gap, blank") and line.endswith("+0.3000  0 (image ignored)") for line in lines
+    )
 
 
 def test_plot_of_metrics_over_training(tmp_path):
-    records = [{"step": 10, "loss": 2.0, "lr": 1e-3}, {"step": 20, "loss": 1.0, "lr": 1e-3},
-               {"step": 20, "eval_loss": 1.1, "eval/retrieval_r1": 0.6, "eval/retrieval_r1_chance": 0.3}]
+    records = [
+        {"step": 10, "loss": 2.0, "lr": 1e-3},
+        {"step": 20, "loss": 1.0, "lr": 1e-3},
+        {"step": 20, "eval_loss": 1.1, "eval/retrieval_r1": 0.6, "eval/retrieval_r1_chance": 0.3},
+    ]
     path = write_jsonl(tmp_path / "metrics.jsonl", records)
     out = plot_metrics(path, tmp_path / "metrics.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
@@ -105,8 +138,20 @@ def test_plot_of_metrics_over_training(tmp_path):
 
 def test_eval_cli_writes_a_report(tiny_dir, shapes_dir, tmp_path, capsys):
     out = tmp_path / "report.json"
-    code = main(["eval", "--checkpoint", str(tiny_dir), "--data", str(shapes_dir / "eval.jsonl"), "--out", str(out),
-                 "eval.samples=6", "eval.max_new_tokens=3", "eval.retrieval_k=10"])
+    code = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(tiny_dir),
+            "--data",
+            str(shapes_dir / "eval.jsonl"),
+            "--out",
+            str(out),
+            "eval.samples=6",
+            "eval.max_new_tokens=3",
+            "eval.retrieval_k=10",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "retrieval recall@1, image->answer (K=6)" in printed
@@ -119,10 +164,19 @@ def test_eval_cli_writes_a_report(tiny_dir, shapes_dir, tmp_path, capsys):
 def _bad_data(tmp_path: Path, case: str) -> tuple[Path, str]:
     assets = ROOT / "tests" / "assets"
     if case == "no-answer":
-        rows = [{"messages": [{"role": "user", "content": "<image>What color?"}], "images": [str(assets / "red_square.png")]}]
+        rows = [
+            {
+                "messages": [{"role": "user", "content": "<image>What color?"}],
+                "images": [str(assets / "red_square.png")],
+            }
+        ]
         return write_jsonl(tmp_path / "q.jsonl", rows), "needs a final, non-empty assistant turn"
-    rows = [{"messages": [{"role": "user", "content": "<image>What color?"}, {"role": "assistant", "content": "red"}],
-             "images": [str(assets / "corrupt.png")]}]
+    rows = [
+        {
+            "messages": [{"role": "user", "content": "<image>What color?"}, {"role": "assistant", "content": "red"}],
+            "images": [str(assets / "corrupt.png")],
+        }
+    ]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     return path, f"{path}:1: image '{assets / 'corrupt.png'}' cannot be opened"
 
@@ -143,11 +197,36 @@ def test_eval_without_data_says_how_to_give_it(tiny_dir, capsys):
 def test_quickstart_alignment_moves_from_chance(base_dir, tmp_path, capsys):
     run = tmp_path / "run"
     common = ["data.builtin_eval_samples=32", "train.progress_bar=false"]
-    assert main(["train", str(ROOT / "examples/quickstart.yaml"), f"train.output_dir={run}", "train.max_steps=40",
-                 "train.eval_steps=20", *common]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(ROOT / "examples/quickstart.yaml"),
+                f"train.output_dir={run}",
+                "train.max_steps=40",
+                "train.eval_steps=20",
+                *common,
+            ]
+        )
+        == 0
+    )
     before, after = tmp_path / "before.json", tmp_path / "after.json"
-    assert main(["eval", "--checkpoint", str(base_dir), "--data", "builtin:shapes:color", "--out", str(before),
-                 "--no-generate", *common]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(base_dir),
+                "--data",
+                "builtin:shapes:color",
+                "--out",
+                str(before),
+                "--no-generate",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert main(["eval", "--checkpoint", str(run), "--out", str(after), *common]) == 0
     assert (run / "metrics.png").is_file()
     b, a = (json.loads(p.read_text())["metrics"] for p in (before, after))

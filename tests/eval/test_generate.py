@@ -57,17 +57,28 @@ def test_predict_writes_one_line_per_sample(tiny, shapes_dir, tmp_path):
 def test_sampling_is_seeded(tiny, shapes_dir):
     model, processor = tiny
     prompts = [item_prompt(processor, it) for it in _items(processor, shapes_dir / "eval.jsonl", 4)]
-    runs = [generate(model, processor, prompts, GenerationSettings(max_new_tokens=6, do_sample=True, seed=s), 4)
-            for s in (1, 1, 2)]
+    runs = [
+        generate(model, processor, prompts, GenerationSettings(max_new_tokens=6, do_sample=True, seed=s), 4)
+        for s in (1, 1, 2)
+    ]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
 def test_chat_takes_image_files_by_name(tiny, tmp_path):
     model, processor = tiny
     said: list[str] = []
-    inputs = iter([f"/image {ROOT / 'tests/assets/red_square.png'}", "What color is the shape?",
-                   f"/image {tmp_path / 'nowhere.png'}", "And its shape?", "/quit"])
-    history = chat(model, processor, GenerationSettings(max_new_tokens=3), read=lambda _: next(inputs), write=said.append)
+    inputs = iter(
+        [
+            f"/image {ROOT / 'tests/assets/red_square.png'}",
+            "What color is the shape?",
+            f"/image {tmp_path / 'nowhere.png'}",
+            "And its shape?",
+            "/quit",
+        ]
+    )
+    history = chat(
+        model, processor, GenerationSettings(max_new_tokens=3), read=lambda _: next(inputs), write=said.append
+    )
     assert [r for r, _ in history] == ["user", "assistant", "user", "assistant"]
     assert history[0][1] == "<image>What color is the shape?" and history[2][1] == "And its shape?"
     assert sum(line.startswith("assistant> ") for line in said) == 2
@@ -76,8 +87,21 @@ def test_chat_takes_image_files_by_name(tiny, tmp_path):
 
 def test_predict_cli(tiny_dir, shapes_dir, tmp_path, capsys):
     out = tmp_path / "p.jsonl"
-    code = main(["predict", "--checkpoint", str(tiny_dir), "--data", str(shapes_dir / "eval.jsonl"), "--out", str(out),
-                 "--limit", "4", "--max-new-tokens", "2"])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(tiny_dir),
+            "--data",
+            str(shapes_dir / "eval.jsonl"),
+            "--out",
+            str(out),
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "2",
+        ]
+    )
     assert code == 0
     assert len(out.read_text().splitlines()) == 4
     assert f"wrote 4 predictions to {out}" in capsys.readouterr().out

@@ -24,7 +24,11 @@ EXPECTED = {
     "Qwen/Qwen3-VL-4B-Instruct": ("qwen3_vl", {"model.visual.merger", "model.visual.deepstack_merger_list"}, 4.44e9),
     "llava-hf/llava-1.5-7b-hf": ("llava", {"model.multi_modal_projector"}, 7.06e9),
     "llava-hf/llava-v1.6-mistral-7b-hf": ("llava_next", {"model.multi_modal_projector", "model.image_newline"}, 7.57e9),
-    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": ("llava_onevision", {"model.multi_modal_projector", "model.image_newline"}, 0.894e9),
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": (
+        "llava_onevision",
+        {"model.multi_modal_projector", "model.image_newline"},
+        0.894e9,
+    ),
     "HuggingFaceTB/SmolVLM-256M-Instruct": ("idefics3", {"model.connector"}, 0.256e9),
     "google/gemma-3-4b-it": ("gemma3", {"model.multi_modal_projector"}, 4.30e9),
     "google/paligemma-3b-pt-224": ("paligemma", {"model.multi_modal_projector"}, 2.92e9),
@@ -67,8 +71,10 @@ def test_every_parameter_in_exactly_one_group(repo_id):
     projector = groups.params_in("projector")
     assert {r for r in projector_roots if any(n == r or n.startswith(r + ".") for n in projector)} == projector_roots
     assert all(any(n == r or n.startswith(r + ".") for r in projector_roots) for n in projector)
-    assert all(n.startswith(("model.vision_tower.", "model.visual.", "model.vision_model."))
-               for n in groups.params_in("vision_tower"))
+    assert all(
+        n.startswith(("model.vision_tower.", "model.visual.", "model.vision_model."))
+        for n in groups.params_in("vision_tower")
+    )
     assert all(n.startswith(("model.language_model.", "model.text_model.")) for n in groups.params_in("language_model"))
     assert groups.params_in("lm_head") in ([], ["lm_head.weight"])
     assert linear_modules(model, groups, "projector") or entry == "gemma3"  # Gemma 3 projects with a bare Parameter
@@ -106,8 +112,19 @@ def test_unknown_architecture_lists_supported_and_explains_arch_entry():
     with pytest.raises(ValueError) as info:
         find_arch("mllama")
     message = str(info.value)
-    for model_type in ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "idefics3", "smolvlm",
-                       "gemma3", "paligemma", "internvl", "mistral3"):
+    for model_type in (
+        "qwen2_vl",
+        "qwen3_vl",
+        "llava",
+        "llava_next",
+        "llava_onevision",
+        "idefics3",
+        "smolvlm",
+        "gemma3",
+        "paligemma",
+        "internvl",
+        "mistral3",
+    ):
         assert f" {model_type}," in message or message.count(model_type), model_type
     assert "model.arch_entry" in message and "projector" in message
 
@@ -116,9 +133,18 @@ def test_user_entry_covers_a_family_without_editing_the_package():
     # A user-supplied entry spelling the LLaVA layout resolves the real LLaVA-1.5 tree the same as the builtin one.
     _, model = _build("llava-hf/llava-1.5-7b-hf")
     names = [n for n, _ in model.named_parameters()]
-    user = arch_from_dict("my_llava", {"model_types": ["llava"], "patterns": {
-        "vision_tower": ["model.vision_tower"], "projector": ["model.multi_modal_projector"],
-        "language_model": ["model.language_model"], "lm_head": ["lm_head"]}})
+    user = arch_from_dict(
+        "my_llava",
+        {
+            "model_types": ["llava"],
+            "patterns": {
+                "vision_tower": ["model.vision_tower"],
+                "projector": ["model.multi_modal_projector"],
+                "language_model": ["model.language_model"],
+                "lm_head": ["lm_head"],
+            },
+        },
+    )
     assert assign_groups(names, user).param_groups == assign_groups(names, REGISTRY["llava"]).param_groups
 
 
@@ -133,18 +159,35 @@ def _data(tmp_path):
     from tests.conftest import write_jsonl
 
     records = [
-        {"messages": [{"role": "user", "content": "<image>What color is the shape?"}, {"role": "assistant", "content": "red"}],
-         "images": [str(ASSETS / "red_square.png")]},
-        {"messages": [{"role": "user", "content": "<image>What color is the shape?"}, {"role": "assistant", "content": "blue"}],
-         "images": [str(ASSETS / "blue_circle.png")]},
-        {"messages": [{"role": "user", "content": "Describe a square."}, {"role": "assistant", "content": "a red square"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "<image>What color is the shape?"},
+                {"role": "assistant", "content": "red"},
+            ],
+            "images": [str(ASSETS / "red_square.png")],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "<image>What color is the shape?"},
+                {"role": "assistant", "content": "blue"},
+            ],
+            "images": [str(ASSETS / "blue_circle.png")],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Describe a square."},
+                {"role": "assistant", "content": "a red square"},
+            ]
+        },
     ]
     return write_jsonl(tmp_path / "train.jsonl", records)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3_vl", "llava", "llava_next", "llava_onevision", "idefics3", "gemma3", "internvl",
-                                    "mistral3", "paligemma"])
+@pytest.mark.parametrize(
+    "family",
+    ["qwen3_vl", "llava", "llava_next", "llava_onevision", "idefics3", "gemma3", "internvl", "mistral3", "paligemma"],
+)
 def test_two_training_steps_move_the_projector(family, tmp_path):
     from safetensors.torch import load_file
 
@@ -153,7 +196,11 @@ def test_two_training_steps_move_the_projector(family, tmp_path):
 
     folder = save_family(family, tmp_path / "model")
     # Gemma 3 projects with a bare weight matrix (no nn.Linear for LoRA), so its projector trains fully.
-    projector = "{mode: full, lr: 1.0e-2}" if family == "gemma3" else "{mode: lora, rank: 4, alpha: 8, targets: all-linear, lr: 1.0e-2}"
+    projector = (
+        "{mode: full, lr: 1.0e-2}"
+        if family == "gemma3"
+        else "{mode: lora, rank: 4, alpha: 8, targets: all-linear, lr: 1.0e-2}"
+    )
     cfg = tmp_path / "run.yaml"
     cfg.write_text(
         f"model: {{path: {folder}}}\n"
@@ -237,7 +284,9 @@ def test_paligemma_answer_is_the_causal_suffix(tmp_path):
             return model(**x, pixel_values=batch["pixel_values"][:1]).logits[0, :-1]
 
     assert torch.allclose(logits(inputs), logits(changed))
-    all_prefix = {k: dict(v, token_type_ids=torch.zeros_like(v["token_type_ids"])) for k, v in (("a", inputs), ("b", changed))}
+    all_prefix = {
+        k: dict(v, token_type_ids=torch.zeros_like(v["token_type_ids"])) for k, v in (("a", inputs), ("b", changed))
+    }
     assert not torch.allclose(logits(all_prefix["a"]), logits(all_prefix["b"]))
 
 
@@ -247,7 +296,10 @@ def test_gemma3_token_types_still_mark_only_image_tokens(tmp_path):
     assert (batch["labels"] != -100).any() and not batch["token_type_ids"][batch["labels"] != -100].any()
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "gemma3", "paligemma", "internvl", "mistral3", "qwen3_vl"])
+@pytest.mark.parametrize(
+    "family",
+    ["llava", "llava_next", "llava_onevision", "idefics3", "gemma3", "paligemma", "internvl", "mistral3", "qwen3_vl"],
+)
 def test_evaluation_and_generation_run_on_processor_expanded_families(family, tmp_path):
     """Eval (loss, generation, ablation, retrieval, projector cosine) encodes through the family's processor."""
     from tests.tiny_families import save_family
@@ -260,12 +312,21 @@ def test_evaluation_and_generation_run_on_processor_expanded_families(family, tm
     processor = transformers.AutoProcessor.from_pretrained(folder)
     ds = build_dataset(str(_data(tmp_path)), DataConfig(max_length=512), processor, "eval")
     metrics = evaluate_model(model, processor, ds, EvalConfig(retrieval_k=2, max_new_tokens=4), arch=find_arch(family))
-    for key in ("eval/loss", "eval/exact_match", "eval/ablation_gap_blank", "eval/retrieval_r1", "eval/projector_cos_gap"):
+    for key in (
+        "eval/loss",
+        "eval/exact_match",
+        "eval/ablation_gap_blank",
+        "eval/retrieval_r1",
+        "eval/projector_cos_gap",
+    ):
         assert key in metrics and metrics[key] == metrics[key], (key, metrics)  # present and not NaN
     assert metrics["eval/alignment_samples"] == 2  # the two samples with an image
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "gemma3", "paligemma", "internvl", "mistral3", "qwen3_vl"])
+@pytest.mark.parametrize(
+    "family",
+    ["llava", "llava_next", "llava_onevision", "idefics3", "gemma3", "paligemma", "internvl", "mistral3", "qwen3_vl"],
+)
 def test_doctor_passes_on_processor_expanded_families(family, tmp_path, capsys):
     from tests.tiny_families import save_family
     from vlmtune.cli import main
@@ -273,9 +334,11 @@ def test_doctor_passes_on_processor_expanded_families(family, tmp_path, capsys):
     folder = save_family(family, tmp_path / "model")
     projector = "{mode: full}" if family == "gemma3" else "{mode: lora, rank: 4}"
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model: {{path: {folder}}}\ngroups: {{projector: {projector}, language_model: {{mode: lora, rank: 4, "
-                   f"targets: attention}}}}\ndata: {{train: {_data(tmp_path)}, max_length: 512}}\ntrain: {{batch_size: 3}}\n",
-                   encoding="utf-8")
+    cfg.write_text(
+        f"model: {{path: {folder}}}\ngroups: {{projector: {projector}, language_model: {{mode: lora, rank: 4, "
+        f"targets: attention}}}}\ndata: {{train: {_data(tmp_path)}, max_length: 512}}\ntrain: {{batch_size: 3}}\n",
+        encoding="utf-8",
+    )
     rc = main(["doctor", str(cfg)])
     out = capsys.readouterr().out
     assert rc == 0, out

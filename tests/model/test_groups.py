@@ -78,8 +78,11 @@ def _expected_sizes(data: dict) -> dict[str, int]:
     """Parameter count of each group, from the published config fields alone."""
     vc = data["vision_config"]
     qwen25 = data["model_type"] == "qwen2_5_vl"
-    patch_embed = vc["in_chans"] * vc["temporal_patch_size"] * vc["patch_size"] ** 2 * (
-        vc["hidden_size"] if qwen25 else vc["embed_dim"]
+    patch_embed = (
+        vc["in_chans"]
+        * vc["temporal_patch_size"]
+        * vc["patch_size"] ** 2
+        * (vc["hidden_size"] if qwen25 else vc["embed_dim"])
     )  # Conv3d, no bias
     if qwen25:  # RMSNorm (weight only), SwiGLU vision MLP
         e, i, out = vc["hidden_size"], vc["intermediate_size"], vc["out_hidden_size"]
@@ -224,8 +227,15 @@ def test_vision_tower_linear_modules_exclude_patch_embed_and_merger(real):
 def test_language_model_and_lm_head_linear_modules(real):
     repo_id, _, model, _, groups = real
     lm = linear_modules(model, groups, "language_model")
-    leaves = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    leaves = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
     n_layers = REAL_CONFIGS[repo_id]["num_hidden_layers"]
     assert lm == [f"model.language_model.layers.{i}.{leaf}" for i in range(n_layers) for leaf in leaves]
     # The lm_head module exists (and is a Linear) whether or not its weight is tied.
@@ -237,7 +247,10 @@ def test_owner_modules_of_real_models(real):
     vision = owner_modules(model, groups, "vision_tower")
     assert vision[0] == "model.visual.patch_embed.proj" and not any("merger" in m for m in vision)
     assert owner_modules(model, groups, "projector") == [
-        "model.visual.merger.ln_q", "model.visual.merger.mlp.0", "model.visual.merger.mlp.2"]
+        "model.visual.merger.ln_q",
+        "model.visual.merger.mlp.0",
+        "model.visual.merger.mlp.2",
+    ]
     assert owner_modules(model, groups, "language_model")[0] == "model.language_model.embed_tokens"
 
 
@@ -257,9 +270,9 @@ def test_peft_prefixed_names_resolve_the_same(real):
 
 def _to_flat(name: str) -> str:
     if name.startswith("model.visual."):
-        return name[len("model."):]
+        return name[len("model.") :]
     if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model."):]
+        return "model." + name[len("model.language_model.") :]
     assert name.startswith("lm_head"), name
     return name
 
@@ -449,13 +462,25 @@ def test_matches_target_name(module_name, target, expected):
 def tiny():
     cfg = transformers.Qwen2VLConfig(
         text_config=dict(
-            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=False,
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=1,
+            eos_token_id=2,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            tie_word_embeddings=False,
         ),
         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=8, spatial_merge_size=2),
-        image_token_id=100, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        image_token_id=100,
+        video_token_id=101,
+        vision_start_token_id=102,
+        vision_end_token_id=103,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = transformers.Qwen2VLForConditionalGeneration(cfg)
@@ -476,7 +501,10 @@ def test_tiny_model_is_what_was_asked(tiny):
 def test_owner_modules_tiny(tiny):
     model, groups = tiny
     assert owner_modules(model, groups, "projector") == [
-        "model.visual.merger.ln_q", "model.visual.merger.mlp.0", "model.visual.merger.mlp.2"]
+        "model.visual.merger.ln_q",
+        "model.visual.merger.mlp.0",
+        "model.visual.merger.mlp.2",
+    ]
     assert owner_modules(model, groups, "lm_head") == ["lm_head"]
     # never a ModuleList or a container: every owner holds parameters of its own
     for group in GROUPS:
@@ -488,9 +516,7 @@ def test_owner_modules_tiny(tiny):
 def test_owner_modules_cover_exactly_the_group(tiny, group):
     model, groups = tiny
     chosen = owner_modules(model, groups, group)
-    covered = sorted(
-        f"{m}.{n}" for m in chosen for n, _ in model.get_submodule(m).named_parameters()
-    )
+    covered = sorted(f"{m}.{n}" for m in chosen for n, _ in model.get_submodule(m).named_parameters())
     assert covered == sorted(groups.params_in(group))
     # No chosen module sits inside another chosen one.
     assert not any(a != b and a.startswith(b + ".") for a in chosen for b in chosen)
@@ -506,8 +532,10 @@ def test_unknown_model_type_lists_supported():
         find_arch("mllama")
     msg = str(err.value)
     assert "'mllama'" in msg
-    assert ("Supported: gemma3, idefics3, internvl, llava, llava_next, llava_onevision, mistral3, paligemma, "
-            "qwen2_5_vl, qwen2_vl, qwen3_vl, smolvlm.") in msg
+    assert (
+        "Supported: gemma3, idefics3, internvl, llava, llava_next, llava_onevision, mistral3, paligemma, "
+        "qwen2_5_vl, qwen2_vl, qwen3_vl, smolvlm."
+    ) in msg
     assert "model.arch_entry" in msg
 
 

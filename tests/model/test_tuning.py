@@ -13,7 +13,9 @@ from vlmtune.model.groups import assign_groups
 from vlmtune.model.load import arch_for
 from vlmtune.model.tuning import apply_plan, build_plan, plan_table
 
-LM_ATTN = [f"model.language_model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+LM_ATTN = [
+    f"model.language_model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+]
 LM_MLP = [f"model.language_model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
 MERGER = ["model.visual.merger.mlp.0", "model.visual.merger.mlp.2"]
 VISION_ATTN = [f"model.visual.blocks.{i}.attn.{p}" for i in range(2) for p in ("qkv", "proj")]
@@ -30,18 +32,37 @@ def _plan(tiny, overrides):
 # name, overrides, expected LoRA modules per group (sorted)
 TARGET_CASES = [
     ("default recipe", [], {"projector": MERGER, "language_model": LM_ATTN}),
-    ("lm all-linear", ["groups.language_model.targets=all-linear"], {"projector": MERGER, "language_model": LM_ATTN + LM_MLP}),
+    (
+        "lm all-linear",
+        ["groups.language_model.targets=all-linear"],
+        {"projector": MERGER, "language_model": LM_ATTN + LM_MLP},
+    ),
     ("lm mlp", ["groups.language_model.targets=mlp"], {"projector": MERGER, "language_model": LM_MLP}),
-    ("explicit leaf names", ["groups.language_model.targets=[q_proj,v_proj]"],
-     {"projector": MERGER, "language_model": [n for n in LM_ATTN if n.endswith(("q_proj", "v_proj"))]}),
-    ("dotted suffix", ["groups.language_model.targets=[self_attn.o_proj]"],
-     {"projector": MERGER, "language_model": [n for n in LM_ATTN if n.endswith("o_proj")]}),
-    ("projector by index", ["groups.projector.targets=[mlp.2]"],
-     {"projector": ["model.visual.merger.mlp.2"], "language_model": LM_ATTN}),
-    ("vision attention", ["groups.vision_tower.mode=lora", "groups.vision_tower.targets=attention"],
-     {"vision_tower": VISION_ATTN, "projector": MERGER, "language_model": LM_ATTN}),
-    ("vision all-linear excludes merger", ["groups.vision_tower.mode=lora"],
-     {"vision_tower": VISION_ATTN + VISION_MLP, "projector": MERGER, "language_model": LM_ATTN}),
+    (
+        "explicit leaf names",
+        ["groups.language_model.targets=[q_proj,v_proj]"],
+        {"projector": MERGER, "language_model": [n for n in LM_ATTN if n.endswith(("q_proj", "v_proj"))]},
+    ),
+    (
+        "dotted suffix",
+        ["groups.language_model.targets=[self_attn.o_proj]"],
+        {"projector": MERGER, "language_model": [n for n in LM_ATTN if n.endswith("o_proj")]},
+    ),
+    (
+        "projector by index",
+        ["groups.projector.targets=[mlp.2]"],
+        {"projector": ["model.visual.merger.mlp.2"], "language_model": LM_ATTN},
+    ),
+    (
+        "vision attention",
+        ["groups.vision_tower.mode=lora", "groups.vision_tower.targets=attention"],
+        {"vision_tower": VISION_ATTN, "projector": MERGER, "language_model": LM_ATTN},
+    ),
+    (
+        "vision all-linear excludes merger",
+        ["groups.vision_tower.mode=lora"],
+        {"vision_tower": VISION_ATTN + VISION_MLP, "projector": MERGER, "language_model": LM_ATTN},
+    ),
     ("projector only", ["groups.language_model.mode=frozen"], {"projector": MERGER}),
 ]
 
@@ -91,7 +112,11 @@ def test_full_group_is_saved_through_modules_to_save(tiny):
     model, gmap, _, plans = _plan(tiny, ["groups.projector.mode=full"])
     peft_model = apply_plan(model, gmap, plans)
     cfg = peft_model.peft_config["default"]
-    assert sorted(cfg.modules_to_save) == ["model.visual.merger.ln_q", "model.visual.merger.mlp.0", "model.visual.merger.mlp.2"]
+    assert sorted(cfg.modules_to_save) == [
+        "model.visual.merger.ln_q",
+        "model.visual.merger.mlp.0",
+        "model.visual.merger.mlp.2",
+    ]
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     projector_full = [n for n in trainable if "merger" in n]
     assert projector_full and all("modules_to_save" in n for n in projector_full)
@@ -110,11 +135,24 @@ def test_full_vision_tower_with_projector_lora_do_not_overlap(tiny):
 @pytest.mark.parametrize(
     "name,overrides,fragments",
     [
-        ("name that exists nowhere", ["groups.language_model.targets=[qkv_proj]"],
-         ["'qkv_proj' matches no linear layer", "language_model: down_proj, gate_proj, k_proj, o_proj, q_proj",
-          "projector: mlp.0, mlp.2", "vision_tower: fc1, fc2, proj, qkv"]),
-        ("attention in projector", ["groups.projector.targets=attention"],
-         ["groups.projector: mode lora with targets 'attention' resolves to no nn.Linear layer", "model.visual.merger"]),
+        (
+            "name that exists nowhere",
+            ["groups.language_model.targets=[qkv_proj]"],
+            [
+                "'qkv_proj' matches no linear layer",
+                "language_model: down_proj, gate_proj, k_proj, o_proj, q_proj",
+                "projector: mlp.0, mlp.2",
+                "vision_tower: fc1, fc2, proj, qkv",
+            ],
+        ),
+        (
+            "attention in projector",
+            ["groups.projector.targets=attention"],
+            [
+                "groups.projector: mode lora with targets 'attention' resolves to no nn.Linear layer",
+                "model.visual.merger",
+            ],
+        ),
     ],
 )
 def test_plan_errors_name_the_group_and_list_linear_layers(tiny, name, overrides, fragments):

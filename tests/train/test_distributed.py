@@ -73,8 +73,10 @@ def test_a_process_whose_batch_has_no_image_does_not_hang(base_dir, shapes_dir, 
     with_image = [json.loads(line) for line in (shapes_dir / "train.jsonl").read_text().splitlines()[:2]]
     for record in with_image:
         record["images"] = [str(shapes_dir / p) for p in record["images"]]
-    text_only = [{"messages": [{"role": "user", "content": f"Say the number {i}."},
-                               {"role": "assistant", "content": f"{i}"}]} for i in range(10)]
+    text_only = [
+        {"messages": [{"role": "user", "content": f"Say the number {i}."}, {"role": "assistant", "content": f"{i}"}]}
+        for i in range(10)
+    ]
     data = write_jsonl(tmp_path / "mixed.jsonl", with_image + text_only)
     config = tmp_path / "run.yaml"
     config.write_text(CONFIG.replace("builtin:shapes:color", str(data)), encoding="utf-8")
@@ -84,8 +86,16 @@ def test_a_process_whose_batch_has_no_image_does_not_hang(base_dir, shapes_dir, 
     assert _max_rel_diff(one / "final", two / "final") <= 1e-4
 
 
-@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED"),
-                                        ("deepspeed_zero3", "DEEPSPEED"), ("multi_node", "MULTI_GPU")])
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("ddp", "MULTI_GPU"),
+        ("fsdp", "FSDP"),
+        ("deepspeed_zero2", "DEEPSPEED"),
+        ("deepspeed_zero3", "DEEPSPEED"),
+        ("multi_node", "MULTI_GPU"),
+    ],
+)
 def test_example_accelerate_configs_load(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 

@@ -31,7 +31,9 @@ def test_label_only_logits_equal_full_logits_loss_and_gradients(tiny, compare_ba
     part.backward()
     part_grads = _grads(model)
     model.zero_grad()
-    assert (compare_batch["labels"] != -100).sum() < compare_batch["labels"].numel() / 4  # most positions carry no label
+    assert (compare_batch["labels"] != -100).sum() < compare_batch[
+        "labels"
+    ].numel() / 4  # most positions carry no label
     assert torch.allclose(part, full, rtol=1e-6, atol=1e-6), (part.item(), full.item())
     assert full_grads.keys() == part_grads.keys()
     for name in full_grads:
@@ -56,7 +58,7 @@ def _per_sample_losses(model, ds, processor, group_by_length: bool) -> dict[int,
             targets = batch["labels"][:, 1:]
             per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
             mask = targets != -100
-            for row, index in enumerate(order[4 * k: 4 * k + 4]):
+            for row, index in enumerate(order[4 * k : 4 * k + 4]):
                 losses[index] = (per_token[row][mask[row]].mean()).item()
     return losses
 

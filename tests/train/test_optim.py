@@ -32,7 +32,9 @@ def test_projector_lora_gets_projector_rate(tiny):
 
 
 def test_every_trainable_parameter_in_exactly_one_group(tiny):
-    model, _, _, groups = _setup(tiny, ["groups.projector.mode=full", "train.weight_decay=0.1", "groups.lm_head.mode=full"])
+    model, _, _, groups = _setup(
+        tiny, ["groups.projector.mode=full", "train.weight_decay=0.1", "groups.lm_head.mode=full"]
+    )
     names = [n for g in groups for n in g["param_names"]]
     assert len(names) == len(set(names))
     assert set(names) == {n for n, p in model.named_parameters() if p.requires_grad}

@@ -44,21 +44,38 @@ def _mixed_rows(tmp_path: Path) -> list[dict]:
     red, blue = str(ASSETS / "red_square.png"), str(ASSETS / "blue_circle.png")
     long_answer = " ".join(["the red square sits left of the blue circle"] * 6)
     return [
-        {"messages": [{"role": "user", "content": "<image><image>Describe both."},
-                      {"role": "assistant", "content": long_answer}], "images": [red, blue]},
-        {"messages": [{"role": "user", "content": "<image>Color?"}, {"role": "assistant", "content": "red"}],
-         "images": [red]},
+        {
+            "messages": [
+                {"role": "user", "content": "<image><image>Describe both."},
+                {"role": "assistant", "content": long_answer},
+            ],
+            "images": [red, blue],
+        },
+        {
+            "messages": [{"role": "user", "content": "<image>Color?"}, {"role": "assistant", "content": "red"}],
+            "images": [red],
+        },
         {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]},
-        {"messages": [{"role": "user", "content": "<image>Shape?"}, {"role": "assistant", "content": "circle"},
-                      {"role": "user", "content": "Color?"}, {"role": "assistant", "content": "blue"}],
-         "images": [blue]},
+        {
+            "messages": [
+                {"role": "user", "content": "<image>Shape?"},
+                {"role": "assistant", "content": "circle"},
+                {"role": "user", "content": "Color?"},
+                {"role": "assistant", "content": "blue"},
+            ],
+            "images": [blue],
+        },
         {"messages": [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "1 2 3"}]},
     ]
 
 
 def _batches(processor, tmp_path: Path) -> tuple[dict, dict]:
-    ds = build_dataset(str(write_jsonl(tmp_path / "mixed.jsonl", _mixed_rows(tmp_path))), DataConfig(max_length=512),
-                       processor, "train")
+    ds = build_dataset(
+        str(write_jsonl(tmp_path / "mixed.jsonl", _mixed_rows(tmp_path))),
+        DataConfig(max_length=512),
+        processor,
+        "train",
+    )
     items = [ds[i] for i in range(len(ds))]
     tok = processor.tokenizer
     fn = partial(collate, pad_id=tok.pad_token_id, image_token_id=tok.convert_tokens_to_ids(processor.image_token))
@@ -204,13 +221,19 @@ def test_packing_on_a_model_without_mrope_is_a_config_error(tmp_path, capsys):
     from vlmtune.cli import main
 
     model = save_family("llava", tmp_path / "llava")
-    rows = [{"messages": [{"role": "user", "content": "<image>Color?"}, {"role": "assistant", "content": "red"}],
-             "images": [str(ASSETS / "red_square.png")]}]
+    rows = [
+        {
+            "messages": [{"role": "user", "content": "<image>Color?"}, {"role": "assistant", "content": "red"}],
+            "images": [str(ASSETS / "red_square.png")],
+        }
+    ]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     config = tmp_path / "run.yaml"
-    config.write_text(f"model: {{path: {model}}}\ndata: {{train: {data}}}\n"
-                      f"train: {{max_steps: 1, batch_size: 1, output_dir: {tmp_path / 'out'}, packing: true}}\n",
-                      encoding="utf-8")
+    config.write_text(
+        f"model: {{path: {model}}}\ndata: {{train: {data}}}\n"
+        f"train: {{max_steps: 1, batch_size: 1, output_dir: {tmp_path / 'out'}, packing: true}}\n",
+        encoding="utf-8",
+    )
     assert main(["train", str(config)]) != 0
     err = capsys.readouterr().err
     assert "train.packing" in err and "llava" in err and "Qwen2-VL" in err

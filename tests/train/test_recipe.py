@@ -31,8 +31,17 @@ def _base_state(base_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_quickstart_writes_outputs_and_learns(base_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", str(ROOT / "examples/quickstart.yaml"), f"train.output_dir={out}", "train.max_steps=40",
-                 "train.eval_steps=20", "train.save_steps=20", *QUICK])
+    code = main(
+        [
+            "train",
+            str(ROOT / "examples/quickstart.yaml"),
+            f"train.output_dir={out}",
+            "train.max_steps=40",
+            "train.eval_steps=20",
+            "train.save_steps=20",
+            *QUICK,
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     # the plan table, printed before training
@@ -40,9 +49,17 @@ def test_quickstart_writes_outputs_and_learns(base_dir, tmp_path, capsys):
     assert "language_model  lora    8: q_proj, k_proj, v_proj, o_proj" in printed
     assert "optimizer group projector" in printed and "lr=3.00e-03" in printed
 
-    for name in ("config.yaml", "metrics.jsonl", "loss.png", "final/adapter_config.json",
-                 "final/adapter_model.safetensors", "final/config.yaml", "final/tokenizer.json",
-                 "final/chat_template.jinja", "checkpoint-20/adapter_model.safetensors"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "final/adapter_config.json",
+        "final/adapter_model.safetensors",
+        "final/config.yaml",
+        "final/tokenizer.json",
+        "final/chat_template.jinja",
+        "checkpoint-20/adapter_model.safetensors",
+    ):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
@@ -71,9 +88,17 @@ def test_quickstart_writes_outputs_and_learns(base_dir, tmp_path, capsys):
 
 
 def _lf_yaml(tmp_path: Path, **keys) -> Path:
-    cfg = {"model_name_or_path": "builtin:tiny-qwen2-vl", "dataset": "builtin:shapes:color",
-           "output_dir": str(tmp_path / "lf"), "max_steps": 4, "per_device_train_batch_size": 4,
-           "learning_rate": 1e-3, "cutoff_len": 256, "seed": 1, **keys}
+    cfg = {
+        "model_name_or_path": "builtin:tiny-qwen2-vl",
+        "dataset": "builtin:shapes:color",
+        "output_dir": str(tmp_path / "lf"),
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "cutoff_len": 256,
+        "seed": 1,
+        **keys,
+    }
     path = tmp_path / "lf.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -93,12 +118,26 @@ def test_llama_factory_lora_target_merger_trains_only_the_projector(base_dir, tm
 
 @pytest.mark.slow
 def test_llama_factory_additional_target_trains_projector_fully(base_dir, tmp_path):
-    assert main(["train", str(_lf_yaml(tmp_path, lora_target="q_proj,v_proj", additional_target="merger")),
-                 "train.progress_bar=false"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(_lf_yaml(tmp_path, lora_target="q_proj,v_proj", additional_target="merger")),
+                "train.progress_bar=false",
+            ]
+        )
+        == 0
+    )
     weights = _adapter(tmp_path / "lf" / "final")
     full = {k: v for k, v in weights.items() if ".merger." in k}
     assert {k.split(".merger.")[1] for k in full} == {
-        "ln_q.weight", "ln_q.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
+        "ln_q.weight",
+        "ln_q.bias",
+        "mlp.0.weight",
+        "mlp.0.bias",
+        "mlp.2.weight",
+        "mlp.2.bias",
+    }
     base = _base_state(base_dir)  # transformers writes Qwen2-VL checkpoints in the flat layout (visual.*)
     changed = [k for k, v in full.items() if not torch.equal(v, base["visual." + k.split(".visual.")[1]])]
     assert changed, "the projector's full weights must differ from the base"
@@ -109,13 +148,29 @@ def test_llama_factory_additional_target_trains_projector_fully(base_dir, tmp_pa
 @pytest.mark.slow
 def test_overlong_samples_are_counted_and_named_never_cut(base_dir, tmp_path, capsys):
     assets = ROOT / "tests" / "assets"
-    rows = [{"messages": [{"role": "user", "content": "<image>What color is the shape?"},
-                          {"role": "assistant", "content": c}], "images": [str(assets / img)]}
-            for img, c in (("red_square.png", "red"), ("blue_circle.png", "blue"), ("big_gray.png", "gray"))] * 2
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "<image>What color is the shape?"},
+                {"role": "assistant", "content": c},
+            ],
+            "images": [str(assets / img)],
+        }
+        for img, c in (("red_square.png", "red"), ("blue_circle.png", "blue"), ("big_gray.png", "gray"))
+    ] * 2
     data = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    args = ["train", str(ROOT / "examples/quickstart.yaml"), f"data.train={data}", "data.eval=null",
-            "data.max_length=100", "data.image_max_pixels=65536", f"train.output_dir={tmp_path / 'o'}",
-            "train.max_steps=2", "train.batch_size=2", "train.progress_bar=false"]
+    args = [
+        "train",
+        str(ROOT / "examples/quickstart.yaml"),
+        f"data.train={data}",
+        "data.eval=null",
+        "data.max_length=100",
+        "data.image_max_pixels=65536",
+        f"train.output_dir={tmp_path / 'o'}",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "train.progress_bar=false",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "train data: 4 samples" in printed
@@ -125,8 +180,21 @@ def test_overlong_samples_are_counted_and_named_never_cut(base_dir, tmp_path, ca
 @pytest.mark.slow
 def test_tensorboard_tracker(base_dir, tmp_path):
     out = tmp_path / "tb"
-    assert main(["train", str(ROOT / "examples/quickstart.yaml"), f"train.output_dir={out}", "train.max_steps=2",
-                 "train.logging_steps=1", "train.report_to=[tensorboard]", "data.eval=null", "train.progress_bar=false"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(ROOT / "examples/quickstart.yaml"),
+                f"train.output_dir={out}",
+                "train.max_steps=2",
+                "train.logging_steps=1",
+                "train.report_to=[tensorboard]",
+                "data.eval=null",
+                "train.progress_bar=false",
+            ]
+        )
+        == 0
+    )
     assert list(out.rglob("events.out.tfevents.*"))
 
 
@@ -148,16 +216,24 @@ def test_bad_input_exits_2_with_a_message(base_dir, tmp_path, capsys, overrides,
 
 
 def test_missing_image_names_sample_and_path(base_dir, tmp_path, capsys):
-    rows = [{"messages": [{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": "red"}],
-             "images": ["nowhere.png"]}]
+    rows = [
+        {
+            "messages": [{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": "red"}],
+            "images": ["nowhere.png"],
+        }
+    ]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    code = main(["train", str(ROOT / "examples/quickstart.yaml"), f"data.train={data}", f"train.output_dir={tmp_path / 'x'}"])
+    code = main(
+        ["train", str(ROOT / "examples/quickstart.yaml"), f"data.train={data}", f"train.output_dir={tmp_path / 'x'}"]
+    )
     assert code == 2
     assert f"{data}:1: image '{tmp_path / 'nowhere.png'}' does not exist" in capsys.readouterr().err
 
 
 def test_python_dash_m_and_help():
-    run = subprocess.run([sys.executable, "-m", "vlmtune", "train", "--help"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "vlmtune", "train", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0
     for key in ("groups.<group>.mode", "groups.<group>.lr", "data.max_length", "train.grad_accum", "model.path"):
         assert key in run.stdout

@@ -145,8 +145,12 @@ def test_killed_and_stopped_runs_resume_to_the_same_weights(reference, tmp_path)
 @pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_resumes_from_the_previous_one(reference, tmp_path):
     config, out = _config(tmp_path), tmp_path / "run"
-    died = subprocess.run([sys.executable, "-c", DIE_DURING_SAVE, "train", str(config), f"train.output_dir={out}"],
-                          capture_output=True, text=True, timeout=600)
+    died = subprocess.run(
+        [sys.executable, "-c", DIE_DURING_SAVE, "train", str(config), f"train.output_dir={out}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert died.returncode == -signal.SIGKILL
     assert (out / "checkpoint-6.tmp").is_dir() and not (out / "checkpoint-6").exists()
     done = _finish(_cmd(config, out, "--resume"))
@@ -158,8 +162,17 @@ def test_a_kill_during_a_checkpoint_write_resumes_from_the_previous_one(referenc
 
 def test_resume_refuses_a_changed_config_naming_the_keys(reference, tmp_path, capsys):
     config = _config(tmp_path)
-    rc = main(["train", str(config), f"train.output_dir={reference}", "groups.projector.rank=4",
-               "data.max_length=300", "train.logging_steps=5", "--resume"])
+    rc = main(
+        [
+            "train",
+            str(config),
+            f"train.output_dir={reference}",
+            "groups.projector.rank=4",
+            "data.max_length=300",
+            "train.logging_steps=5",
+            "--resume",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert "groups.projector.rank: 8 -> 4" in err and "data.max_length: 256 -> 300" in err
@@ -168,8 +181,17 @@ def test_resume_refuses_a_changed_config_naming_the_keys(reference, tmp_path, ca
 
 def test_resume_without_a_checkpoint_starts_afresh(base_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", str(_config(tmp_path)), f"train.output_dir={out}", "stages.0.steps=1", "stages.1.steps=1",
-               "train.save_steps=null", "--resume"])
+    rc = main(
+        [
+            "train",
+            str(_config(tmp_path)),
+            f"train.output_dir={out}",
+            "stages.0.steps=1",
+            "stages.1.steps=1",
+            "train.save_steps=null",
+            "--resume",
+        ]
+    )
     assert rc == 0
     assert "no complete checkpoint" in capsys.readouterr().out
     assert (out / "final" / "adapter_model.safetensors").is_file()
@@ -177,8 +199,14 @@ def test_resume_without_a_checkpoint_starts_afresh(base_dir, tmp_path, capsys):
 
 def test_starting_afresh_removes_an_earlier_runs_checkpoints(base_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", str(_config(tmp_path)), f"train.output_dir={out}", "stages.0.steps=2", "stages.1.steps=1",
-            "train.save_steps=1"]
+    args = [
+        "train",
+        str(_config(tmp_path)),
+        f"train.output_dir={out}",
+        "stages.0.steps=2",
+        "stages.1.steps=1",
+        "train.save_steps=1",
+    ]
     assert main(args) == 0
     assert (out / "checkpoint-1").is_dir()
     assert main([*args[:-1], "train.save_steps=null"]) == 0
@@ -190,9 +218,19 @@ def test_starting_afresh_removes_an_earlier_runs_checkpoints(base_dir, tmp_path,
 def test_nonfinite_loss_stops_naming_the_place_or_is_skipped_and_counted(base_dir, tmp_path, capsys, policy):
     out = tmp_path / "run"
     # A learning rate of 1e30 blows the weights up within a step or two.
-    rc = main(["train", str(_config(tmp_path)), f"train.output_dir={out}", "stages.0.steps=6", "stages.1.steps=1",
-               "train.save_steps=1", "groups.projector.lr=1e30", f"train.on_nonfinite={policy}",
-               "train.max_nonfinite_skips=2"])
+    rc = main(
+        [
+            "train",
+            str(_config(tmp_path)),
+            f"train.output_dir={out}",
+            "stages.0.steps=6",
+            "stages.1.steps=1",
+            "train.save_steps=1",
+            "groups.projector.lr=1e30",
+            f"train.on_nonfinite={policy}",
+            "train.max_nonfinite_skips=2",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 3
     assert "non-finite" in captured.err and "stage 'align', step" in captured.err

@@ -47,17 +47,29 @@ def test_no_stages_is_one_unnamed_stage(tmp_path):
     assert stage.name == "train" and not stage.named
 
 
-@pytest.mark.parametrize("stages, fragments", [
-    ("[{name: a, steps: 2}, {name: a, steps: 2}]", ["stages[1] (a)", "already used"]),
-    ("[{name: final, steps: 2}]", ["'final' is reserved"]),
-    ("[{name: 'bad name', steps: 2}]", ["stages.0.name"]),
-    ("[{name: a, stepz: 2}]", ["stages.0.stepz", "did you mean 'steps'"]),
-    ("[{name: a, groups: {projektor: {mode: full}}}]", ["projektor", "did you mean 'projector'"]),
-    ("[{name: a, groups: {projector: {mode: frozen}, language_model: {mode: frozen}}}]", ["stages[0] (a)", "every group is frozen"]),
-    ("[{name: a, groups: {projector: {mode: full}}}, {name: b}]", ["groups.projector is lora in one stage and full in another"]),
-    ("[{name: a, groups: {projector: {rank: 4}}}, {name: b}]", ["groups.projector", "rank 4", "rank 16", "stages[1] (b)"]),
-    ("[{name: a, groups: {projector: {mode: lora, modee: x}}}]", ["stages[0] (a)", "groups.projector.modee"]),
-])
+@pytest.mark.parametrize(
+    "stages, fragments",
+    [
+        ("[{name: a, steps: 2}, {name: a, steps: 2}]", ["stages[1] (a)", "already used"]),
+        ("[{name: final, steps: 2}]", ["'final' is reserved"]),
+        ("[{name: 'bad name', steps: 2}]", ["stages.0.name"]),
+        ("[{name: a, stepz: 2}]", ["stages.0.stepz", "did you mean 'steps'"]),
+        ("[{name: a, groups: {projektor: {mode: full}}}]", ["projektor", "did you mean 'projector'"]),
+        (
+            "[{name: a, groups: {projector: {mode: frozen}, language_model: {mode: frozen}}}]",
+            ["stages[0] (a)", "every group is frozen"],
+        ),
+        (
+            "[{name: a, groups: {projector: {mode: full}}}, {name: b}]",
+            ["groups.projector is lora in one stage and full in another"],
+        ),
+        (
+            "[{name: a, groups: {projector: {rank: 4}}}, {name: b}]",
+            ["groups.projector", "rank 4", "rank 16", "stages[1] (b)"],
+        ),
+        ("[{name: a, groups: {projector: {mode: lora, modee: x}}}]", ["stages[0] (a)", "groups.projector.modee"]),
+    ],
+)
 def test_stage_problems_name_the_stage_and_key(tmp_path, stages, fragments):
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, f"stages: {stages}\n"))
@@ -66,7 +78,12 @@ def test_stage_problems_name_the_stage_and_key(tmp_path, stages, fragments):
 
 
 def test_stage_may_change_mode_between_frozen_and_lora_and_its_rate(tmp_path):
-    cfg = load_config(_write(tmp_path, "stages: [{name: a, groups: {projector: {mode: frozen}}}, {name: b, groups: {projector: {lr: 0.1, dropout: 0.1}}}]\n"))
+    cfg = load_config(
+        _write(
+            tmp_path,
+            "stages: [{name: a, groups: {projector: {mode: frozen}}}, {name: b, groups: {projector: {lr: 0.1, dropout: 0.1}}}]\n",
+        )
+    )
     assert [s.cfg.group("projector").mode for s in resolve_stages(cfg)] == ["frozen", "lora"]
 
 
@@ -82,9 +99,22 @@ def test_two_stage_run_trains_projector_then_language_model(base_dir, tmp_path, 
     from vlmtune.cli import main
 
     out = tmp_path / "run"
-    rc = main(["train", "examples/progressive.yaml", f"train.output_dir={out}", "stages.0.steps=4", "stages.1.steps=4",
-               "train.batch_size=4", "train.save_steps=null", "train.eval_steps=null", "train.logging_steps=1",
-               "data.builtin_train_samples=32", "data.builtin_eval_samples=8", "train.progress_bar=false"])
+    rc = main(
+        [
+            "train",
+            "examples/progressive.yaml",
+            f"train.output_dir={out}",
+            "stages.0.steps=4",
+            "stages.1.steps=4",
+            "train.batch_size=4",
+            "train.save_steps=null",
+            "train.eval_steps=null",
+            "train.logging_steps=1",
+            "data.builtin_train_samples=32",
+            "data.builtin_eval_samples=8",
+            "train.progress_bar=false",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "stage 1/2 'align': trains projector (lora); frozen: vision_tower, language_model, lm_head" in text

@@ -147,10 +147,20 @@ def test_qwen2_5_vl_window_order_is_restored(tmp_path):
     assert model.config.model_type == "qwen2_5_vl"
     Image.radial_gradient("L").resize((64, 48)).convert("RGB").save(tmp_path / "gradient.png")
     images = [str(ASSETS / "red_square.png"), str(ASSETS / "blue_circle.png"), str(tmp_path / "gradient.png")]
-    rows = [{"messages": [{"role": "user", "content": "<image>" * len(ims) + "What color is the shape?"},
-                          {"role": "assistant", "content": answer}], "images": ims}
-            for ims, answer in [(images[:1], "red square"), (images[1:], "blue circle top left"),
-                                (images[2:], "green triangle")]]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "<image>" * len(ims) + "What color is the shape?"},
+                {"role": "assistant", "content": answer},
+            ],
+            "images": ims,
+        }
+        for ims, answer in [
+            (images[:1], "red square"),
+            (images[1:], "blue circle top left"),
+            (images[2:], "green triangle"),
+        ]
+    ]
     _same_loss_with_cache(model, processor, write_jsonl(tmp_path / "data.jsonl", rows), tmp_path / "cache")
     # Per image, the projector on the cached features, put back in image order, is the tower's own output; without
     # the reordering it is not (the window order differs from image order at this size).
@@ -164,7 +174,9 @@ def test_qwen2_5_vl_window_order_is_restored(tmp_path):
             pixels = process_images(processor, [load_image(path, path)], None, None)
             own = inner.get_image_features(**pixels).pooler_output[0]
             merged = inner.visual.merger(cache.get(keys.key(path, None, None), "cpu"))
-            assert torch.allclose(merged[_image_order(inner, REGISTRY["qwen2_5_vl"])(pixels["image_grid_thw"][0])], own, atol=1e-6)
+            assert torch.allclose(
+                merged[_image_order(inner, REGISTRY["qwen2_5_vl"])(pixels["image_grid_thw"][0])], own, atol=1e-6
+            )
             assert not torch.allclose(merged, own, atol=1e-3)
 
 

@@ -43,12 +43,29 @@ def machine() -> dict:
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "load_avg_at_start": os.getloadavg()[0]}
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").is_file()
+        else platform.processor()
+    )
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_avg_at_start": os.getloadavg()[0],
+    }
 
 
 def epoch_totals(data: Path, processor) -> dict:
@@ -84,7 +101,14 @@ def summarise(runs: list[dict], totals: dict, steps: int) -> dict:
     }
 
 
-METRICS = ("s_per_step", "samples_per_s", "text_tokens_per_s", "image_tokens_per_s", "peak_memory_bytes", "whole_command_s")
+METRICS = (
+    "s_per_step",
+    "samples_per_s",
+    "text_tokens_per_s",
+    "image_tokens_per_s",
+    "peak_memory_bytes",
+    "whole_command_s",
+)
 
 
 def checks(runs: dict[str, list[dict]], totals: dict, steps: int) -> dict:
@@ -95,19 +119,25 @@ def checks(runs: dict[str, list[dict]], totals: dict, steps: int) -> dict:
     def epochs_match(run: dict) -> bool:
         c = run["counts"]
         return len(c) % steps == 0 and all(
-            sum(x["tokens"] for x in c[e:e + steps]) == totals["tokens"]
-            and sum(x["label_tokens"] for x in c[e:e + steps]) == totals["label_tokens"] for e in range(0, len(c), steps))
+            sum(x["tokens"] for x in c[e : e + steps]) == totals["tokens"]
+            and sum(x["label_tokens"] for x in c[e : e + steps]) == totals["label_tokens"]
+            for e in range(0, len(c), steps)
+        )
 
     def per_step(run: dict) -> list[tuple[int, int]]:
         return [(x["tokens"], x["label_tokens"]) for x in run["counts"]]
 
     same_batches = all(per_step(v) == per_step(r) for v, r in zip(vl, ref))  # same token counts at every step
-    out = {"same_lora_modules": all(v["lora_modules"] == r["lora_modules"] for v, r in zip(vl, ref)),
-           "lora_modules": len(ref[0]["lora_modules"]),
-           "same_tokens_each_epoch": all(epochs_match(run) for run in vl + ref),
-           "same_image_tokens_each_epoch": all(sum(x["image_tokens"] for x in r["counts"][-steps:]) == totals["image_tokens"] for r in ref),
-           "same_batches": same_batches,
-           "first_epoch_mean_loss": [statistics.mean(vl[0]["loss"][:steps]), statistics.mean(ref[0]["loss"][:steps])]}
+    out = {
+        "same_lora_modules": all(v["lora_modules"] == r["lora_modules"] for v, r in zip(vl, ref)),
+        "lora_modules": len(ref[0]["lora_modules"]),
+        "same_tokens_each_epoch": all(epochs_match(run) for run in vl + ref),
+        "same_image_tokens_each_epoch": all(
+            sum(x["image_tokens"] for x in r["counts"][-steps:]) == totals["image_tokens"] for r in ref
+        ),
+        "same_batches": same_batches,
+        "first_epoch_mean_loss": [statistics.mean(vl[0]["loss"][:steps]), statistics.mean(ref[0]["loss"][:steps])],
+    }
     if same_batches:
         losses = [(a, b) for v, r in zip(vl, ref) for a, b in zip(v["loss"], r["loss"])]
         out["max_rel_loss_difference"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in losses)
@@ -121,43 +151,81 @@ def table(name: str, result: dict) -> str:
     rows = [header]
     for side in SIDES:
         r = s[side]
-        rows.append((side, f"{r['s_per_step']:.3f}", ", ".join(f"{x:.3f}" for x in r["round_s_per_step"]),
-                     f"{r['samples_per_s']:.2f}", f"{r['text_tokens_per_s']:.0f}", f"{r['image_tokens_per_s']:.0f}",
-                     f"{r['peak_memory_bytes'] / 2**30:.2f}", f"{r['whole_command_s']:.1f}"))
+        rows.append(
+            (
+                side,
+                f"{r['s_per_step']:.3f}",
+                ", ".join(f"{x:.3f}" for x in r["round_s_per_step"]),
+                f"{r['samples_per_s']:.2f}",
+                f"{r['text_tokens_per_s']:.0f}",
+                f"{r['image_tokens_per_s']:.0f}",
+                f"{r['peak_memory_bytes'] / 2**30:.2f}",
+                f"{r['whole_command_s']:.1f}",
+            )
+        )
     ratio = result["ratio"]
-    rows.append(("vlmtune/reference", f"{ratio['s_per_step']:.3f}", "", f"{ratio['samples_per_s']:.3f}",
-                 f"{ratio['text_tokens_per_s']:.3f}", f"{ratio['image_tokens_per_s']:.3f}",
-                 f"{ratio['peak_memory_bytes']:.3f}", f"{ratio['whole_command_s']:.3f}"))
+    rows.append(
+        (
+            "vlmtune/reference",
+            f"{ratio['s_per_step']:.3f}",
+            "",
+            f"{ratio['samples_per_s']:.3f}",
+            f"{ratio['text_tokens_per_s']:.3f}",
+            f"{ratio['image_tokens_per_s']:.3f}",
+            f"{ratio['peak_memory_bytes']:.3f}",
+            f"{ratio['whole_command_s']:.3f}",
+        )
+    )
     lines = [f"workload {name}: {result['description']}", *text_table(rows)]
     c = result["checks"]
-    lines.append(f"checks: same LoRA modules ({c['lora_modules']}): {c['same_lora_modules']}; same tokens and answer tokens "
-                 f"every epoch: {c['same_tokens_each_epoch']}; same image tokens: {c['same_image_tokens_each_epoch']}")
+    lines.append(
+        f"checks: same LoRA modules ({c['lora_modules']}): {c['same_lora_modules']}; same tokens and answer tokens "
+        f"every epoch: {c['same_tokens_each_epoch']}; same image tokens: {c['same_image_tokens_each_epoch']}"
+    )
     if c["same_batches"]:
-        lines.append(f"same batches on both sides; max relative difference of their per-step losses "
-                     f"{c['max_rel_loss_difference']:.1e}")
+        lines.append(
+            f"same batches on both sides; max relative difference of their per-step losses "
+            f"{c['max_rel_loss_difference']:.1e}"
+        )
     else:
-        lines.append("batches differ (vlmtune groups samples by length, the reference takes the shuffled order); mean loss "
-                     f"over the first epoch: vlmtune {c['first_epoch_mean_loss'][0]:.4f}, reference {c['first_epoch_mean_loss'][1]:.4f}")
+        lines.append(
+            "batches differ (vlmtune groups samples by length, the reference takes the shuffled order); mean loss "
+            f"over the first epoch: vlmtune {c['first_epoch_mean_loss'][0]:.4f}, reference {c['first_epoch_mean_loss'][1]:.4f}"
+        )
     for side in SIDES:
         rounds = s[side]["round_s_per_step"]
         if max(rounds) > 1.2 * min(rounds):
-            lines.append(f"warning: {side}'s rounds differ by {max(rounds) / min(rounds) - 1:.0%}: the machine was "
-                         "busy during some runs; rerun (or add --rounds) before trusting the ratios")
+            lines.append(
+                f"warning: {side}'s rounds differ by {max(rounds) / min(rounds) - 1:.0%}: the machine was "
+                "busy during some runs; rerun (or add --rounds) before trusting the ratios"
+            )
     return "\n".join(lines)
 
 
 def describe(preset: Preset, kind: str, totals: dict, steps: int, epochs: int, rounds: int) -> str:
     text = (totals["tokens"] - totals["image_tokens"]) / totals["samples"]
     image = totals["image_tokens"] / totals["samples"]
-    what = (f"one {preset.fixed_side}x{preset.fixed_side} image + {preset.text_tokens} text tokens per sample" if kind == "fixed"
-            else f"image sides {preset.variable_sides[0]}-{preset.variable_sides[-1]} px, answers 5-200 tokens, 1 in 4 samples with two images")
-    return (f"{what}; per sample {text:.0f} text + {image:.0f} image tokens on average; batch {preset.batch_size}, "
-            f"{steps} steps per epoch, {epochs} epochs per run (the last one measured), {rounds} round(s) per side")
+    what = (
+        f"one {preset.fixed_side}x{preset.fixed_side} image + {preset.text_tokens} text tokens per sample"
+        if kind == "fixed"
+        else f"image sides {preset.variable_sides[0]}-{preset.variable_sides[-1]} px, answers 5-200 tokens, 1 in 4 samples with two images"
+    )
+    return (
+        f"{what}; per sample {text:.0f} text + {image:.0f} image tokens on average; batch {preset.batch_size}, "
+        f"{steps} steps per epoch, {epochs} epochs per run (the last one measured), {rounds} round(s) per side"
+    )
 
 
-def run_bench(preset_name: str = "cpu", workloads: tuple[str, ...] = ("fixed", "variable"), steps: int | None = None,
-              rounds: int | None = None, epochs: int | None = None, out: Path | None = None,
-              work: Path | None = None, overrides: tuple[str, ...] = ()) -> dict:
+def run_bench(
+    preset_name: str = "cpu",
+    workloads: tuple[str, ...] = ("fixed", "variable"),
+    steps: int | None = None,
+    rounds: int | None = None,
+    epochs: int | None = None,
+    out: Path | None = None,
+    work: Path | None = None,
+    overrides: tuple[str, ...] = (),
+) -> dict:
     """Runs the benchmark, prints one table per workload and writes the JSON results; returns them.
     ``overrides`` (``key.path=value``) change vlmtune's side only."""
     from transformers import AutoProcessor
@@ -173,9 +241,17 @@ def run_bench(preset_name: str = "cpu", workloads: tuple[str, ...] = ("fixed", "
         echo(f"vlmtune side's config changed by: {' '.join(overrides)}")
     model = ensure_model(preset, echo=echo)
     processor = AutoProcessor.from_pretrained(model)
-    results = {"preset": preset.name, "notes": preset.notes, "machine": machine(), "command": " ".join(sys.argv),
-               "steps_per_epoch": steps, "epochs": epochs, "rounds": rounds, "vlmtune_overrides": list(overrides),
-               "workloads": {}}
+    results = {
+        "preset": preset.name,
+        "notes": preset.notes,
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "steps_per_epoch": steps,
+        "epochs": epochs,
+        "rounds": rounds,
+        "vlmtune_overrides": list(overrides),
+        "workloads": {},
+    }
     for kind in workloads:
         data = make_workload(preset, kind, preset.batch_size * steps, processor)
         order = epoch_orders(preset.batch_size * steps, preset.seed, epochs)
@@ -185,9 +261,11 @@ def run_bench(preset_name: str = "cpu", workloads: tuple[str, ...] = ("fixed", "
             for side in SIDES:
                 echo(f"  {kind}: round {r + 1}/{rounds}, {side} ...")
                 folder = work / f"{kind}-round{r + 1}-{side}"
-                runs[side].append(run_vlmtune(preset, model, data, steps * epochs, folder, overrides=overrides)
-                                  if side == "vlmtune"
-                                  else run_reference(preset, model, data, order, steps * epochs, folder))
+                runs[side].append(
+                    run_vlmtune(preset, model, data, steps * epochs, folder, overrides=overrides)
+                    if side == "vlmtune"
+                    else run_reference(preset, model, data, order, steps * epochs, folder)
+                )
         result = {side: summarise(runs[side], totals, steps) for side in SIDES}
         result["ratio"] = {m: result["vlmtune"][m] / result["reference"][m] for m in METRICS}
         result["checks"] = checks(runs, totals, steps)
@@ -203,20 +281,40 @@ def run_bench(preset_name: str = "cpu", workloads: tuple[str, ...] = ("fixed", "
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (a few minutes on 2 cores), gpu-2b "
-                   "(Qwen2-VL-2B shape, bf16, batch 8) or tiny (seconds, for tests)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="cpu (a few minutes on 2 cores), gpu-2b (Qwen2-VL-2B shape, bf16, batch 8) or tiny (seconds, for tests)",
+    )
     p.add_argument("--workload", choices=["fixed", "variable", "both"], default="both", help="which workload(s) to run")
-    p.add_argument("--steps", type=int, help="optimizer steps per epoch; the workload has batch size x steps samples "
-                   "(default: the preset's)")
-    p.add_argument("--epochs", type=int, help="epochs per run, at least 2: all but the last are warm-up, the last is "
-                   "measured (default: the preset's)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="optimizer steps per epoch; the workload has batch size x steps samples (default: the preset's)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="epochs per run, at least 2: all but the last are warm-up, the last is measured (default: the preset's)",
+    )
     p.add_argument("--rounds", type=int, help="vlmtune/reference alternations per workload (default: the preset's)")
     p.add_argument("--out", type=Path, help="results JSON (default: WORK/results.json)")
-    p.add_argument("--work", type=Path, help="folder for the runs' configs, logs and outputs (default: a new temp folder)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="change vlmtune's side of the comparison, as on the train command line (repeatable), "
-                   "e.g. --set train.packing=true")
-    p.add_argument("--profile", action="store_true", help="where a step's time goes, per side (phase timers), instead of the table")
+    p.add_argument(
+        "--work", type=Path, help="folder for the runs' configs, logs and outputs (default: a new temp folder)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change vlmtune's side of the comparison, as on the train command line (repeatable), "
+        "e.g. --set train.packing=true",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="where a step's time goes, per side (phase timers), instead of the table"
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -26,9 +26,15 @@ from vlmtune.bench.setup import PRESETS, ensure_model, make_workload
 from vlmtune.tracking import echo, text_table
 
 ENV = "VLMTUNE_BENCH_TIMERS"  # where a child writes its per-step phase times
-PHASES = ("data, collation, loop", "vision tower forward", "language model forward", "lm_head (logits)",
-          "rest of forward (embeddings, M-RoPE, loss in forward)", "loss outside forward + backward + clipping",
-          "optimizer step")
+PHASES = (
+    "data, collation, loop",
+    "vision tower forward",
+    "language model forward",
+    "lm_head (logits)",
+    "rest of forward (embeddings, M-RoPE, loss in forward)",
+    "loss outside forward + backward + clipping",
+    "optimizer step",
+)
 
 
 def install_timers(out: str) -> None:
@@ -43,8 +49,11 @@ def install_timers(out: str) -> None:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    kinds = {q.Qwen2VLForConditionalGeneration: "forward", q.Qwen2VisionTransformerPretrainedModel: "vision",
-             q.Qwen2VLTextModel: "language"}
+    kinds = {
+        q.Qwen2VLForConditionalGeneration: "forward",
+        q.Qwen2VisionTransformerPretrainedModel: "vision",
+        q.Qwen2VLTextModel: "language",
+    }
     state = {"step": {}, "starts": {}, "lm_head": None, "last_end": None}
     steps: list[dict] = []
 
@@ -77,15 +86,17 @@ def install_timers(out: str) -> None:
     def opt_post(optimizer, args, kwargs):
         s, end = state["step"], now()
         if "forward_start" in s and state["last_end"] is not None:
-            steps.append({
-                PHASES[0]: s["forward_start"] - state["last_end"],
-                PHASES[1]: s.get("vision", 0.0),
-                PHASES[2]: s.get("language", 0.0),
-                PHASES[3]: s.get("lm_head", 0.0),
-                PHASES[4]: s["forward"] - s.get("vision", 0.0) - s.get("language", 0.0) - s.get("lm_head", 0.0),
-                PHASES[5]: s["opt_start"] - s["forward_end"],
-                PHASES[6]: end - s["opt_start"],
-            })
+            steps.append(
+                {
+                    PHASES[0]: s["forward_start"] - state["last_end"],
+                    PHASES[1]: s.get("vision", 0.0),
+                    PHASES[2]: s.get("language", 0.0),
+                    PHASES[3]: s.get("lm_head", 0.0),
+                    PHASES[4]: s["forward"] - s.get("vision", 0.0) - s.get("language", 0.0) - s.get("lm_head", 0.0),
+                    PHASES[5]: s["opt_start"] - s["forward_end"],
+                    PHASES[6]: end - s["opt_start"],
+                }
+            )
         state["step"], state["last_end"] = {}, end
 
     register_module_forward_pre_hook(pre)
@@ -104,8 +115,14 @@ def timed_child(argv: list[str]) -> int:
     return reference.main(rest)
 
 
-def run_profile(preset_name: str, kind: str, steps: int | None, epochs: int | None, work: Path | None,
-                overrides: tuple[str, ...] = ()) -> dict:
+def run_profile(
+    preset_name: str,
+    kind: str,
+    steps: int | None,
+    epochs: int | None,
+    work: Path | None,
+    overrides: tuple[str, ...] = (),
+) -> dict:
     """Runs each side once with the timers on one workload, prints the phase table, writes ``WORK/profile.json``."""
     from transformers import AutoProcessor
 
@@ -120,22 +137,37 @@ def run_profile(preset_name: str, kind: str, steps: int | None, epochs: int | No
         echo(f"  timing the phases of {side}, {epochs} epochs of {steps} steps ...")
         folder = work / f"profile-{side}"
         os.environ[ENV] = str(work / f"phases-{side}.json")
-        run = (run_vlmtune(preset, model, data, steps * epochs, folder, timed=True, overrides=overrides) if side == "vlmtune"
-               else run_reference(preset, model, data, order, steps * epochs, folder, timed=True))
+        run = (
+            run_vlmtune(preset, model, data, steps * epochs, folder, timed=True, overrides=overrides)
+            if side == "vlmtune"
+            else run_reference(preset, model, data, order, steps * epochs, folder, timed=True)
+        )
         del os.environ[ENV]
         per_step = json.loads((work / f"phases-{side}.json").read_text())[-steps:]  # the last epoch
         phases = {p: statistics.median(s[p] for s in per_step) for p in PHASES}
-        result[side] = {"s_per_step": statistics.median(last_epoch(run, steps)), "phases": phases,
-                        "steps_measured": len(per_step)}
+        result[side] = {
+            "s_per_step": statistics.median(last_epoch(run, steps)),
+            "phases": phases,
+            "steps_measured": len(per_step),
+        }
     rows = [("phase (median per step)", "vlmtune s", "share", "reference s", "share")]
     for p in (*PHASES, "step"):
         v = result["vlmtune"]["s_per_step"] if p == "step" else result["vlmtune"]["phases"][p]
         r = result["reference"]["s_per_step"] if p == "step" else result["reference"]["phases"][p]
-        rows.append((p, f"{v:.4f}", f"{v / result['vlmtune']['s_per_step']:.0%}", f"{r:.4f}",
-                     f"{r / result['reference']['s_per_step']:.0%}"))
+        rows.append(
+            (
+                p,
+                f"{v:.4f}",
+                f"{v / result['vlmtune']['s_per_step']:.0%}",
+                f"{r:.4f}",
+                f"{r / result['reference']['s_per_step']:.0%}",
+            )
+        )
     lines = text_table(rows)
-    echo(f"profile: preset {preset.name}, workload {kind}, medians over the last of {epochs} epochs of {steps} steps "
-         "(phase medians need not add up to the step median)")
+    echo(
+        f"profile: preset {preset.name}, workload {kind}, medians over the last of {epochs} epochs of {steps} steps "
+        "(phase medians need not add up to the step median)"
+    )
     echo("\n".join(lines))
     (work / "profile.json").write_text(json.dumps({"preset": preset.name, "workload": kind, **result}, indent=1))
     echo(f"wrote {work / 'profile.json'}")

@@ -24,8 +24,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 # peft matches a string ``target_modules`` as a full regex over module names.
-TARGETS = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-           r"|model\.visual\.merger\.mlp\.(0|2)")
+TARGETS = (
+    r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+    r"|model\.visual\.merger\.mlp\.(0|2)"
+)
 
 
 class ShareGPT(Dataset):
@@ -63,9 +65,9 @@ def make_collate(processor):
         labels = torch.full_like(batch["input_ids"], -100)
         for i, (chat, _) in enumerate(examples):
             prompt = processor.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True)
-            answer = len(tok(texts[i][len(prompt):], add_special_tokens=False)["input_ids"])
+            answer = len(tok(texts[i][len(prompt) :], add_special_tokens=False)["input_ids"])
             end = int(batch["attention_mask"][i].sum())  # right padding: the answer ends the real tokens
-            labels[i, end - answer:end] = batch["input_ids"][i, end - answer:end]
+            labels[i, end - answer : end] = batch["input_ids"][i, end - answer : end]
         batch["labels"] = labels
         return batch
 
@@ -78,16 +80,21 @@ def run(spec: dict) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForImageTextToText.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"]),
-                                                        attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(
+        spec["model"], dtype=getattr(torch, spec["dtype"]), attn_implementation="sdpa"
+    )
     processor = AutoProcessor.from_pretrained(spec["model"])
     torch.manual_seed(spec["seed"])
     lora = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules=TARGETS, bias="none")
     model = get_peft_model(model, lora).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.999), weight_decay=0.0)
-    loader = DataLoader(ShareGPT(Path(spec["data"])), batch_size=spec["batch_size"], sampler=spec["order"],
-                        collate_fn=make_collate(processor))
+    loader = DataLoader(
+        ShareGPT(Path(spec["data"])),
+        batch_size=spec["batch_size"],
+        sampler=spec["order"],
+        collate_fn=make_collate(processor),
+    )
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
     model.train()
@@ -104,16 +111,30 @@ def run(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
-        steps.append({"s": now - last, "loss": value, "samples": int(batch["input_ids"].shape[0]),
-                      "tokens": int(batch["attention_mask"].sum()), "image_tokens": int((batch["input_ids"] == image_id).sum()),
-                      "label_tokens": int((batch["labels"] != -100).sum())})
+        steps.append(
+            {
+                "s": now - last,
+                "loss": value,
+                "samples": int(batch["input_ids"].shape[0]),
+                "tokens": int(batch["attention_mask"].sum()),
+                "image_tokens": int((batch["input_ids"] == image_id).sum()),
+                "label_tokens": int((batch["labels"] != -100).sum()),
+            }
+        )
         last = now
         if len(steps) == spec["steps"]:
             break
-    lora_modules = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")
-                          and "default" in getattr(m, "lora_A", {}))
-    return {"steps": steps, "lora_modules": lora_modules, "trainable_params": sum(p.numel() for p in params),
-            "cuda_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
+    lora_modules = sorted(
+        n.removeprefix("base_model.model.")
+        for n, m in model.named_modules()
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})
+    )
+    return {
+        "steps": steps,
+        "lora_modules": lora_modules,
+        "trainable_params": sum(p.numel() for p in params),
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+    }
 
 
 def main(argv: list[str]) -> int:

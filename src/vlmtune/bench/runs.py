@@ -22,9 +22,7 @@ from vlmtune.tracking import echo
 SIDES = ("vlmtune", "reference")
 
 
-
 _TRAINER = "import sys; from vlmtune.bench.runs import trainer_child; sys.exit(trainer_child(sys.argv[1:]))"
-
 
 
 def trainer_child(argv: list[str]) -> int:
@@ -35,7 +33,6 @@ def trainer_child(argv: list[str]) -> int:
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     Path(argv[1]).write_text(json.dumps({"rc": rc, "cuda_peak_bytes": peak}), encoding="utf-8")
     return rc
-
 
 
 def spawn(cmd: list[str], log: Path) -> tuple[float, int]:
@@ -53,51 +50,85 @@ def spawn(cmd: list[str], log: Path) -> tuple[float, int]:
     return wall, usage.ru_maxrss * 1024  # Linux reports KiB
 
 
-
 def adapter_modules(path: Path) -> list[str]:
     """Names of the modules a saved peft adapter holds LoRA weights for (its adapter_config.json may shorten them)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return sorted({k.removeprefix("base_model.model.").rsplit(".lora_A.", 1)[0] for k in f.keys() if ".lora_A." in k})
+        return sorted(
+            {k.removeprefix("base_model.model.").rsplit(".lora_A.", 1)[0] for k in f.keys() if ".lora_A." in k}
+        )
 
 
-
-def run_vlmtune(preset: Preset, model: Path, data: Path, steps: int, folder: Path, timed: bool = False,
-                overrides: tuple[str, ...] = ()) -> dict:
+def run_vlmtune(
+    preset: Preset,
+    model: Path,
+    data: Path,
+    steps: int,
+    folder: Path,
+    timed: bool = False,
+    overrides: tuple[str, ...] = (),
+) -> dict:
     """One vlmtune run in a child process (``timed``: with the phase timers of ``vlmtune.bench.profile``;
     ``overrides``: ``key.path=value`` changes to its config)."""
     folder.mkdir(parents=True)
     config = folder / "config.yaml"
-    config.write_text(yaml.safe_dump(vlmtune_config(preset, model, data, folder / "run", steps, overrides)), encoding="utf-8")
+    config.write_text(
+        yaml.safe_dump(vlmtune_config(preset, model, data, folder / "run", steps, overrides)), encoding="utf-8"
+    )
     start = [sys.executable, "-m", "vlmtune.bench.profile", "vlmtune"] if timed else [sys.executable, "-c", _TRAINER]
     wall, rss = spawn(start + [str(config), str(folder / "child.json")], folder / "log.txt")
     records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     steps_done = [r for r in records if "loss" in r]
     child = json.loads((folder / "child.json").read_text())
-    return {"step_s": [preset.batch_size / r["samples_per_s"] for r in steps_done], "loss": [r["loss"] for r in steps_done],
-            "counts": [{"tokens": r["tokens"], "label_tokens": r["answer_tokens"]} for r in steps_done],
-            "lora_modules": adapter_modules(folder / "run" / "final" / "adapter_model.safetensors"), "wall_s": wall,
-            "peak_rss_bytes": rss, "cuda_peak_bytes": child.get("cuda_peak_bytes"), "folder": str(folder)}
+    return {
+        "step_s": [preset.batch_size / r["samples_per_s"] for r in steps_done],
+        "loss": [r["loss"] for r in steps_done],
+        "counts": [{"tokens": r["tokens"], "label_tokens": r["answer_tokens"]} for r in steps_done],
+        "lora_modules": adapter_modules(folder / "run" / "final" / "adapter_model.safetensors"),
+        "wall_s": wall,
+        "peak_rss_bytes": rss,
+        "cuda_peak_bytes": child.get("cuda_peak_bytes"),
+        "folder": str(folder),
+    }
 
 
-
-def run_reference(preset: Preset, model: Path, data: Path, order: list[int], steps: int, folder: Path,
-                  timed: bool = False) -> dict:
+def run_reference(
+    preset: Preset, model: Path, data: Path, order: list[int], steps: int, folder: Path, timed: bool = False
+) -> dict:
     """One reference run in a child process (``timed``: with the phase timers of ``vlmtune.bench.profile``)."""
     folder.mkdir(parents=True)
-    spec = {"model": str(model), "data": str(data), "order": order, "steps": steps, "batch_size": preset.batch_size,
-            "dtype": preset.dtype, "lr": preset.learning_rate, "rank": preset.lora_rank, "alpha": preset.lora_alpha,
-            "seed": preset.seed, "out": str(folder / "result.json")}
+    spec = {
+        "model": str(model),
+        "data": str(data),
+        "order": order,
+        "steps": steps,
+        "batch_size": preset.batch_size,
+        "dtype": preset.dtype,
+        "lr": preset.learning_rate,
+        "rank": preset.lora_rank,
+        "alpha": preset.lora_alpha,
+        "seed": preset.seed,
+        "out": str(folder / "result.json"),
+    }
     (folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
-    start = [sys.executable, "-m", "vlmtune.bench.profile", "reference"] if timed else [sys.executable, "-m", "vlmtune.bench.reference"]
+    start = (
+        [sys.executable, "-m", "vlmtune.bench.profile", "reference"]
+        if timed
+        else [sys.executable, "-m", "vlmtune.bench.reference"]
+    )
     wall, rss = spawn(start + [str(folder / "spec.json")], folder / "log.txt")
     result = json.loads((folder / "result.json").read_text())
-    return {"step_s": [s["s"] for s in result["steps"]], "loss": [s["loss"] for s in result["steps"]],
-            "counts": [{k: s[k] for k in ("tokens", "image_tokens", "label_tokens")} for s in result["steps"]],
-            "lora_modules": result["lora_modules"], "wall_s": wall, "peak_rss_bytes": rss,
-            "cuda_peak_bytes": result["cuda_peak_bytes"], "folder": str(folder)}
-
+    return {
+        "step_s": [s["s"] for s in result["steps"]],
+        "loss": [s["loss"] for s in result["steps"]],
+        "counts": [{k: s[k] for k in ("tokens", "image_tokens", "label_tokens")} for s in result["steps"]],
+        "lora_modules": result["lora_modules"],
+        "wall_s": wall,
+        "peak_rss_bytes": rss,
+        "cuda_peak_bytes": result["cuda_peak_bytes"],
+        "folder": str(folder),
+    }
 
 
 def epoch_orders(samples: int, seed: int, epochs: int) -> list[int]:
@@ -109,7 +140,6 @@ def epoch_orders(samples: int, seed: int, epochs: int) -> list[int]:
         sampler.set_epoch(e)
         order += sampler.order()
     return order
-
 
 
 def last_epoch(run: dict, steps: int) -> list[float]:

@@ -69,16 +69,46 @@ CPU_SHAPE = ModelShape(256, 1408, 4, 4, 2, 192, 4, 3, 4096)
 TINY_SHAPE = ModelShape(64, 128, 2, 4, 2, 32, 2, 2, 512)
 
 PRESETS: dict[str, Preset] = {
-    "cpu": Preset("cpu", CPU_SHAPE, "float32", batch_size=4, steps=8, epochs=2, rounds=2, fixed_side=448,
-                  variable_sides=tuple(range(112, 449, 28)),
-                  notes="scaled-down Qwen2-VL-2B shape (9.0M parameters), random weights, fp32, sdpa"),
-    "gpu-2b": Preset("gpu-2b", QWEN2_VL_2B, "bfloat16", batch_size=8, steps=20, epochs=2, rounds=2, fixed_side=448,
-                     variable_sides=tuple(range(112, 449, 28)),
-                     notes="Qwen2-VL-2B shape (2.2B parameters), random weights, bf16, sdpa"),
+    "cpu": Preset(
+        "cpu",
+        CPU_SHAPE,
+        "float32",
+        batch_size=4,
+        steps=8,
+        epochs=2,
+        rounds=2,
+        fixed_side=448,
+        variable_sides=tuple(range(112, 449, 28)),
+        notes="scaled-down Qwen2-VL-2B shape (9.0M parameters), random weights, fp32, sdpa",
+    ),
+    "gpu-2b": Preset(
+        "gpu-2b",
+        QWEN2_VL_2B,
+        "bfloat16",
+        batch_size=8,
+        steps=20,
+        epochs=2,
+        rounds=2,
+        fixed_side=448,
+        variable_sides=tuple(range(112, 449, 28)),
+        notes="Qwen2-VL-2B shape (2.2B parameters), random weights, bf16, sdpa",
+    ),
     # For the tests: seconds per run.
-    "tiny": Preset("tiny", TINY_SHAPE, "float32", batch_size=2, steps=3, epochs=2, rounds=1, fixed_side=56,
-                   variable_sides=(28, 56, 84), text_tokens=48, min_pixels=28 * 28, max_pixels=84 * 84,
-                   notes="tiny random Qwen2-VL, for tests"),
+    "tiny": Preset(
+        "tiny",
+        TINY_SHAPE,
+        "float32",
+        batch_size=2,
+        steps=3,
+        epochs=2,
+        rounds=1,
+        fixed_side=56,
+        variable_sides=(28, 56, 84),
+        text_tokens=48,
+        min_pixels=28 * 28,
+        max_pixels=84 * 84,
+        notes="tiny random Qwen2-VL, for tests",
+    ),
 }
 
 
@@ -91,10 +121,18 @@ def build_processor(preset: Preset):
     """A real Qwen2VLProcessor (patch 14, merge 2) with the builtin byte-level BPE tokenizer and Qwen's template."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    vision = dict(size={"shortest_edge": preset.min_pixels, "longest_edge": preset.max_pixels},
-                  patch_size=14, merge_size=2, temporal_patch_size=2)
-    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**vision), tokenizer=build_tokenizer(corpus_texts()),
-                            video_processor=Qwen2VLVideoProcessor(**vision), chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    vision = dict(
+        size={"shortest_edge": preset.min_pixels, "longest_edge": preset.max_pixels},
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**vision),
+        tokenizer=build_tokenizer(corpus_texts()),
+        video_processor=Qwen2VLVideoProcessor(**vision),
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
 
 
 def model_config(shape: ModelShape, tokenizer):
@@ -105,17 +143,43 @@ def model_config(shape: ModelShape, tokenizer):
     half = head_dim // 2
     section = [half // 4, (half - half // 4) // 2]
     section.append(half - sum(section))
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>")}
-    text = dict(vocab_size=shape.vocab_size, hidden_size=shape.text_hidden, intermediate_size=shape.intermediate,
-                num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                max_position_embeddings=32768, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": section},
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(depth=shape.vision_depth, embed_dim=shape.vision_dim, hidden_size=shape.text_hidden,
-                  num_heads=shape.vision_heads, mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>")
+    }
+    text = dict(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.text_hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": section},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        depth=shape.vision_depth,
+        embed_dim=shape.vision_dim,
+        hidden_size=shape.text_hidden,
+        num_heads=shape.vision_heads,
+        mlp_ratio=4,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    return Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
 
 
 def ensure_model(preset: Preset, echo=print) -> Path:
@@ -146,7 +210,12 @@ def single_token_words(tokenizer) -> list[str]:
     words = []
     for token in sorted(tokenizer.get_vocab()):
         word = token[1:]
-        if token.startswith("\u0120") and word.isalpha() and len(word) >= 3 and len(tokenizer(" " + word)["input_ids"]) == 1:
+        if (
+            token.startswith("\u0120")
+            and word.isalpha()
+            and len(word) >= 3
+            and len(tokenizer(" " + word)["input_ids"]) == 1
+        ):
             words.append(word)
     return words
 
@@ -192,8 +261,10 @@ def make_workload(preset: Preset, kind: str, samples: int, processor) -> Path:
             render_scene(random_scene(rng), image_size=max(h, w)).resize((w, h)).save(tmp / name)
             names.append(name)
         answer = text_of(rng, words, answer_len)
-        messages = [{"role": "user", "content": "<image>" * len(sizes) + text_of(rng, words, question_len)},
-                    {"role": "assistant", "content": answer}]
+        messages = [
+            {"role": "user", "content": "<image>" * len(sizes) + text_of(rng, words, question_len)},
+            {"role": "assistant", "content": answer},
+        ]
         if kind == "fixed":  # grow the question to the exact non-image token count
             missing = preset.text_tokens - count_text_tokens(processor, messages, len(sizes))
             if missing < 0:
@@ -206,21 +277,46 @@ def make_workload(preset: Preset, kind: str, samples: int, processor) -> Path:
     return path
 
 
-def vlmtune_config(preset: Preset, model_dir: Path, data: Path, output_dir: Path, steps: int,
-                   overrides: tuple[str, ...] = ()) -> dict:
+def vlmtune_config(
+    preset: Preset, model_dir: Path, data: Path, output_dir: Path, steps: int, overrides: tuple[str, ...] = ()
+) -> dict:
     """The vlmtune config of a benchmark run: LoRA r/alpha on every language-model linear layer and the projector,
     vision tower and lm_head frozen, one learning rate, constant schedule, clipping at 1, no evaluation, and batches
     grouped by length (``train.group_by_length``, off by default); the vision-feature cache and logits at answer
     positions are vlmtune's defaults. ``overrides`` (``key.path=value``, as on the ``vlmtune train`` command line)
     change it, e.g. ``train.packing=true``."""
 
-    lora = {"mode": "lora", "rank": preset.lora_rank, "alpha": preset.lora_alpha, "dropout": 0.0, "targets": "all-linear"}
-    return apply_overrides({
-        "model": {"path": str(model_dir), "dtype": preset.dtype, "attn_implementation": "sdpa"},
-        "groups": {"vision_tower": {"mode": "frozen"}, "projector": lora, "language_model": lora, "lm_head": {"mode": "frozen"}},
-        "data": {"train": str(data), "max_length": 8192},
-        "train": {"output_dir": str(output_dir), "max_steps": steps, "batch_size": preset.batch_size,
-                  "learning_rate": preset.learning_rate, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0,
-                  "max_grad_norm": 1.0, "seed": preset.seed, "logging_steps": 1, "progress_bar": False,
-                  "group_by_length": True},
-    }, list(overrides))
+    lora = {
+        "mode": "lora",
+        "rank": preset.lora_rank,
+        "alpha": preset.lora_alpha,
+        "dropout": 0.0,
+        "targets": "all-linear",
+    }
+    return apply_overrides(
+        {
+            "model": {"path": str(model_dir), "dtype": preset.dtype, "attn_implementation": "sdpa"},
+            "groups": {
+                "vision_tower": {"mode": "frozen"},
+                "projector": lora,
+                "language_model": lora,
+                "lm_head": {"mode": "frozen"},
+            },
+            "data": {"train": str(data), "max_length": 8192},
+            "train": {
+                "output_dir": str(output_dir),
+                "max_steps": steps,
+                "batch_size": preset.batch_size,
+                "learning_rate": preset.learning_rate,
+                "weight_decay": 0.0,
+                "scheduler": "constant",
+                "warmup_steps": 0,
+                "max_grad_norm": 1.0,
+                "seed": preset.seed,
+                "logging_steps": 1,
+                "progress_bar": False,
+                "group_by_length": True,
+            },
+        },
+        list(overrides),
+    )

@@ -33,11 +33,19 @@ PRETRAIN = {
     "model": {"dtype": "float32"},
     "groups": {g: {"mode": "full"} for g in ("vision_tower", "projector", "language_model", "lm_head")},
     "data": {"train": "builtin:shapes:pretrain", "builtin_train_samples": 2048, "max_length": 256},
-    "train": {"max_steps": 400, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 20,
-              "scheduler": "cosine", "weight_decay": 0.0, "seed": 0, "logging_steps": 25,
-              # Shuffled batches: grouped by length, a batch holds one task (lengths follow the task) and the
-              # base never learns to use the image (answer loss 0.49 with its own image and with another's).
-              "group_by_length": False},
+    "train": {
+        "max_steps": 400,
+        "batch_size": 16,
+        "learning_rate": 1e-3,
+        "warmup_steps": 20,
+        "scheduler": "cosine",
+        "weight_decay": 0.0,
+        "seed": 0,
+        "logging_steps": 25,
+        # Shuffled batches: grouped by length, a batch holds one task (lengths follow the task) and the
+        # base never learns to use the image (answer loss 0.49 with its own image and with another's).
+        "group_by_length": False,
+    },
 }
 
 
@@ -79,10 +87,15 @@ def ensure_base(echo=print) -> Path:
         shutil.rmtree(work)
     echo(f"building the builtin base model once (cached in {final}) ...")
     init = write_random_init(work / "init")
-    cfg = Config.model_validate(deep_merge(PRETRAIN, {
-        "model": {"path": str(init)},
-        "train": {"output_dir": str(work / "run"), "progress_bar": False},
-    }))
+    cfg = Config.model_validate(
+        deep_merge(
+            PRETRAIN,
+            {
+                "model": {"path": str(init)},
+                "train": {"output_dir": str(work / "run"), "progress_bar": False},
+            },
+        )
+    )
     result = train(cfg)
     shutil.copy(work / "run" / "metrics.jsonl", result.final_dir / "pretrain_metrics.jsonl")
     if final.exists():
@@ -98,10 +111,26 @@ def build_base_alone() -> None:
     this one, so the cached base is the same however it was first built)."""
     if (base_dir() / "model.safetensors").is_file():
         return
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                        "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
-    subprocess.run([sys.executable, "-c", "from vlmtune.builtin.base import ensure_base; ensure_base()"], env=env, check=True)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "LOCAL_WORLD_SIZE",
+            "GROUP_RANK",
+            "ROLE_RANK",
+            "ROLE_WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "TORCHELASTIC_RUN_ID",
+        )
+    }
+    subprocess.run(
+        [sys.executable, "-c", "from vlmtune.builtin.base import ensure_base; ensure_base()"], env=env, check=True
+    )
 
 
 def model_folder(mcfg: ModelConfig, echo=print, alone: bool = False) -> Path:

@@ -15,7 +15,6 @@ from vlmtune.tracking import echo
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
-
 def load_processor(mcfg: ModelConfig):
     """The model's processor without loading its weights (the builtin base's is built from code if not cached)."""
     from transformers import AutoProcessor
@@ -23,7 +22,6 @@ def load_processor(mcfg: ModelConfig):
     if mcfg.path == BUILTIN_MODEL:
         return builtin_processor()
     return AutoProcessor.from_pretrained(Path(mcfg.path), trust_remote_code=mcfg.trust_remote_code)
-
 
 
 def resolve_target(target: str, overrides: list[str]) -> Config:
@@ -34,7 +32,6 @@ def resolve_target(target: str, overrides: list[str]) -> Config:
     cfg.data.train = target
     cfg.data.eval = None
     return cfg
-
 
 
 def run_check(target: str, overrides: list[str] | None = None, progress: bool = True, echo=print) -> int:
@@ -51,12 +48,13 @@ def run_check(target: str, overrides: list[str] | None = None, progress: bool = 
     errors = sum(len(c.errors) for c in checks)
     if errors:
         bad = sum(len({p.where for p in c.errors if not p.whole_file}) for c in checks)
-        echo(f"\n{errors} error(s) in {bad} sample(s): training stops on them (data.on_bad_sample: error) "
-             f"or leaves those samples out and reports them (data.on_bad_sample: skip)")
+        echo(
+            f"\n{errors} error(s) in {bad} sample(s): training stops on them (data.on_bad_sample: error) "
+            f"or leaves those samples out and reports them (data.on_bad_sample: skip)"
+        )
         return 1
     echo("\nno errors")
     return 0
-
 
 
 def check_command(args: argparse.Namespace) -> int:

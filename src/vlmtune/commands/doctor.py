@@ -20,8 +20,9 @@ from vlmtune.config.load import load_config
 from vlmtune.config.schema import Config
 from vlmtune.config.stages import resolve_stages
 from vlmtune.data.collate import collate, expanded_image_token
-from vlmtune.data.dataset import VLMDataset, iter_split
+from vlmtune.data.dataset import VLMDataset
 from vlmtune.data.sharegpt import Sample
+from vlmtune.data.sources import iter_split
 from vlmtune.model.build import build_model
 from vlmtune.model.groups import GroupMap
 from vlmtune.model.load import resolve_dtype
@@ -46,12 +47,16 @@ def check_lora_settings(model: nn.Module, plans: list[GroupPlan]) -> CheckResult
             continue
         ratio = p.alpha / p.rank
         if not 1.0 <= ratio <= 4.0:
-            warns.append(f"groups.{p.group}: alpha/rank = {ratio:g} (alpha {p.alpha:g}, rank {p.rank}); the seed starts at "
-                         f"alpha = 2 x rank ({2 * p.rank}), and scaling far from it changes the effective learning rate")
+            warns.append(
+                f"groups.{p.group}: alpha/rank = {ratio:g} (alpha {p.alpha:g}, rank {p.rank}); the seed starts at "
+                f"alpha = 2 x rank ({2 * p.rank}), and scaling far from it changes the effective learning rate"
+            )
         if p.dropout > 0 and p.group in VISION_PATH:
-            warns.append(f"groups.{p.group}.dropout = {p.dropout:g}: on the vision path every image patch's input is copied and "
-                         f"masked at each of the {len(p.modules)} wrapped layer(s), where most of the tokens are, which costs "
-                         "time and memory; keep dropout for language_model LoRA, or set 0 here")
+            warns.append(
+                f"groups.{p.group}.dropout = {p.dropout:g}: on the vision path every image patch's input is copied and "
+                f"masked at each of the {len(p.modules)} wrapped layer(s), where most of the tokens are, which costs "
+                "time and memory; keep dropout for language_model LoRA, or set 0 here"
+            )
         narrow = []
         for name in p.modules:
             module = inner.get_submodule(name)
@@ -59,9 +64,11 @@ def check_lora_settings(model: nn.Module, plans: list[GroupPlan]) -> CheckResult
             if p.rank > width:
                 narrow.append(f"{name} ({width})")
         if narrow:
-            fails.append(f"groups.{p.group}.rank = {p.rank} is larger than the width min(in, out) of {len(narrow)} layer(s): "
-                         f"{', '.join(narrow[:4])}{' ...' if len(narrow) > 4 else ''}; the update cannot exceed that rank, "
-                         "so use a rank at most the smallest width")
+            fails.append(
+                f"groups.{p.group}.rank = {p.rank} is larger than the width min(in, out) of {len(narrow)} layer(s): "
+                f"{', '.join(narrow[:4])}{' ...' if len(narrow) > 4 else ''}; the update cannot exceed that rank, "
+                "so use a rank at most the smallest width"
+            )
     if fails:
         return CheckResult("LoRA settings", "FAIL", fails + warns)
     if warns:
@@ -84,8 +91,9 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(model: nn.Module, activation_bytes: int, batch: dict, device: torch.device, max_length: int,
-                 batch_size: int) -> CheckResult:
+def check_memory(
+    model: nn.Module, activation_bytes: int, batch: dict, device: torch.device, max_length: int, batch_size: int
+) -> CheckResult:
     """Weights + gradients + AdamW state (two tensors per trainable one) + activations measured on the batch,
     against the device's memory (FAIL above 90%); a batch of max_length samples is estimated too (WARN)."""
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -93,9 +101,11 @@ def check_memory(model: nn.Module, activation_bytes: int, batch: dict, device: t
     total = weights + 3 * grads + activation_bytes
     capacity = device_memory(device)
     rows, tokens = batch["input_ids"].shape
-    lines = [f"{gib(total)} of {gib(capacity)} on {device}: weights {gib(weights)} + gradients {gib(grads)} + AdamW state "
-             f"{gib(2 * grads)} + activations {gib(activation_bytes)} (batch of {rows} sample(s) padded to {tokens} tokens, "
-             "measured from what the forward saves for backward)"]
+    lines = [
+        f"{gib(total)} of {gib(capacity)} on {device}: weights {gib(weights)} + gradients {gib(grads)} + AdamW state "
+        f"{gib(2 * grads)} + activations {gib(activation_bytes)} (batch of {rows} sample(s) padded to {tokens} tokens, "
+        "measured from what the forward saves for backward)"
+    ]
     if rows < batch_size:
         lines.append(f"the data gave {rows} sample(s) for a configured batch of {batch_size}")
     worst = weights + 3 * grads + activation_bytes * (batch_size * max_length) / max(1, rows * tokens)
@@ -117,16 +127,28 @@ def environment_lines(device: torch.device, dtype: torch.dtype) -> list[str]:
     import torchvision
     import transformers
 
-    versions = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"torchvision {torchvision.__version__}",
-                f"transformers {transformers.__version__}", f"peft {peft.__version__}", f"accelerate {accelerate.__version__}"]
+    versions = [
+        f"python {platform.python_version()}",
+        f"torch {torch.__version__}",
+        f"torchvision {torchvision.__version__}",
+        f"transformers {transformers.__version__}",
+        f"peft {peft.__version__}",
+        f"accelerate {accelerate.__version__}",
+    ]
     lines = [", ".join(versions)]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        lines.append(f"device {device}: {props.name}, {gib(props.total_memory)}, compute capability {props.major}.{props.minor}")
-        lines.append(f"dtypes: bfloat16 {'supported' if torch.cuda.is_bf16_supported() else 'not supported'}, float16 supported")
+        lines.append(
+            f"device {device}: {props.name}, {gib(props.total_memory)}, compute capability {props.major}.{props.minor}"
+        )
+        lines.append(
+            f"dtypes: bfloat16 {'supported' if torch.cuda.is_bf16_supported() else 'not supported'}, float16 supported"
+        )
     else:
-        lines.append(f"device cpu: {torch.get_num_threads()} thread(s), {gib(device_memory(device))} RAM, "
-                     f"instruction set {torch.backends.cpu.get_cpu_capability()}; no CUDA device")
+        lines.append(
+            f"device cpu: {torch.get_num_threads()} thread(s), {gib(device_memory(device))} RAM, "
+            f"instruction set {torch.backends.cpu.get_cpu_capability()}; no CUDA device"
+        )
         lines.append("dtypes: float32 (bfloat16 runs on CPU, slowly without AVX512-BF16/AMX)")
     lines.append(f"training dtype: {str(dtype).removeprefix('torch.')}")
     return lines
@@ -149,25 +171,41 @@ def batch_of(items: list[dict], processor, device: torch.device) -> dict:
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     video = getattr(processor, "video_token", None)
-    batch = collate(items, pad_id, tok.convert_tokens_to_ids(processor.image_token),
-                    tok.convert_tokens_to_ids(video) if video else None)
+    batch = collate(
+        items,
+        pad_id,
+        tok.convert_tokens_to_ids(processor.image_token),
+        tok.convert_tokens_to_ids(video) if video else None,
+    )
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def run_checks(model: nn.Module, processor, gmap: GroupMap, plans: list[GroupPlan], items: list[dict], wheres: list[str],
-               device: torch.device, max_length: int, batch_size: int) -> list[CheckResult]:
+def run_checks(
+    model: nn.Module,
+    processor,
+    gmap: GroupMap,
+    plans: list[GroupPlan],
+    items: list[dict],
+    wheres: list[str],
+    device: torch.device,
+    max_length: int,
+    batch_size: int,
+) -> list[CheckResult]:
     """Every check on a built, planned model and real processed samples."""
     image_token_id = processor.tokenizer.convert_tokens_to_ids(expanded_image_token(processor))
     with_image = next((i for i, it in enumerate(items) if "pixel_values" in it), 0)
-    results = check_dimensions(model, gmap, batch_of(items[with_image:with_image + 1], processor, device),
-                               image_token_id, wheres[with_image])
+    results = check_dimensions(
+        model, gmap, batch_of(items[with_image : with_image + 1], processor, device), image_token_id, wheres[with_image]
+    )
     batch = batch_of(items, processor, device)
     activations = 0
     try:
         _, activations = forward_backward(model, batch)
         results.append(check_gradients(model, gmap, plans))
     except Exception as e:  # a dimension problem usually shows up here too
-        results.append(CheckResult("gradient flow", "FAIL", [f"forward/backward on a batch of {len(items)} failed: {e}"]))
+        results.append(
+            CheckResult("gradient flow", "FAIL", [f"forward/backward on a batch of {len(items)} failed: {e}"])
+        )
     finally:
         for p in model.parameters():
             p.grad = None
@@ -201,8 +239,9 @@ def doctor(cfg: Config, echo=print) -> int:
             echo("\nFAIL  data: no usable sample at the start of data.train (run `vlmtune data check` on it)")
             return 1
         echo("\nchecks")
-        results = run_checks(model, processor, gmap, plans, items, wheres, device, scfg.data.max_length,
-                             scfg.train.batch_size)
+        results = run_checks(
+            model, processor, gmap, plans, items, wheres, device, scfg.data.max_length, scfg.train.batch_size
+        )
         for r in results:
             echo(str(r))
         failed += [r.name if not stage.named else f"{r.name} ({stage.name})" for r in results if r.status == "FAIL"]

@@ -19,8 +19,14 @@ def command(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, out: str | Path | None = None,
-                        overrides: list[str] | None = None, generate_answers: bool = True, echo=print) -> EvalResult:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | None = None,
+    out: str | Path | None = None,
+    overrides: list[str] | None = None,
+    generate_answers: bool = True,
+    echo=print,
+) -> EvalResult:
     """``vlmtune eval``: load -> data -> metrics -> table, JSON report, and the run's metrics plot.
 
     Args:
@@ -40,8 +46,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, out: st
     echo(report_table(result.metrics))
     for note in result.notes:
         echo(f"note: {note}")
-    report = write_report(result, Path(out) if out else folder / "eval_report.json",
-                          {"checkpoint": str(folder), "data": str(data or cfg.data.eval)})
+    report = write_report(
+        result,
+        Path(out) if out else folder / "eval_report.json",
+        {"checkpoint": str(folder), "data": str(data or cfg.data.eval)},
+    )
     echo(f"wrote {report}")
     if run is not None:
         echo(f"wrote {plot_metrics(run / 'metrics.jsonl', run / 'metrics.png')} (metrics over training)")

@@ -46,8 +46,10 @@ class ExportReport:
     def lines(self) -> list[str]:
         out = [f"wrote {self.kind} export to {self.out} ({self.weight_bytes / 1e6:.2f} MB of weights)"]
         if self.max_abs_diff is not None:
-            out.append(f"logits check (plain transformers reload vs. unmerged, {self.dtype}): max abs diff "
-                       f"{self.max_abs_diff:.3g} <= tolerance {self.tolerance:.3g}")
+            out.append(
+                f"logits check (plain transformers reload vs. unmerged, {self.dtype}): max abs diff "
+                f"{self.max_abs_diff:.3g} <= tolerance {self.tolerance:.3g}"
+            )
         return out
 
 
@@ -67,7 +69,11 @@ def saved_dtype(model) -> torch.dtype:
     folder = Path(getattr(base, "name_or_path", "") or ".")
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     name = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype")
-    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
+    return (
+        getattr(torch, name)
+        if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype)
+        else torch.float32
+    )
 
 
 def _prepare(out: Path, overwrite: bool) -> Path:
@@ -78,8 +84,14 @@ def _prepare(out: Path, overwrite: bool) -> Path:
 
 
 @torch.no_grad()
-def export_checkpoint(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: str | None = None,
-                      atol: float | None = None, overwrite: bool = False) -> ExportReport:
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    merge: bool = False,
+    dtype: str | None = None,
+    atol: float | None = None,
+    overwrite: bool = False,
+) -> ExportReport:
     """Writes the adapter (``merge=False``) or the merged model (``merge=True``) of a checkpoint to ``out``.
 
     Args:
@@ -102,8 +114,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merge: bool = Fal
     model, processor, cfg = load_checkpoint(checkpoint, "cpu", dtype="float32")
     is_adapter = isinstance(model, PeftModel)
     if not merge and not is_adapter:
-        raise ExportError(f"'{checkpoint}' holds a full model (no group used LoRA), not an adapter; "
-                          "export it with --merge to write a plain transformers folder")
+        raise ExportError(
+            f"'{checkpoint}' holds a full model (no group used LoRA), not an adapter; "
+            "export it with --merge to write a plain transformers folder"
+        )
     tmp = _prepare(out, overwrite)
     if not merge:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -124,8 +138,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, merge: bool = Fal
     tol = atol if atol is not None else TOLERANCE.get(target, 1e-2) * max(1.0, float(reference.abs().max()))
     if not diff <= tol:
         shutil.rmtree(tmp)
-        raise ExportError(f"merged logits differ from the unmerged model's by {diff:.3g} (max abs, {target}) on the "
-                          f"probe batch, above the tolerance {tol:.3g}; nothing was written to '{out}'")
+        raise ExportError(
+            f"merged logits differ from the unmerged model's by {diff:.3g} (max abs, {target}) on the "
+            f"probe batch, above the tolerance {tol:.3g}; nothing was written to '{out}'"
+        )
     commit(tmp, out)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return ExportReport(out, "merged", size, diff, tol, str(target).removeprefix("torch."))

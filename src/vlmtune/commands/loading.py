@@ -76,10 +76,13 @@ def _check_files(folder: Path) -> str:
         if not (folder / "model.safetensors.index.json").is_file():
             needed.append("model.safetensors")
     else:
-        hint = " (a run folder: give its final/ or a checkpoint-N/ folder)" if (folder / "metrics.jsonl").is_file() else ""
+        hint = (
+            " (a run folder: give its final/ or a checkpoint-N/ folder)" if (folder / "metrics.jsonl").is_file() else ""
+        )
         raise CheckpointError(
             f"'{folder}' is not a checkpoint{hint}: it has neither adapter_config.json (a peft adapter written by "
-            "vlmtune train) nor config.json (a full transformers model folder)")
+            "vlmtune train) nor config.json (a full transformers model folder)"
+        )
     missing = [f for f in needed + list(PROCESSOR_FILES) if not (folder / f).is_file()]
     if not any((folder / f).is_file() for f in IMAGE_PROCESSOR_FILES):
         missing.append(" or ".join(IMAGE_PROCESSOR_FILES))
@@ -96,8 +99,10 @@ def _warn_if_other_base(folder: Path, base: Path) -> None:
 
     named = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if named and Path(named).is_dir() and Path(named).resolve() != base.resolve():
-        echo(f"warning: {folder} was trained on base '{named}' (adapter_config.json), but config.yaml's "
-             f"model.path loads '{base}'")
+        echo(
+            f"warning: {folder} was trained on base '{named}' (adapter_config.json), but config.yaml's "
+            f"model.path loads '{base}'"
+        )
 
 
 def load_checkpoint(folder: str | Path, device="cpu", dtype: str | None = None):
@@ -130,15 +135,21 @@ def load_checkpoint(folder: str | Path, device="cpu", dtype: str | None = None):
         from peft import PeftModel
 
         if mcfg.path != BUILTIN_MODEL and not (Path(mcfg.path) / "config.json").is_file():
-            raise CheckpointError(f"the base model of '{folder}' ('model.path: {mcfg.path}' in "
-                                  f"{folder / 'config.yaml'}) is missing: no config.json there")
+            raise CheckpointError(
+                f"the base model of '{folder}' ('model.path: {mcfg.path}' in "
+                f"{folder / 'config.yaml'}) is missing: no config.json there"
+            )
         base, _ = load_model(mcfg, device, model_folder(mcfg))
         _warn_if_other_base(folder, Path(base.name_or_path))
         model = PeftModel.from_pretrained(base, folder, is_trainable=False)
     else:
         model = AutoModelForImageTextToText.from_pretrained(
-            folder, dtype=resolve_dtype(mcfg.dtype, device), attn_implementation=mcfg.attn_implementation,
-            trust_remote_code=mcfg.trust_remote_code, use_safetensors=True)
+            folder,
+            dtype=resolve_dtype(mcfg.dtype, device),
+            attn_implementation=mcfg.attn_implementation,
+            trust_remote_code=mcfg.trust_remote_code,
+            use_safetensors=True,
+        )
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=mcfg.trust_remote_code)
     return model.to(device).eval(), processor, cfg
 
@@ -165,14 +176,23 @@ def load_eval_data(cfg: Config, spec: str | None, processor, limit: int | None =
     """
     spec = spec or cfg.data.eval
     if not spec:
-        raise DataError(["no eval data: give --data FILE (a JSON/JSONL file in ShareGPT format or builtin:shapes:TASK); "
-                         "the checkpoint's config.yaml sets no data.eval"])
+        raise DataError(
+            [
+                "no eval data: give --data FILE (a JSON/JSONL file in ShareGPT format or builtin:shapes:TASK); "
+                "the checkpoint's config.yaml sets no data.eval"
+            ]
+        )
     try:
         ds = build_dataset(spec, cfg.data, processor, "eval")
     except DataError as e:
         if any("last turn is from the user" in p or "assistant turn" in p for p in e.problems):
-            raise DataError(e.problems + ["evaluation compares generated answers with references: every sample needs a "
-                                          "final, non-empty assistant turn (the reference answer)"]) from None
+            raise DataError(
+                e.problems
+                + [
+                    "evaluation compares generated answers with references: every sample needs a "
+                    "final, non-empty assistant turn (the reference answer)"
+                ]
+            ) from None
         raise
     if len(ds) == 0:
         raise DataError([f"no eval sample of '{spec}' fits data.max_length={cfg.data.max_length}"])

@@ -18,8 +18,13 @@ def device() -> str:
 
 def generation(args: argparse.Namespace) -> GenerationSettings:
     """The decoding flags shared by predict and chat."""
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed)
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
 
 
 def predict_command(args: argparse.Namespace) -> int:

@@ -15,11 +15,12 @@ def raw_problems(raw: dict) -> list[str]:
     if isinstance(path, str) and path != BUILTIN_MODEL:
         p = Path(path)
         if not p.is_dir():
-            problems.append(f"'model.path': '{p}' is not a local folder (vlmtune loads local model folders only; download it first, or use {BUILTIN_MODEL})")
+            problems.append(
+                f"'model.path': '{p}' is not a local folder (vlmtune loads local model folders only; download it first, or use {BUILTIN_MODEL})"
+            )
         elif not (p / "config.json").is_file():
             problems.append(f"'model.path': '{p}' has no config.json")
     return problems
-
 
 
 def semantic_problems(cfg: Config) -> list[str]:
@@ -27,11 +28,15 @@ def semantic_problems(cfg: Config) -> list[str]:
     problems = []
     for name, g in cfg.groups.items():
         if isinstance(g.targets, str) and g.targets not in ("all-linear", "attention", "mlp"):
-            problems.append(f"'groups.{name}.targets': '{g.targets}' is not all-linear, attention or mlp; give a list for module names, e.g. [{g.targets}]")
+            problems.append(
+                f"'groups.{name}.targets': '{g.targets}' is not all-linear, attention or mlp; give a list for module names, e.g. [{g.targets}]"
+            )
         if isinstance(g.targets, list) and not g.targets:
             problems.append(f"'groups.{name}.targets' is an empty list")
     if not any(cfg.group(g).mode != "frozen" for g in GROUPS):
         problems.append("every group is frozen: set at least one of groups.<group>.mode to lora or full")
     if cfg.train.packing_length is not None and not cfg.train.packing:
-        problems.append("'train.packing_length' is set but train.packing is false: set train.packing: true or drop packing_length")
+        problems.append(
+            "'train.packing_length' is set but train.packing is false: set train.packing: true or drop packing_length"
+        )
     return problems

@@ -18,7 +18,6 @@ class ConfigError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
 
 
-
 def _fields_at(loc: tuple) -> list[str]:
     """Valid keys beside the last element of ``loc`` (for "did you mean")."""
     parent = loc[:-1]
@@ -37,16 +36,13 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-
 def suggest(name: str, valid: list[str]) -> str:
     """' (did you mean X?)' for the closest valid name, or ''."""
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-
 _TYPE_LABELS = {"str", "int", "float", "bool", "dict", "list", "tuple", "none", "literal"}
-
 
 
 def format_validation_error(err: ValidationError, extra_valid: list[str] | None = None) -> list[str]:
@@ -58,11 +54,15 @@ def format_validation_error(err: ValidationError, extra_valid: list[str] | None 
         key = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden" and len(loc) >= 2 and loc[-2] == "groups":
             where = ".".join(str(p) for p in loc[:-1])
-            problems.append(f"'{key}' is not a component group{suggest(str(loc[-1]), list(GROUPS))}; "
-                            f"{where} are {', '.join(GROUPS)}")
+            problems.append(
+                f"'{key}' is not a component group{suggest(str(loc[-1]), list(GROUPS))}; "
+                f"{where} are {', '.join(GROUPS)}"
+            )
         elif e["type"] == "extra_forbidden":
             valid = _fields_at(loc) + (extra_valid or [] if len(loc) == 1 else [])
-            problems.append(f"unknown key '{key}'{suggest(str(loc[-1]), valid)}; valid here: {', '.join(_fields_at(loc))}")
+            problems.append(
+                f"unknown key '{key}'{suggest(str(loc[-1]), valid)}; valid here: {', '.join(_fields_at(loc))}"
+            )
         else:
             line = f"'{key}': {e['msg']} (got {e.get('input')!r})"
             same_key = [i for i, p in enumerate(problems) if p.startswith(f"'{key}': ")]

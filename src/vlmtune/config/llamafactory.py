@@ -53,8 +53,15 @@ RENAMES: dict[str, str] = {
 }
 
 TUNING_KEYS = {
-    "lora_target", "additional_target", "lora_rank", "lora_alpha", "lora_dropout",
-    "freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model", "finetuning_type",
+    "lora_target",
+    "additional_target",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "freeze_vision_tower",
+    "freeze_multi_modal_projector",
+    "freeze_language_model",
+    "finetuning_type",
 }
 # Keys accepted for compatibility whose effect vlmtune always has (or that only name LLaMA-Factory's stage).
 NOTED_KEYS = {"stage", "do_train", "template", "plot_loss", "overwrite_output_dir", "bf16", "fp16", "report_to"}
@@ -79,10 +86,14 @@ def _set(native: dict, path: str, value: Any) -> None:
 
 def _tuning(raw: dict, lines: list[str], problems: list[str]) -> dict[str, dict]:
     """Group settings from lora_target / additional_target / freeze_* / lora_* keys."""
-    groups: dict[str, dict] = {g: {"mode": "frozen"} for g in ("vision_tower", "projector", "language_model", "lm_head")}
+    groups: dict[str, dict] = {
+        g: {"mode": "frozen"} for g in ("vision_tower", "projector", "language_model", "lm_head")
+    }
     finetuning = str(raw.get("finetuning_type", "lora"))
     if finetuning not in ("lora", "full"):
-        problems.append(f"'finetuning_type: {finetuning}' is not supported; use lora or full (or vlmtune's groups.<group>.mode)")
+        problems.append(
+            f"'finetuning_type: {finetuning}' is not supported; use lora or full (or vlmtune's groups.<group>.mode)"
+        )
     freeze_vision = bool(raw.get("freeze_vision_tower", True))
     freeze_language = bool(raw.get("freeze_language_model", False))
     freeze_projector = raw.get("freeze_multi_modal_projector")  # None = not said
@@ -119,16 +130,22 @@ def _tuning(raw: dict, lines: list[str], problems: list[str]) -> dict[str, dict]
         # Layer names (q_proj, v_proj, ...) are the language model's; an unfrozen vision tower is then
         # trained fully (below), as its layers have other names (Qwen2-VL: qkv, proj, fc1, fc2).
         if freeze_language:
-            problems.append(f"lora_target names {', '.join(names)} but freeze_language_model: true leaves no group for them")
+            problems.append(
+                f"lora_target names {', '.join(names)} but freeze_language_model: true leaves no group for them"
+            )
         elif lora_groups.get("language_model") != "all-linear":
             lora_groups["language_model"] = names
     for g, t in lora_groups.items():
         groups[g] = {"mode": "lora", "targets": t}
     # LLaMA-Factory's defaults: rank 8, alpha 2 x rank, no dropout.
     for g in lora_groups:
-        groups[g].update(rank=raw.get("lora_rank", 8), alpha=raw.get("lora_alpha"), dropout=raw.get("lora_dropout", 0.0))
-    lines.append(f"lora_target: {raw.get('lora_target', 'all (default)')} -> " + "; ".join(
-        f"groups.{g}: lora on {t if isinstance(t, str) else ', '.join(t)}" for g, t in lora_groups.items()))
+        groups[g].update(
+            rank=raw.get("lora_rank", 8), alpha=raw.get("lora_alpha"), dropout=raw.get("lora_dropout", 0.0)
+        )
+    lines.append(
+        f"lora_target: {raw.get('lora_target', 'all (default)')} -> "
+        + "; ".join(f"groups.{g}: lora on {t if isinstance(t, str) else ', '.join(t)}" for g, t in lora_groups.items())
+    )
     for key in ("lora_rank", "lora_alpha", "lora_dropout"):
         if key in raw:
             lines.append(f"{key}: {raw[key]} -> groups.<{'|'.join(lora_groups) or 'none'}>.{key[5:]}")
@@ -136,10 +153,14 @@ def _tuning(raw: dict, lines: list[str], problems: list[str]) -> dict[str, dict]
     for t in _split_list(raw.get("additional_target")):
         group = GROUP_ALIASES.get(t)
         if group is None:
-            problems.append(f"'additional_target: {t}' does not name a component group; use one of {', '.join(sorted(GROUP_ALIASES))}")
+            problems.append(
+                f"'additional_target: {t}' does not name a component group; use one of {', '.join(sorted(GROUP_ALIASES))}"
+            )
             continue
         if groups[group]["mode"] == "lora":
-            problems.append(f"'additional_target: {t}' trains {group} fully but lora_target already puts LoRA on it; choose one")
+            problems.append(
+                f"'additional_target: {t}' trains {group} fully but lora_target already puts LoRA on it; choose one"
+            )
             continue
         groups[group] = {"mode": "full"}
         lines.append(f"additional_target: {t} -> groups.{group}.mode=full (saved in the adapter)")
@@ -180,7 +201,9 @@ def translate(raw: dict) -> tuple[dict, list[str], list[str]]:
         out["groups"] = _tuning(flat, lines, problems)
     if "stage" in flat:
         if flat["stage"] != "sft":
-            problems.append(f"'stage: {flat['stage']}' is not supported; vlmtune trains supervised fine-tuning (stage: sft)")
+            problems.append(
+                f"'stage: {flat['stage']}' is not supported; vlmtune trains supervised fine-tuning (stage: sft)"
+            )
         else:
             lines.append("stage: sft -> not needed (vlmtune train is supervised fine-tuning)")
     if "finetuning_type" in flat and flat["finetuning_type"] == "lora":
@@ -198,9 +221,14 @@ def translate(raw: dict) -> tuple[dict, list[str], list[str]]:
         lines.append(f"report_to: {flat['report_to']} -> train.report_to")
     for key in ("template", "plot_loss", "do_train", "overwrite_output_dir"):
         if key in flat:
-            lines.append(f"{key}: {flat[key]} -> not needed ("
-                         + {"template": "the processor's own chat template builds prompts",
-                            "plot_loss": "loss.png is always written",
-                            "do_train": "vlmtune train trains",
-                            "overwrite_output_dir": "output_dir is written into"}[key] + ")")
+            lines.append(
+                f"{key}: {flat[key]} -> not needed ("
+                + {
+                    "template": "the processor's own chat template builds prompts",
+                    "plot_loss": "loss.png is always written",
+                    "do_train": "vlmtune train trains",
+                    "overwrite_output_dir": "output_dir is written into",
+                }[key]
+                + ")"
+            )
     return deep_merge(out, native), lines, problems

@@ -42,12 +42,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, ech
         raise ConfigError(problems + schema, source) from None
     problems += semantic_problems(cfg)
     if not problems and cfg.stages:
-
         problems += stage_problems(cfg)
     if problems:
         raise ConfigError(problems, source)
     return cfg
-
 
 
 def _where_in_stages(problems: list[str], raw: dict) -> list[str]:
@@ -67,7 +65,6 @@ def _where_in_stages(problems: list[str], raw: dict) -> list[str]:
 def config_to_yaml(cfg: Config) -> str:
     """The resolved config as YAML (saved beside every checkpoint)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
 
 
 def reference(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:

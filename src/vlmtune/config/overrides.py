@@ -22,7 +22,6 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=c`` -> (["a", "b"], parsed c); the value is read as YAML so numbers and lists work."""
     if "=" not in text:
@@ -31,7 +30,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip():
         raise ConfigError([f"override '{text}' has an empty key"], "command line")
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
-
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -44,8 +42,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             last = depth == len(path) - 1
             if isinstance(node, list):  # stages.1.steps=5: an index into a list
                 if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError([f"override '{text}': '{'.'.join(path[:depth])}' has {len(node)} entries, "
-                                       f"'{part}' is not an index 0..{len(node) - 1}"], "command line")
+                    raise ConfigError(
+                        [
+                            f"override '{text}': '{'.'.join(path[:depth])}' has {len(node)} entries, "
+                            f"'{part}' is not an index 0..{len(node) - 1}"
+                        ],
+                        "command line",
+                    )
                 part = int(part)
                 if last:
                     node[part] = value
@@ -58,7 +61,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not last:
                 node = node[part]
     return out
-
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -24,13 +24,23 @@ class _Strict(BaseModel):
 class GroupConfig(_Strict):
     """How one component group (vision_tower, projector, language_model, lm_head) is trained."""
 
-    mode: Literal["frozen", "lora", "full"] = Field("frozen", description="frozen: no update; lora: peft LoRA on the group's linear layers; full: every weight trained and saved with the adapter")
+    mode: Literal["frozen", "lora", "full"] = Field(
+        "frozen",
+        description="frozen: no update; lora: peft LoRA on the group's linear layers; full: every weight trained and saved with the adapter",
+    )
     rank: int = Field(8, gt=0, description="LoRA rank r (the seed suggests 8 or 16 for the projector)")
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha; empty means 2 x rank, the seed's recommended starting point")
+    alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha; empty means 2 x rank, the seed's recommended starting point"
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input path of this group's layers")
-    targets: str | list[str] = Field("all-linear", description="which linear layers get LoRA: all-linear, attention, mlp, or a list of module names (q_proj, mlp.0, ...) matched as whole dotted suffixes")
+    targets: str | list[str] = Field(
+        "all-linear",
+        description="which linear layers get LoRA: all-linear, attention, mlp, or a list of module names (q_proj, mlp.0, ...) matched as whole dotted suffixes",
+    )
     lr: float | None = Field(None, gt=0, description="learning rate of this group; empty means train.learning_rate")
-    weight_decay: float | None = Field(None, ge=0, description="AdamW weight decay of this group; empty means train.weight_decay")
+    weight_decay: float | None = Field(
+        None, ge=0, description="AdamW weight decay of this group; empty means train.weight_decay"
+    )
 
     @property
     def lora_alpha(self) -> float:
@@ -45,7 +55,9 @@ class Groups(_Strict):
     """The four component groups of every architecture, each trained one way (frozen, lora or full)."""
 
     vision_tower: GroupConfig = _group_field("the vision encoder (ViT) that turns image patches into features")
-    projector: GroupConfig = _group_field("maps vision features into the language model's embedding space (Qwen2-VL: merger)")
+    projector: GroupConfig = _group_field(
+        "maps vision features into the language model's embedding space (Qwen2-VL: merger)"
+    )
     language_model: GroupConfig = _group_field("the decoder that reads image and text tokens")
     lm_head: GroupConfig = _group_field("the output projection from hidden states to token logits")
 
@@ -73,35 +85,71 @@ class ArchEntry(_Strict):
     """A user-supplied architecture registry entry: where each component group's modules sit."""
 
     model_types: list[str] = Field(default_factory=list, description="config.json model_type values this entry covers")
-    patterns: dict[Literal["vision_tower", "projector", "language_model", "lm_head"], list[str]] | None = Field(None, description="group -> anchored dotted module paths (``*`` is one path component); the longest match wins")
-    layouts: list[dict[str, Any]] | None = Field(None, description="several layouts, each {name, patterns}, for a family whose module names changed between versions")
+    patterns: dict[Literal["vision_tower", "projector", "language_model", "lm_head"], list[str]] | None = Field(
+        None, description="group -> anchored dotted module paths (``*`` is one path component); the longest match wins"
+    )
+    layouts: list[dict[str, Any]] | None = Field(
+        None,
+        description="several layouts, each {name, patterns}, for a family whose module names changed between versions",
+    )
     description: str = Field("user-supplied entry", description="shown in the plan")
 
 
 class ModelConfig(_Strict):
     """Which model to fine-tune and how to load it."""
 
-    path: str = Field(BUILTIN_MODEL, description=f"a local model folder (config.json + safetensors weights), or {BUILTIN_MODEL} for the builtin tiny pretrained Qwen2-VL")
-    arch: str | None = Field(None, description="architecture registry entry; empty means chosen from config.json's model_type")
-    arch_entry: ArchEntry | None = Field(None, description="a user-supplied registry entry: {model_types: [...], patterns: {vision_tower: [...], projector: [...], language_model: [...], lm_head: [...]}}")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weight dtype; auto is float32 on CPU and bfloat16 on a GPU that supports it")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="attention kernel passed to transformers")
-    trust_remote_code: bool = Field(False, description="allow a model folder's own Python code to run (off unless you trust the folder)")
+    path: str = Field(
+        BUILTIN_MODEL,
+        description=f"a local model folder (config.json + safetensors weights), or {BUILTIN_MODEL} for the builtin tiny pretrained Qwen2-VL",
+    )
+    arch: str | None = Field(
+        None, description="architecture registry entry; empty means chosen from config.json's model_type"
+    )
+    arch_entry: ArchEntry | None = Field(
+        None,
+        description="a user-supplied registry entry: {model_types: [...], patterns: {vision_tower: [...], projector: [...], language_model: [...], lm_head: [...]}}",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weight dtype; auto is float32 on CPU and bfloat16 on a GPU that supports it"
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel passed to transformers"
+    )
+    trust_remote_code: bool = Field(
+        False, description="allow a model folder's own Python code to run (off unless you trust the folder)"
+    )
 
 
 class AugmentConfig(_Strict):
     """Seeded visual augmentation of the training split (torchvision transforms); evaluation data is never augmented."""
 
-    enabled: bool = Field(False, description="augment training images; each draw depends only on (seed, sample, epoch), so a resumed run sees the same images")
+    enabled: bool = Field(
+        False,
+        description="augment training images; each draw depends only on (seed, sample, epoch), so a resumed run sees the same images",
+    )
     seed: int = Field(0, description="seed of the augmentation draws")
-    crop_scale: tuple[float, float] = Field((0.8, 1.0), description="random resized crop: range of the kept area fraction ([1, 1] turns cropping off); the crop is resized back to the image's size, so the processor's pixel bounds and image-token count are unchanged")
-    crop_ratio: tuple[float, float] = Field((0.75, 4 / 3), description="random resized crop: range of the crop's aspect ratio (width / height)")
-    brightness: float = Field(0.2, ge=0, description="colour jitter: brightness factor drawn from [1 - x, 1 + x] (0 turns it off)")
+    crop_scale: tuple[float, float] = Field(
+        (0.8, 1.0),
+        description="random resized crop: range of the kept area fraction ([1, 1] turns cropping off); the crop is resized back to the image's size, so the processor's pixel bounds and image-token count are unchanged",
+    )
+    crop_ratio: tuple[float, float] = Field(
+        (0.75, 4 / 3), description="random resized crop: range of the crop's aspect ratio (width / height)"
+    )
+    brightness: float = Field(
+        0.2, ge=0, description="colour jitter: brightness factor drawn from [1 - x, 1 + x] (0 turns it off)"
+    )
     contrast: float = Field(0.2, ge=0, description="colour jitter: contrast factor drawn from [1 - x, 1 + x]")
     saturation: float = Field(0.2, ge=0, description="colour jitter: saturation factor drawn from [1 - x, 1 + x]")
-    hue: float = Field(0.0, ge=0, le=0.5, description="colour jitter: hue shift drawn from [-x, x]; off by default because answers may name colours")
+    hue: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="colour jitter: hue shift drawn from [-x, x]; off by default because answers may name colours",
+    )
     rotation: float = Field(5.0, ge=0, le=180, description="small rotation: angle in degrees drawn from [-x, x]")
-    flip: bool = Field(False, description="horizontal flip with probability 0.5; off by default because answers may say left or right")
+    flip: bool = Field(
+        False, description="horizontal flip with probability 0.5; off by default because answers may say left or right"
+    )
 
     @field_validator("crop_scale", "crop_ratio")
     @classmethod
@@ -117,54 +165,136 @@ class AugmentConfig(_Strict):
 class DataConfig(_Strict):
     """Training and evaluation data."""
 
-    train: str | list[str] = Field(f"{BUILTIN_DATA_PREFIX}position", description=f"JSON/JSONL file(s) in ShareGPT format, a name in dataset_dir/dataset_info.json, or {BUILTIN_DATA_PREFIX}TASK for generated shapes data")
-    eval: str | list[str] | None = Field(None, description="evaluation data, same forms as train; empty means no evaluation")
-    dataset_dir: str | None = Field(None, description="folder holding dataset_info.json, for dataset names (LLaMA-Factory style)")
-    max_length: int = Field(1024, gt=0, description="maximum tokens per sample, image tokens included; never cut inside an image's tokens")
-    too_long: Literal["drop", "downscale", "truncate"] = Field("drop", description="a sample over max_length is dropped; downscale shrinks its images until it fits; truncate cuts text after the last image (all are counted and reported)")
-    image_max_pixels: int | None = Field(None, gt=0, description="upper bound on an image's pixels after resizing; empty means the processor's own")
-    image_min_pixels: int | None = Field(None, gt=0, description="lower bound on an image's pixels after resizing; empty means the processor's own")
-    builtin_train_samples: int = Field(512, gt=0, description="number of generated samples for builtin shapes training data")
-    builtin_eval_samples: int = Field(64, gt=0, description="number of generated samples for builtin shapes evaluation data")
-    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field("auto", description="data-loader worker processes (each loads, decodes and preprocesses batches ahead of the step); auto is 0 without a GPU (workers would take the training threads' cores) and, on a GPU, up to 4 per process from the cores the machine leaves each process")
-    on_bad_sample: Literal["error", "skip"] = Field("error", description="a bad sample (bad JSON line, unknown role, missing or corrupt image, ...) stops the run listing every problem (error), or is left out, counted by kind and named in the run folder (skip)")
-    decode_images: bool = Field(True, description="fully decode every image before training to find corrupt or truncated files (a few ms per image); false reads only image headers")
-    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="visual augmentation of the training split")
+    train: str | list[str] = Field(
+        f"{BUILTIN_DATA_PREFIX}position",
+        description=f"JSON/JSONL file(s) in ShareGPT format, a name in dataset_dir/dataset_info.json, or {BUILTIN_DATA_PREFIX}TASK for generated shapes data",
+    )
+    eval: str | list[str] | None = Field(
+        None, description="evaluation data, same forms as train; empty means no evaluation"
+    )
+    dataset_dir: str | None = Field(
+        None, description="folder holding dataset_info.json, for dataset names (LLaMA-Factory style)"
+    )
+    max_length: int = Field(
+        1024, gt=0, description="maximum tokens per sample, image tokens included; never cut inside an image's tokens"
+    )
+    too_long: Literal["drop", "downscale", "truncate"] = Field(
+        "drop",
+        description="a sample over max_length is dropped; downscale shrinks its images until it fits; truncate cuts text after the last image (all are counted and reported)",
+    )
+    image_max_pixels: int | None = Field(
+        None, gt=0, description="upper bound on an image's pixels after resizing; empty means the processor's own"
+    )
+    image_min_pixels: int | None = Field(
+        None, gt=0, description="lower bound on an image's pixels after resizing; empty means the processor's own"
+    )
+    builtin_train_samples: int = Field(
+        512, gt=0, description="number of generated samples for builtin shapes training data"
+    )
+    builtin_eval_samples: int = Field(
+        64, gt=0, description="number of generated samples for builtin shapes evaluation data"
+    )
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="data-loader worker processes (each loads, decodes and preprocesses batches ahead of the step); auto is 0 without a GPU (workers would take the training threads' cores) and, on a GPU, up to 4 per process from the cores the machine leaves each process",
+    )
+    on_bad_sample: Literal["error", "skip"] = Field(
+        "error",
+        description="a bad sample (bad JSON line, unknown role, missing or corrupt image, ...) stops the run listing every problem (error), or is left out, counted by kind and named in the run folder (skip)",
+    )
+    decode_images: bool = Field(
+        True,
+        description="fully decode every image before training to find corrupt or truncated files (a few ms per image); false reads only image headers",
+    )
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="visual augmentation of the training split"
+    )
 
 
 class TrainConfig(_Strict):
     """The optimisation loop."""
 
-    output_dir: str = Field("runs/quickstart", description="where config.yaml, metrics.jsonl, loss.png, checkpoints and final/ are written")
+    output_dir: str = Field(
+        "runs/quickstart", description="where config.yaml, metrics.jsonl, loss.png, checkpoints and final/ are written"
+    )
     max_steps: int | None = Field(None, gt=0, description="optimizer steps to run; overrides epochs when set")
     epochs: float = Field(1.0, gt=0, description="passes over the training data (used when max_steps is empty)")
     batch_size: int = Field(8, gt=0, description="samples per device per forward pass")
     grad_accum: int = Field(1, gt=0, description="forward passes accumulated per optimizer step")
     learning_rate: float = Field(2e-4, gt=0, description="learning rate of every group that does not set its own lr")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of groups that do not set their own (biases and norms never decay)")
-    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate schedule after warmup")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps with linear warmup (ignored when warmup_steps is set)")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay of groups that do not set their own (biases and norms never decay)"
+    )
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="learning-rate schedule after warmup"
+    )
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="fraction of steps with linear warmup (ignored when warmup_steps is set)"
+    )
     warmup_steps: int | None = Field(None, ge=0, description="number of warmup steps")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this; empty disables clipping")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="clip the global gradient norm to this; empty disables clipping"
+    )
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     seed: int = Field(42, description="seed for weights of new adapters, data order and dropout")
     logging_steps: int = Field(10, gt=0, description="log loss, learning rate and throughput every N steps")
-    eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (and always at the start and the end when eval data is set)")
+    eval_steps: int | None = Field(
+        None, gt=0, description="evaluate every N steps (and always at the start and the end when eval data is set)"
+    )
     save_steps: int | None = Field(None, gt=0, description="write a checkpoint every N steps")
-    report_to: list[Literal["tensorboard"]] = Field(default_factory=list, description="extra trackers through accelerate (tensorboard)")
+    report_to: list[Literal["tensorboard"]] = Field(
+        default_factory=list, description="extra trackers through accelerate (tensorboard)"
+    )
     progress_bar: bool = Field(True, description="show a progress bar with loss, learning rate and samples/s")
-    save_total_limit: int | None = Field(None, gt=0, description="keep only the newest N checkpoint-STEP folders (stage folders and final/ are always kept); empty keeps all")
-    resume: Literal["never", "auto"] = Field("never", description="auto: continue from the newest complete checkpoint in output_dir (weights, optimizer, scheduler, RNG, data position, stage); `vlmtune train --resume` sets it")
-    force_resume: bool = Field(False, description="resume even though model, groups, data or stages differ from the checkpoint's config (`--force-resume`)")
-    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss or gradient norm: stop (naming stage, step and the last good checkpoint) or skip that optimizer step and count it")
-    max_nonfinite_skips: int = Field(10, ge=0, description="with on_nonfinite: skip, stop after this many skipped steps in one run")
-    group_by_length: bool = Field(False, description="batch samples of similar length together (sorted, longest first, within shuffled groups of 50 batches): less padding, same samples per epoch and the same per-sample losses, but batches become more alike (where length follows the task, one task per batch), which can slow or stop learning; the padding fraction is logged either way")
-    packing: bool = Field(False, description="lay each batch's samples end to end in fewer rows (whole samples, rows no longer than the batch's longest sample, positions restarting per sample so none sees another): same samples, loss and gradients with less padding, and no change to which samples share a batch; M-RoPE models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); with flash_attention_2 the masked blocks are skipped, with sdpa/eager they are computed and masked")
-    packing_length: int | None = Field(None, gt=0, description="with packing, the longest row in tokens (a longer sample gets a row of its own); empty: the batch's longest sample, so no row costs more attention than a padded one; larger fills rows better, which pays with flash_attention_2 (masked blocks skipped) more than with sdpa/eager")
-    vision_cache: bool = Field(True, description="where the vision tower trains in no stage and augmentation is off, compute its output once per image, keep it on disk ($VLMTUNE_CACHE/vision) and train projector + language model only (same loss); false always runs the tower")
-    gradient_checkpointing: bool = Field(False, description="recompute each transformer layer's forward during the backward instead of keeping its activations: much less activation memory for about one more forward of compute (same loss and gradients); for runs that do not fit otherwise")
-    label_only_logits: bool = Field(True, description="compute the lm_head only at positions whose next token is an answer token (same loss, less compute and memory); false computes logits everywhere")
-    check_gradient_flow: bool = Field(True, description="at the first step of every stage, check that every trained group gets finite non-zero gradients and no frozen group gets any (stops with the group's name otherwise)")
+    save_total_limit: int | None = Field(
+        None,
+        gt=0,
+        description="keep only the newest N checkpoint-STEP folders (stage folders and final/ are always kept); empty keeps all",
+    )
+    resume: Literal["never", "auto"] = Field(
+        "never",
+        description="auto: continue from the newest complete checkpoint in output_dir (weights, optimizer, scheduler, RNG, data position, stage); `vlmtune train --resume` sets it",
+    )
+    force_resume: bool = Field(
+        False,
+        description="resume even though model, groups, data or stages differ from the checkpoint's config (`--force-resume`)",
+    )
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a NaN/inf loss or gradient norm: stop (naming stage, step and the last good checkpoint) or skip that optimizer step and count it",
+    )
+    max_nonfinite_skips: int = Field(
+        10, ge=0, description="with on_nonfinite: skip, stop after this many skipped steps in one run"
+    )
+    group_by_length: bool = Field(
+        False,
+        description="batch samples of similar length together (sorted, longest first, within shuffled groups of 50 batches): less padding, same samples per epoch and the same per-sample losses, but batches become more alike (where length follows the task, one task per batch), which can slow or stop learning; the padding fraction is logged either way",
+    )
+    packing: bool = Field(
+        False,
+        description="lay each batch's samples end to end in fewer rows (whole samples, rows no longer than the batch's longest sample, positions restarting per sample so none sees another): same samples, loss and gradients with less padding, and no change to which samples share a batch; M-RoPE models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); with flash_attention_2 the masked blocks are skipped, with sdpa/eager they are computed and masked",
+    )
+    packing_length: int | None = Field(
+        None,
+        gt=0,
+        description="with packing, the longest row in tokens (a longer sample gets a row of its own); empty: the batch's longest sample, so no row costs more attention than a padded one; larger fills rows better, which pays with flash_attention_2 (masked blocks skipped) more than with sdpa/eager",
+    )
+    vision_cache: bool = Field(
+        True,
+        description="where the vision tower trains in no stage and augmentation is off, compute its output once per image, keep it on disk ($VLMTUNE_CACHE/vision) and train projector + language model only (same loss); false always runs the tower",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each transformer layer's forward during the backward instead of keeping its activations: much less activation memory for about one more forward of compute (same loss and gradients); for runs that do not fit otherwise",
+    )
+    label_only_logits: bool = Field(
+        True,
+        description="compute the lm_head only at positions whose next token is an answer token (same loss, less compute and memory); false computes logits everywhere",
+    )
+    check_gradient_flow: bool = Field(
+        True,
+        description="at the first step of every stage, check that every trained group gets finite non-zero gradients and no frozen group gets any (stops with the group's name otherwise)",
+    )
 
 
 GroupsOverrides = partial(Groups, "GroupsOverrides")
@@ -174,14 +304,34 @@ DataOverrides = partial(DataConfig, "DataOverrides")
 class StageConfig(_Strict):
     """One stage of a progressive run; anything it does not set comes from the top level."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="stage name; its checkpoint is written to output_dir/<name>/")
-    groups: GroupsOverrides = Field(default_factory=lambda: GroupsOverrides(), description="per-group settings that differ from the top-level groups (mode, lr, dropout, ...); LoRA weights and fully-trained weights carry over between stages")
-    steps: int | None = Field(None, gt=0, description="optimizer steps in this stage; empty means train.max_steps (or epochs)")
-    epochs: float | None = Field(None, gt=0, description="passes over this stage's training data (used when steps is empty)")
-    learning_rate: float | None = Field(None, gt=0, description="rate of groups without their own lr in this stage; empty means train.learning_rate")
-    warmup_steps: int | None = Field(None, ge=0, description="warmup steps of this stage's schedule; empty means the top-level warmup")
-    scheduler: Literal["cosine", "linear", "constant"] | None = Field(None, description="schedule of this stage; empty means train.scheduler")
-    data: DataOverrides = Field(default_factory=lambda: DataOverrides(), description="data settings that differ in this stage, e.g. {train: file.jsonl, eval: other.jsonl}")
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="stage name; its checkpoint is written to output_dir/<name>/",
+    )
+    groups: GroupsOverrides = Field(
+        default_factory=lambda: GroupsOverrides(),
+        description="per-group settings that differ from the top-level groups (mode, lr, dropout, ...); LoRA weights and fully-trained weights carry over between stages",
+    )
+    steps: int | None = Field(
+        None, gt=0, description="optimizer steps in this stage; empty means train.max_steps (or epochs)"
+    )
+    epochs: float | None = Field(
+        None, gt=0, description="passes over this stage's training data (used when steps is empty)"
+    )
+    learning_rate: float | None = Field(
+        None, gt=0, description="rate of groups without their own lr in this stage; empty means train.learning_rate"
+    )
+    warmup_steps: int | None = Field(
+        None, ge=0, description="warmup steps of this stage's schedule; empty means the top-level warmup"
+    )
+    scheduler: Literal["cosine", "linear", "constant"] | None = Field(
+        None, description="schedule of this stage; empty means train.scheduler"
+    )
+    data: DataOverrides = Field(
+        default_factory=lambda: DataOverrides(),
+        description="data settings that differ in this stage, e.g. {train: file.jsonl, eval: other.jsonl}",
+    )
 
 
 class EvalConfig(_Strict):
@@ -189,21 +339,40 @@ class EvalConfig(_Strict):
 
     samples: int | None = Field(64, gt=0, description="evaluate on the first N eval samples; empty means every sample")
     batch_size: int = Field(16, gt=0, description="sequences per forward pass while scoring and generating")
-    max_new_tokens: int = Field(32, gt=0, description="longest generated answer (greedy decoding) for exact match, BLEU-4 and ROUGE")
-    generate_in_training: bool = Field(True, description="generate answers (exact match, BLEU-4, ROUGE) in the evaluations during training, not only in `vlmtune eval`")
-    alignment: bool = Field(True, description="measure vision-language alignment: image-ablation gap, caption retrieval, projector-to-answer similarity")
-    retrieval_k: int = Field(8, ge=2, description="caption retrieval group size: each image ranks the distinct answers of its group of K samples (chance = 1/candidates)")
+    max_new_tokens: int = Field(
+        32, gt=0, description="longest generated answer (greedy decoding) for exact match, BLEU-4 and ROUGE"
+    )
+    generate_in_training: bool = Field(
+        True,
+        description="generate answers (exact match, BLEU-4, ROUGE) in the evaluations during training, not only in `vlmtune eval`",
+    )
+    alignment: bool = Field(
+        True,
+        description="measure vision-language alignment: image-ablation gap, caption retrieval, projector-to-answer similarity",
+    )
+    retrieval_k: int = Field(
+        8,
+        ge=2,
+        description="caption retrieval group size: each image ranks the distinct answers of its group of K samples (chance = 1/candidates)",
+    )
 
 
 class Config(_Strict):
     """A vlmtune run."""
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="the model")
-    groups: Groups = Field(default_factory=Groups, description="per component group: mode, LoRA settings, learning rate")
+    groups: Groups = Field(
+        default_factory=Groups, description="per component group: mode, LoRA settings, learning rate"
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="the data")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the loop")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation: metrics, generation and alignment settings")
-    stages: list[StageConfig] = Field(default_factory=list, description="progressive training: stages run in order in one command, each writing output_dir/<name>/; empty means one stage")
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig, description="evaluation: metrics, generation and alignment settings"
+    )
+    stages: list[StageConfig] = Field(
+        default_factory=list,
+        description="progressive training: stages run in order in one command, each writing output_dir/<name>/; empty means one stage",
+    )
 
     def group(self, name: str) -> GroupConfig:
         """The settings of group ``name``; raises ValueError for a name that is not a group."""
@@ -226,5 +395,3 @@ DEFAULT_GROUPS: dict[str, dict[str, Any]] = {
     "language_model": {"mode": "lora", "rank": 16, "targets": "attention"},
     "lm_head": {"mode": "frozen"},
 }
-
-

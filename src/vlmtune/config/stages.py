@@ -42,8 +42,11 @@ def _overrides(stage: StageConfig) -> dict:
     if stage.scheduler is not None:
         train["scheduler"] = stage.scheduler
     # The stage's typed overrides, without the keys it leaves empty (those come from the top level).
-    return {"groups": stage.groups.model_dump(exclude_none=True), "data": stage.data.model_dump(exclude_none=True),
-            "train": train}
+    return {
+        "groups": stage.groups.model_dump(exclude_none=True),
+        "data": stage.data.model_dump(exclude_none=True),
+        "train": train,
+    }
 
 
 def stage_config(cfg: Config, stage: StageConfig) -> Config:
@@ -72,7 +75,9 @@ def stage_problems(cfg: Config) -> list[str]:
     for i, stage in enumerate(cfg.stages):
         where = f"stages[{i}] ({stage.name})"
         if stage.name in seen:
-            problems.append(f"{where}: the name is already used by stages[{seen[stage.name]}]; stage names must be unique (each names a folder)")
+            problems.append(
+                f"{where}: the name is already used by stages[{seen[stage.name]}]; stage names must be unique (each names a folder)"
+            )
         seen.setdefault(stage.name, i)
         if stage.name in RESERVED_NAMES or stage.name.startswith("checkpoint-"):
             problems.append(f"{where}: '{stage.name}' is reserved for run outputs; pick another name")
@@ -88,11 +93,15 @@ def stage_problems(cfg: Config) -> list[str]:
         kinds = {g.mode for _, g in modes}
         if len(kinds) > 1:
             detail = ", ".join(f"{w}: {g.mode}" for w, g in modes)
-            problems.append(f"groups.{group} is lora in one stage and full in another ({detail}); a group's trained "
-                            "weights carry over between stages, so it must keep one of the two (or stay frozen)")
+            problems.append(
+                f"groups.{group} is lora in one stage and full in another ({detail}); a group's trained "
+                "weights carry over between stages, so it must keep one of the two (or stay frozen)"
+            )
         lora = [(w, g) for w, g in modes if g.mode == "lora"]
         if len({_lora_key(g) for _, g in lora}) > 1:
             detail = "; ".join(f"{w}: rank {g.rank}, alpha {g.lora_alpha:g}, targets {g.targets}" for w, g in lora)
-            problems.append(f"groups.{group}: LoRA weights carry over between stages, so rank, alpha and targets must be "
-                            f"the same in every stage where it is lora ({detail})")
+            problems.append(
+                f"groups.{group}: LoRA weights carry over between stages, so rank, alpha and targets must be "
+                f"the same in every stage where it is lora ({detail})"
+            )
     return problems

@@ -11,8 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from vlmtune.config.schema import Config
-from vlmtune.data.dataset import check_sample, iter_split, resolve_source
+from vlmtune.data.dataset import check_sample
 from vlmtune.data.sharegpt import KINDS, WARNING_KINDS, DataError, DuplicateFinder, Problem, count_records
+from vlmtune.data.sources import iter_split, resolve_source
 from vlmtune.tracking import text_table
 
 
@@ -24,7 +25,9 @@ class SplitCheck:
     samples: int = 0  # records read, good or bad
     images: int = 0
     problems: list[Problem] = field(default_factory=list)
-    lengths: array = field(default_factory=lambda: array("l"))  # tokens of each measurable sample, image tokens included
+    lengths: array = field(
+        default_factory=lambda: array("l")
+    )  # tokens of each measurable sample, image tokens included
     image_tokens: array = field(default_factory=lambda: array("l"))
     over: Counter = field(default_factory=Counter)  # over max_length, by what data.too_long does to them
 
@@ -50,14 +53,16 @@ def _total(specs: str | list[str], cfg: Config, split: str) -> int | None:
     return total
 
 
-def check_split(specs: str | list[str], cfg: Config, processor, split: str, duplicates: DuplicateFinder,
-                progress: bool = True) -> SplitCheck:
+def check_split(
+    specs: str | list[str], cfg: Config, processor, split: str, duplicates: DuplicateFinder, progress: bool = True
+) -> SplitCheck:
     """Checks every sample of one split; images are opened one at a time and never kept."""
     from tqdm.auto import tqdm
 
     out = SplitCheck(split)
-    bar = tqdm(total=_total(specs, cfg, split), desc=f"check {split}", unit="sample", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=_total(specs, cfg, split), desc=f"check {split}", unit="sample", disable=not progress, dynamic_ncols=True
+    )
     last = None
     for got in iter_split(specs, cfg.data, split, duplicates):
         where = got.where
@@ -96,13 +101,17 @@ def _percentile(values: list[int], q: float) -> int:
 def summary_lines(checks: list[SplitCheck], cfg: Config) -> list[str]:
     """The summary: samples, images, problems by kind, token lengths (image tokens included), over max_length."""
     lines = ["summary"]
-    lines += text_table([("split", "samples", "images", "errors", "warnings")] + [
-        (c.split, c.samples, c.images, len(c.errors), len(c.problems) - len(c.errors)) for c in checks])
+    lines += text_table(
+        [("split", "samples", "images", "errors", "warnings")]
+        + [(c.split, c.samples, c.images, len(c.errors), len(c.problems) - len(c.errors)) for c in checks]
+    )
     kinds = [k for k in KINDS if any(c.by_kind()[k] for c in checks)]
     if kinds:
         lines += ["", "problems by kind"]
-        lines += text_table([("kind", *(c.split for c in checks), "severity")] + [
-            (k, *(c.by_kind()[k] for c in checks), "warning" if k in WARNING_KINDS else "error") for k in kinds])
+        lines += text_table(
+            [("kind", *(c.split for c in checks), "severity")]
+            + [(k, *(c.by_kind()[k] for c in checks), "warning" if k in WARNING_KINDS else "error") for k in kinds]
+        )
     limit = cfg.data.max_length
     lines += ["", f"token length, image tokens included (samples without errors), against data.max_length={limit}"]
     rows = [("split", "measured", "min", "p50", "p90", "p99", "max", "mean", "image tokens mean", f"over {limit}")]
@@ -113,10 +122,19 @@ def summary_lines(checks: list[SplitCheck], cfg: Config) -> list[str]:
             continue
         over = sum(c.over.values())
         what = ", ".join(f"{n} {k}" for k, n in sorted(c.over.items()))
-        rows.append((c.split, len(values), values[0], _percentile(values, 0.5), _percentile(values, 0.9),
-                     _percentile(values, 0.99), values[-1], f"{sum(values) / len(values):.1f}",
-                     f"{sum(c.image_tokens) / len(values):.1f}", f"{over} ({what}; data.too_long={cfg.data.too_long})" if over else 0))
+        rows.append(
+            (
+                c.split,
+                len(values),
+                values[0],
+                _percentile(values, 0.5),
+                _percentile(values, 0.9),
+                _percentile(values, 0.99),
+                values[-1],
+                f"{sum(values) / len(values):.1f}",
+                f"{sum(c.image_tokens) / len(values):.1f}",
+                f"{over} ({what}; data.too_long={cfg.data.too_long})" if over else 0,
+            )
+        )
     lines += text_table(rows)
     return lines
-
-

@@ -79,17 +79,21 @@ def label_segments(processor, chat: list[dict]) -> list[tuple[str, bool]]:
         upto = render(chat[: k + 1], tokenize=False)
         start = len(prompt)
         if not (full.startswith(upto) and upto.startswith(prompt)) or start < pos:
-            raise ValueError("the chat template does not render conversation prefixes as prefixes of the whole; "
-                             "vlmtune cannot locate the assistant answers for label masking")
+            raise ValueError(
+                "the chat template does not render conversation prefixes as prefixes of the whole; "
+                "vlmtune cannot locate the assistant answers for label masking"
+            )
         segments.append((full[pos:start], False))
-        segments.append((full[start:len(upto)], True))
+        segments.append((full[start : len(upto)], True))
         pos = len(upto)
     if pos < len(full):
         segments.append((full[pos:], False))
     return [(t, a) for t, a in segments if t]
 
 
-def image_token_counts(processor, sizes: list[tuple[int, int]], min_pixels: int | None, max_pixels: int | None) -> list[int]:
+def image_token_counts(
+    processor, sizes: list[tuple[int, int]], min_pixels: int | None, max_pixels: int | None
+) -> list[int]:
     """Image tokens the processor makes for images of the given (height, width), without decoding them."""
     ip = processor.image_processor
     kwargs = {}
@@ -101,15 +105,22 @@ def image_token_counts(processor, sizes: list[tuple[int, int]], min_pixels: int 
     return [ip.get_number_of_image_patches(h, w, kwargs) // merge**2 for h, w in sizes]
 
 
-def image_grid(processor, height: int, width: int, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int, int]:
+def image_grid(
+    processor, height: int, width: int, min_pixels: int | None, max_pixels: int | None
+) -> tuple[int, int, int]:
     """The (temporal, height, width) patch grid a Qwen-VL image processor makes for an image of this size, without
     decoding it (the same ``smart_resize`` the processor runs; one temporal patch for a still image)."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     ip = processor.image_processor
     patch = ip.patch_size
-    h, w = smart_resize(height, width, patch * ip.merge_size, min_pixels=min_pixels or ip.size["shortest_edge"],
-                        max_pixels=max_pixels or ip.size["longest_edge"])
+    h, w = smart_resize(
+        height,
+        width,
+        patch * ip.merge_size,
+        min_pixels=min_pixels or ip.size["shortest_edge"],
+        max_pixels=max_pixels or ip.size["longest_edge"],
+    )
     return 1, h // patch, w // patch
 
 
@@ -137,7 +148,9 @@ def encode_text(processor, chat: list[dict], counts: list[int]) -> Encoded:
                 ids += piece_ids
                 labels += piece_ids if is_answer else [IGNORE] * len(piece_ids)
     if remaining:
-        raise ValueError(f"the chat template rendered {len(counts) - len(remaining)} image placeholder(s) for {len(counts)} image(s)")
+        raise ValueError(
+            f"the chat template rendered {len(counts) - len(remaining)} image placeholder(s) for {len(counts)} image(s)"
+        )
     return Encoded(input_ids=ids, labels=labels, image_spans=spans)
 
 
@@ -263,7 +276,9 @@ def encode_with_processor(processor, chat: list[dict], images: list[Image.Image]
         if seg_images:
             out = processor(text=[text], images=seg_images, add_special_tokens=False, return_tensors="pt")
         else:  # a piece without images is plain text (PaliGemma's processor refuses text without images)
-            out = processor.tokenizer([text], add_special_tokens=False, return_token_type_ids=False, return_tensors="pt")
+            out = processor.tokenizer(
+                [text], add_special_tokens=False, return_token_type_ids=False, return_tensors="pt"
+            )
         seg = out["input_ids"][0].tolist()
         for key, value in out.items():
             if key in TEXT_KEYS:
@@ -277,7 +292,9 @@ def encode_with_processor(processor, chat: list[dict], images: list[Image.Image]
         ids += seg
         labels += seg if is_answer else [IGNORE] * len(seg)
     if pending:
-        raise ValueError(f"the chat template rendered {len(images) - len(pending)} image placeholder(s) for {len(images)} image(s)")
+        raise ValueError(
+            f"the chat template rendered {len(images) - len(pending)} image placeholder(s) for {len(images)} image(s)"
+        )
     if suffix_start is not None and marks_suffix(processor):
         per_token["token_type_ids"] = [0] * suffix_start + [1] * (len(ids) - suffix_start)
     pixels = pixel_parts[0] if len(pixel_parts) == 1 else {}
@@ -285,8 +302,10 @@ def encode_with_processor(processor, chat: list[dict], images: list[Image.Image]
         full = processor.apply_chat_template(chat, tokenize=False)
         out = processor(text=[full], images=images, add_special_tokens=False, return_tensors="pt")
         if out["input_ids"][0].tolist() != ids:
-            raise ValueError("the processor tokenizes the conversation differently from its turns; "
-                             "vlmtune cannot locate the assistant answers for label masking")
+            raise ValueError(
+                "the processor tokenizes the conversation differently from its turns; "
+                "vlmtune cannot locate the assistant answers for label masking"
+            )
         pixels = {k: v for k, v in out.items() if k not in per_token and k not in TEXT_KEYS}
     return Encoded(input_ids=ids, labels=labels, image_spans=image_runs(ids, image_id)), per_token, pixels
 
@@ -297,8 +316,9 @@ def grid_token_counts(processor, pixels: dict) -> list[int]:
     return [int(g.prod()) // merge**2 for g in pixels.get("image_grid_thw", [])]
 
 
-def encode_example(processor, chat: list[dict], images: list[Image.Image], min_pixels: int | None,
-                   max_pixels: int | None) -> tuple[Encoded, dict | None, dict]:
+def encode_example(
+    processor, chat: list[dict], images: list[Image.Image], min_pixels: int | None, max_pixels: int | None
+) -> tuple[Encoded, dict | None, dict]:
     """Token ids, labels and model inputs of a conversation with its (decoded) images, for any family.
 
     Returns:
@@ -324,8 +344,14 @@ def pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-def collate(batch: list[dict], pad_id: int, image_token_id: int, video_token_id: int | None = None,
-            pack: bool = False, pack_length: int | None = None) -> dict:
+def collate(
+    batch: list[dict],
+    pad_id: int,
+    image_token_id: int,
+    video_token_id: int | None = None,
+    pack: bool = False,
+    pack_length: int | None = None,
+) -> dict:
     """Right-pads token ids (labels with -100) and concatenates the images' pixel inputs.
 
     Items of processor-expanded families carry their per-token inputs under ``PER_TOKEN`` (padded with 0);

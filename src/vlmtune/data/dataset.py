@@ -1,4 +1,4 @@
-"""Data sources -> a training dataset whose every sample was checked and fits max_length without cutting an image.
+"""Samples -> a training dataset whose every sample was checked and fits max_length without cutting an image.
 
 Sources: a JSON/JSONL file, a name in ``dataset_dir/dataset_info.json`` (LLaMA-Factory's registry of
 datasets), or ``builtin:shapes:TASK`` (generated on demand). Every sample goes through ``check_sample``, the
@@ -10,18 +10,15 @@ samples stop the run with every problem listed (``data.on_bad_sample: error``) o
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlmtune.config.schema import BUILTIN_DATA_PREFIX, DataConfig
-from vlmtune.data import shapes
+from vlmtune.config.schema import DataConfig
 from vlmtune.data.augment import Augmenter
 from vlmtune.data.collate import (
     CACHED,
@@ -37,68 +34,8 @@ from vlmtune.data.collate import (
     load_images,
     to_chat,
 )
-from vlmtune.data.sharegpt import DataError, DuplicateFinder, Format, Problem, Sample, read_file
-from vlmtune.paths import cache_dir
-
-
-def _source_error(message: str) -> DataError:
-    return DataError([Problem("", "file missing", message, whole_file=True)])
-
-
-def resolve_source(spec: str, data: DataConfig, split: str) -> tuple[Path, Format]:
-    """A data spec -> (file, its column format).
-
-    Raises:
-        DataError: names the spec and what would be valid.
-    """
-    if spec.startswith(BUILTIN_DATA_PREFIX):
-
-        task = spec[len(BUILTIN_DATA_PREFIX):]
-        if task not in shapes.TASKS:
-            raise _source_error(f"'{spec}': unknown builtin task '{task}'; valid: {', '.join(BUILTIN_DATA_PREFIX + t for t in shapes.TASKS)}")
-        n = data.builtin_train_samples if split == "train" else data.builtin_eval_samples
-        seed = 0 if split == "train" else 1  # disjoint draws for train and eval
-        out = cache_dir() / "shapes" / f"{task}-{split}-{n}-s{seed}"
-        path = out / f"{split}.jsonl"
-        if not path.is_file():
-            path = shapes.generate_shapes(out, n, task, seed=seed, name=split)
-        return path, Format()
-    p = Path(spec)
-    if p.is_file():
-        return p, Format()
-    if data.dataset_dir:
-        info_path = Path(data.dataset_dir) / "dataset_info.json"
-        if not info_path.is_file():
-            raise _source_error(f"dataset '{spec}': not a file, and {info_path} does not exist")
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-        if spec not in info:
-            raise _source_error(f"dataset '{spec}': not a file and not a name in {info_path} (names: {', '.join(sorted(info))})")
-        entry = info[spec]
-        cols, tags = entry.get("columns", {}), entry.get("tags", {})
-        fmt = Format(messages=cols.get("messages"), images=cols.get("images", "images"), system=cols.get("system"),
-                     role_tag=tags.get("role_tag"), content_tag=tags.get("content_tag"), user_tag=tags.get("user_tag"),
-                     assistant_tag=tags.get("assistant_tag"), system_tag=tags.get("system_tag"))
-        return Path(data.dataset_dir) / entry["file_name"], fmt
-    raise _source_error(f"data file '{spec}' does not exist (give a JSON/JSONL path, a dataset_info.json name with data.dataset_dir, or {BUILTIN_DATA_PREFIX}TASK)")
-
-
-def iter_split(specs: str | list[str], data: DataConfig, split: str,
-               duplicates: DuplicateFinder | None = None) -> Iterator[Sample | Problem]:
-    """Every sample and every reading problem of a split's sources, in order, streamed.
-
-    A sample repeating an earlier one of the split yields a "duplicate" problem (a warning) before it.
-    """
-    duplicates = duplicates if duplicates is not None else DuplicateFinder()
-    for spec in [specs] if isinstance(specs, str) else specs:
-        try:
-            path, fmt = resolve_source(spec, data, split)
-        except DataError as e:
-            yield from e.found
-            continue
-        for got in read_file(path, fmt):
-            if isinstance(got, Sample) and (dup := duplicates.check(got)) is not None:
-                yield dup
-            yield got
+from vlmtune.data.sharegpt import DataError, Problem, Sample
+from vlmtune.data.sources import iter_split
 
 
 @dataclass
@@ -128,10 +65,16 @@ class LengthReport:
             out += [f"  skipped {p}" for p in self.skipped[:10]]
             if len(self.skipped) > 10:
                 out.append(f"  ... and {len(self.skipped) - 10} more problem(s), all in the run folder's data report")
-        for what, items in (("dropped", self.dropped), ("downscaled", self.downscaled), ("text-truncated", self.truncated)):
+        for what, items in (
+            ("dropped", self.dropped),
+            ("downscaled", self.downscaled),
+            ("text-truncated", self.truncated),
+        ):
             if items:
                 first = ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
-                out.append(f"{len(items)} sample(s) over max_length={max_length} {what} (image tokens are never cut): {first}")
+                out.append(
+                    f"{len(items)} sample(s) over max_length={max_length} {what} (image tokens are never cut): {first}"
+                )
         if self.duplicates:
             first = ", ".join(str(p) for p in self.duplicates[:3]) + (" ..." if len(self.duplicates) > 3 else "")
             out.append(f"{len(self.duplicates)} duplicate sample(s) kept (each trains as often as it appears): {first}")
@@ -200,8 +143,14 @@ def inspect_images(sample: Sample, processor, decode: bool = True) -> tuple[list
         sizes.append(size)
         h, w = size
         if min(h, w) < min_side or h * w < min_pixels:
-            problems.append(Problem(sample.where, "image too small", f"image '{p}' is {w}x{h}, smaller than the processor's "
-                                    f"minimum ({min_side} px a side, {min_pixels} pixels); it would be upscaled"))
+            problems.append(
+                Problem(
+                    sample.where,
+                    "image too small",
+                    f"image '{p}' is {w}x{h}, smaller than the processor's "
+                    f"minimum ({min_side} px a side, {min_pixels} pixels); it would be upscaled",
+                )
+            )
     return sizes, problems
 
 
@@ -240,8 +189,14 @@ def check_sample(sample: Sample, processor, data: DataConfig) -> Checked:
             done.item, done.outcome = _Item(sample, data.image_max_pixels, limit, limit, sizes), "truncated"
     if done.item is None:
         done.outcome = "dropped"
-    done.problems.append(Problem(sample.where, "too long", f"{length} tokens ({image_tokens} of them image tokens for "
-                                 f"{len(sample.images)} image(s)) > data.max_length={limit}; data.too_long={policy}: {done.outcome}"))
+    done.problems.append(
+        Problem(
+            sample.where,
+            "too long",
+            f"{length} tokens ({image_tokens} of them image tokens for "
+            f"{len(sample.images)} image(s)) > data.max_length={limit}; data.too_long={policy}: {done.outcome}",
+        )
+    )
     return done
 
 
@@ -287,8 +242,11 @@ class VLMDataset(Dataset):
                 problems = checked.problems
                 if checked.item is not None and not any(p.is_error for p in problems):
                     self.items.append(checked.item)
-                {"dropped": self.report.dropped, "downscaled": self.report.downscaled,
-                 "truncated": self.report.truncated}.get(checked.outcome, []).append(got.where)
+                {
+                    "dropped": self.report.dropped,
+                    "downscaled": self.report.downscaled,
+                    "truncated": self.report.truncated,
+                }.get(checked.outcome, []).append(got.where)
             for p in problems:
                 if p.kind == "duplicate":
                     self.report.duplicates.append(p)
@@ -327,8 +285,9 @@ class VLMDataset(Dataset):
         if self.augment is not None:
             images = [self.augment(im, index, self.epoch, k) for k, im in enumerate(images)]
         extra = {}
-        enc, per_token, pixels = encode_example(self.processor, to_chat(item.sample), images,
-                                                self.data.image_min_pixels, item.max_pixels)
+        enc, per_token, pixels = encode_example(
+            self.processor, to_chat(item.sample), images, self.data.image_min_pixels, item.max_pixels
+        )
         if per_token is not None:
             extra[PER_TOKEN] = {k: v[: item.truncate_at] for k, v in per_token.items()}
         return {**_cut(item, enc), **extra, **pixels}
@@ -341,8 +300,10 @@ class VLMDataset(Dataset):
         out = _cut(item, enc)
         if grids:
             out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
-            out[CACHED] = [self.vision_cache.get(self.vision_keys.key(path, min_pixels, item.max_pixels), image=str(path))
-                           for path in item.sample.images]
+            out[CACHED] = [
+                self.vision_cache.get(self.vision_keys.key(path, min_pixels, item.max_pixels), image=str(path))
+                for path in item.sample.images
+            ]
         return out
 
 

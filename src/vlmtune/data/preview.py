@@ -8,8 +8,8 @@ from pathlib import Path
 from vlmtune.config.schema import Config
 from vlmtune.data.augment import Augmenter
 from vlmtune.data.collate import load_images
-from vlmtune.data.dataset import iter_split
 from vlmtune.data.sharegpt import Sample
+from vlmtune.data.sources import iter_split
 
 
 def preview(cfg: Config, out: str | Path, samples: int = 4, views: int = 4) -> Path:
@@ -40,8 +40,13 @@ def preview(cfg: Config, out: str | Path, samples: int = 4, views: int = 4) -> P
         raise ValueError(f"data.train ({cfg.data.train}) has no readable sample with an image to preview")
     augment = Augmenter(cfg.data.augment)
     cols = views + 1
-    fig, axes = plt.subplots(len(picked), cols + 1, figsize=(2.2 * cols + 4.4, 2.6 * len(picked)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1] * cols + [2]})
+    fig, axes = plt.subplots(
+        len(picked),
+        cols + 1,
+        figsize=(2.2 * cols + 4.4, 2.6 * len(picked)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1] * cols + [2]},
+    )
     for row, (i, sample) in enumerate(picked):
         image = load_images(sample)[0]
         axes[row][0].imshow(image)
@@ -57,7 +62,9 @@ def preview(cfg: Config, out: str | Path, samples: int = 4, views: int = 4) -> P
         for ax in axes[row]:
             ax.axis("off")
     state = "on" if cfg.data.augment.enabled else "OFF (data.augment.enabled: false; shown as it would be)"
-    fig.suptitle(f"training augmentation {state}, seed {cfg.data.augment.seed}; eval data is never augmented", fontsize=9)
+    fig.suptitle(
+        f"training augmentation {state}, seed {cfg.data.augment.seed}; eval data is never augmented", fontsize=9
+    )
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

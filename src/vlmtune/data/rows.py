@@ -10,7 +10,6 @@ PACK_ROWS = "pack_rows"
 """Batch key: how many samples each packed row holds, in batch order (the collator puts them in that order)."""
 
 
-
 def plan_rows(lengths: list[int], capacity: int | None = None) -> list[list[int]]:
     """Sample indices per row: first-fit decreasing into rows of at most ``capacity`` tokens, or of the longest
     sample where that is longer (default: the longest, so there are never more rows than samples and no row is

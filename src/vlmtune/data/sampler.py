@@ -20,8 +20,9 @@ class EpochSampler(Sampler[int]):
     mixed-length groups.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True, lengths: list[int] | None = None,
-                 batch_size: int = 1):
+    def __init__(
+        self, size: int, seed: int, shuffle: bool = True, lengths: list[int] | None = None, batch_size: int = 1
+    ):
         self.size = size
         self.seed = seed
         self.shuffle = shuffle
@@ -41,11 +42,12 @@ class EpochSampler(Sampler[int]):
         if self.lengths is None:
             return perm
         group = self.batch_size * MEGABATCH
-        return [i for k in range(0, self.size, group)
-                for i in sorted(perm[k:k + group], key=lambda j: -self.lengths[j])]
+        return [
+            i for k in range(0, self.size, group) for i in sorted(perm[k : k + group], key=lambda j: -self.lengths[j])
+        ]
 
     def __iter__(self):
-        return iter(self.order()[self.start:])
+        return iter(self.order()[self.start :])
 
     def __len__(self) -> int:
         return self.size - self.start

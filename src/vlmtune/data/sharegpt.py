@@ -21,8 +21,11 @@ from pathlib import Path
 IMAGE_PLACEHOLDER = "<image>"
 
 ROLE_ALIASES = {
-    "user": "user", "human": "user",
-    "assistant": "assistant", "gpt": "assistant", "model": "assistant",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
     "system": "system",
 }
 
@@ -130,8 +133,12 @@ def iter_records(path: Path) -> Iterator[tuple[str, object] | Problem]:
             yield Problem(f"{path}:{e.lineno}", "bad JSON", f"bad JSON: {e.msg}", whole_file=True)
             return
         if not isinstance(data, list):
-            yield Problem(str(path), "bad JSON", f"a .json data file must hold a list of samples, found {type(data).__name__}",
-                          whole_file=True)
+            yield Problem(
+                str(path),
+                "bad JSON",
+                f"a .json data file must hold a list of samples, found {type(data).__name__}",
+                whole_file=True,
+            )
             return
         for i, obj in enumerate(data):
             yield f"{path}[{i}]", obj
@@ -194,11 +201,15 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
             problems.append(problem("bad sample", f"turn {i} is not an object"))
             continue
         if role_key not in turn:
-            problems.append(problem("role", f"turn {i} has no '{role_key}'; valid roles: user/human, assistant/gpt, system"))
+            problems.append(
+                problem("role", f"turn {i} has no '{role_key}'; valid roles: user/human, assistant/gpt, system")
+            )
             continue
         role = _role(str(turn.get(role_key)), fmt)
         if role is None:
-            problems.append(problem("role", f"turn {i} has role {turn.get(role_key)!r}; valid: user/human, assistant/gpt, system"))
+            problems.append(
+                problem("role", f"turn {i} has role {turn.get(role_key)!r}; valid: user/human, assistant/gpt, system")
+            )
             continue
         content = turn.get(content_key)
         if not isinstance(content, str):
@@ -210,11 +221,25 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
         return None, problems
     body = [r for r, _ in messages if r != "system"]
     if any(r == "system" for r, _ in messages[1:]) or not body:
-        problems.append(problem("roles out of order", "a system message may only come first, and a conversation needs user and assistant turns"))
+        problems.append(
+            problem(
+                "roles out of order",
+                "a system message may only come first, and a conversation needs user and assistant turns",
+            )
+        )
     elif any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(body)):
-        problems.append(problem("roles out of order", f"roles out of order ({' -> '.join(body)}); expected user, assistant, user, assistant, ..."))
+        problems.append(
+            problem(
+                "roles out of order",
+                f"roles out of order ({' -> '.join(body)}); expected user, assistant, user, assistant, ...",
+            )
+        )
     elif body[-1] != "assistant":
-        problems.append(problem("roles out of order", "the last turn is from the user; a training sample ends with an assistant answer"))
+        problems.append(
+            problem(
+                "roles out of order", "the last turn is from the user; a training sample ends with an assistant answer"
+            )
+        )
     for turn, (role, content) in zip(turn_of, messages):
         if role == "assistant" and not content.strip():
             problems.append(problem("empty answer", f"assistant turn {turn} is empty"))
@@ -224,7 +249,12 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
     images = [Path(p) if Path(p).is_absolute() else base / p for p in raw_images]
     n_placeholders = sum(c.count(IMAGE_PLACEHOLDER) for _, c in messages)
     if n_placeholders != len(images):
-        problems.append(problem("image count", f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(images)} image(s); each image needs one placeholder where it appears"))
+        problems.append(
+            problem(
+                "image count",
+                f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(images)} image(s); each image needs one placeholder where it appears",
+            )
+        )
     for p in images:
         if not p.is_file():
             problems.append(problem("image missing", f"image '{p}' does not exist"))

@@ -115,7 +115,8 @@ def capture_outputs(module: nn.Module | None) -> Iterator[list[torch.Tensor]]:
         yield outputs
         return
     handle = module.register_forward_hook(
-        lambda _m, _i, out: outputs.append((out[0] if isinstance(out, tuple) else out).detach().float()))
+        lambda _m, _i, out: outputs.append((out[0] if isinstance(out, tuple) else out).detach().float())
+    )
     try:
         yield outputs
     finally:
@@ -138,7 +139,7 @@ def score(model, processor, features: list[dict], batch_size: int, projector: nn
     device = next(model.parameters()).device
     scores: list[Score] = []
     for start in range(0, len(features), batch_size):
-        batch = collate(features[start:start + batch_size], pad_id=pad, image_token_id=image_id)
+        batch = collate(features[start : start + batch_size], pad_id=pad, image_token_id=image_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")[:, 1:]
         with capture_outputs(projector) as captured:
@@ -174,13 +175,20 @@ def image_ablation(model, processor, items: list[EvalItem], true: list[Score], b
     ``true`` holds the scores of ``items`` with their own images (already computed for the language metrics).
     """
     blank = [encode(processor, it, [Image.new("RGB", it.images[0].size, BLANK_RGB)]) for it in items]
-    other = [encode(processor, it, [items[_other_index(items, i)].images[0].resize(it.images[0].size)])
-             for i, it in enumerate(items)]
+    other = [
+        encode(processor, it, [items[_other_index(items, i)].images[0].resize(it.images[0].size)])
+        for i, it in enumerate(items)
+    ]
     loss_true = mean_loss(true)
     loss_blank = mean_loss(score(model, processor, blank, batch_size))
     loss_other = mean_loss(score(model, processor, other, batch_size))
-    return {"ablation_loss_true": loss_true, "ablation_loss_blank": loss_blank, "ablation_loss_other": loss_other,
-            "ablation_gap_blank": loss_blank - loss_true, "ablation_gap_other": loss_other - loss_true}
+    return {
+        "ablation_loss_true": loss_true,
+        "ablation_loss_blank": loss_blank,
+        "ablation_loss_other": loss_other,
+        "ablation_gap_blank": loss_blank - loss_true,
+        "ablation_gap_other": loss_other - loss_true,
+    }
 
 
 def rank_metrics(scores: torch.Tensor, truth: list[int]) -> dict[str, float]:
@@ -196,11 +204,17 @@ def rank_metrics(scores: torch.Tensor, truth: list[int]) -> dict[str, float]:
         ranks.append(1 + better + tied / 2)
         r1.append(1.0 / (1 + tied) if better == 0 else 0.0)
     n = scores.shape[1]
-    return {"r1": sum(r1) / len(r1), "mean_rank": sum(ranks) / len(ranks), "r1_chance": 1.0 / n,
-            "mean_rank_chance": (n + 1) / 2}
+    return {
+        "r1": sum(r1) / len(r1),
+        "mean_rank": sum(ranks) / len(ranks),
+        "r1_chance": 1.0 / n,
+        "mean_rank_chance": (n + 1) / 2,
+    }
 
 
-def caption_retrieval(model, processor, items: list[EvalItem], k: int, batch_size: int) -> tuple[dict[str, float], list[str]]:
+def caption_retrieval(
+    model, processor, items: list[EvalItem], k: int, batch_size: int
+) -> tuple[dict[str, float], list[str]]:
     """Image-to-answer retrieval in consecutive groups of ``k`` samples; returns (metrics, notes).
 
     Each image scores every distinct answer of its group (its own conversation with the final answer
@@ -214,11 +228,13 @@ def caption_retrieval(model, processor, items: list[EvalItem], k: int, batch_siz
         notes.append(f"retrieval K reduced from {k} to {len(items)} (the number of single-image eval samples)")
         k = len(items)
     totals = {"r1": 0.0, "mean_rank": 0.0, "r1_chance": 0.0, "mean_rank_chance": 0.0}
-    groups = [items[i:i + k] for i in range(0, len(items) - k + 1, k)]
+    groups = [items[i : i + k] for i in range(0, len(items) - k + 1, k)]
     for group in groups:
         answers = list(dict.fromkeys(it.answer for it in group))
         feats = [encode(processor, it, answer=a) for it in group for a in answers]
-        lp = torch.tensor([s.logprob for s in score(model, processor, feats, batch_size)]).view(len(group), len(answers))
+        lp = torch.tensor([s.logprob for s in score(model, processor, feats, batch_size)]).view(
+            len(group), len(answers)
+        )
         for key, value in rank_metrics(lp, [answers.index(it.answer) for it in group]).items():
             totals[key] += value * len(group)
     n = len(groups) * k
@@ -240,11 +256,15 @@ def projector_alignment(model, processor, items: list[EvalItem], pooled: list[to
     for a in answers:
         ids = processor.tokenizer(a, add_special_tokens=False)["input_ids"]
         vectors.append(embed(torch.tensor(ids, device=device)).float().mean(dim=0))
-    cos = torch.nn.functional.cosine_similarity(torch.stack(pooled).unsqueeze(1).to(device),
-                                                torch.stack(vectors).unsqueeze(0), dim=-1)
+    cos = torch.nn.functional.cosine_similarity(
+        torch.stack(pooled).unsqueeze(1).to(device), torch.stack(vectors).unsqueeze(0), dim=-1
+    )
     truth = torch.tensor([answers.index(it.answer) for it in items], device=device)
     matched_mask = torch.zeros_like(cos, dtype=torch.bool)
     matched_mask[torch.arange(len(items)), truth] = True
     matched, mismatched = float(cos[matched_mask].mean()), float(cos[~matched_mask].mean())
-    return {"projector_cos_matched": matched, "projector_cos_mismatched": mismatched,
-            "projector_cos_gap": matched - mismatched}
+    return {
+        "projector_cos_matched": matched,
+        "projector_cos_mismatched": mismatched,
+        "projector_cos_gap": matched - mismatched,
+    }

@@ -90,8 +90,15 @@ class EvalResult:
     bleu_tokenize: str | None = None
 
 
-def run_eval(model, processor, items: list[EvalItem], cfg: EvalConfig, generate_answers: bool = True,
-             arch=None, progress: bool = False) -> EvalResult:
+def run_eval(
+    model,
+    processor,
+    items: list[EvalItem],
+    cfg: EvalConfig,
+    generate_answers: bool = True,
+    arch=None,
+    progress: bool = False,
+) -> EvalResult:
     """Every metric on ``items``; the model is put in eval mode and its mode restored afterwards.
 
     Raises:
@@ -106,8 +113,12 @@ def run_eval(model, processor, items: list[EvalItem], cfg: EvalConfig, generate_
     true = score(model, processor, [encode(processor, it) for it in items], cfg.batch_size, projector)
     loss = mean_loss(true)
     tokens = sum(s.tokens for s in true)
-    metrics = {"samples": float(len(items)), "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-               "token_accuracy": sum(s.correct for s in true) / max(1, tokens)}
+    metrics = {
+        "samples": float(len(items)),
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "token_accuracy": sum(s.correct for s in true) / max(1, tokens),
+    }
     result = EvalResult(metrics)
     if generate_answers:
         settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens)
@@ -131,8 +142,9 @@ def run_eval(model, processor, items: list[EvalItem], cfg: EvalConfig, generate_
     return result
 
 
-def evaluate_model(model, processor, data, cfg: EvalConfig, accelerator=None, arch=None,
-                   generate_answers: bool | None = None) -> dict[str, float]:
+def evaluate_model(
+    model, processor, data, cfg: EvalConfig, accelerator=None, arch=None, generate_answers: bool | None = None
+) -> dict[str, float]:
     """Training-time evaluation: every metric as ``{"eval/<name>": float}``.
 
     Args:
@@ -190,8 +202,13 @@ def report_table(metrics: dict[str, float]) -> str:
 
 def write_report(result: EvalResult, out: Path, meta: dict) -> Path:
     """The JSON report: ``meta`` (checkpoint, data, ...), metrics, notes, and each sample's prediction."""
-    report = {**meta, "metrics": result.metrics, "notes": result.notes, "bleu_tokenize": result.bleu_tokenize,
-              "predictions": [{"reference": r, "prediction": p} for r, p in zip(result.references, result.predictions)]}
+    report = {
+        **meta,
+        "metrics": result.metrics,
+        "notes": result.notes,
+        "bleu_tokenize": result.bleu_tokenize,
+        "predictions": [{"reference": r, "prediction": p} for r, p in zip(result.references, result.predictions)],
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out
@@ -229,5 +246,3 @@ def plot_metrics(metrics_jsonl: Path, out: Path) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
-
-

@@ -53,8 +53,13 @@ def prompt_messages(sample: Sample) -> list[tuple[str, str]]:
     return list(sample.messages[:last])
 
 
-def prompt_features(processor, messages: list[tuple[str, str]], images: list[Image.Image],
-                    min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
+def prompt_features(
+    processor,
+    messages: list[tuple[str, str]],
+    images: list[Image.Image],
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> dict:
     """Token ids (and pixel inputs) of ``messages`` followed by the template's assistant-turn opening.
 
     Raises:
@@ -65,21 +70,30 @@ def prompt_features(processor, messages: list[tuple[str, str]], images: list[Ima
     text = processor.apply_chat_template(to_chat(Sample(messages)), tokenize=False, add_generation_prompt=True)
     if not counts_image_tokens(processor):  # the family's processor expands the placeholders itself
         if text.count(processor.image_token) != len(images):
-            raise ValueError(f"the prompt has {text.count(processor.image_token)} '{IMAGE_PLACEHOLDER}' placeholder(s) "
-                             f"for {len(images)} image(s)")
+            raise ValueError(
+                f"the prompt has {text.count(processor.image_token)} '{IMAGE_PLACEHOLDER}' placeholder(s) "
+                f"for {len(images)} image(s)"
+            )
         if not images:  # text only: the tokenizer (some processors, e.g. PaliGemma's, refuse text without images)
             return {"input_ids": tok(text, add_special_tokens=False)["input_ids"], PER_TOKEN: {}}
-        out = processor(text=[text], images=downscale(images, max_pixels), add_special_tokens=False, return_tensors="pt")
+        out = processor(
+            text=[text], images=downscale(images, max_pixels), add_special_tokens=False, return_tensors="pt"
+        )
         ids = out["input_ids"][0].tolist()
-        per_token = {k: v[0].tolist() for k, v in out.items()
-                     if k not in TEXT_KEYS and torch.is_tensor(v) and v.shape == out["input_ids"].shape}
+        per_token = {
+            k: v[0].tolist()
+            for k, v in out.items()
+            if k not in TEXT_KEYS and torch.is_tensor(v) and v.shape == out["input_ids"].shape
+        }
         pixels = {k: v for k, v in out.items() if k not in per_token and k not in TEXT_KEYS}
         return {"input_ids": ids, PER_TOKEN: per_token, **pixels}
     pixels = process_images(processor, images, min_pixels, max_pixels)
     counts = grid_token_counts(processor, pixels)
     pieces = text.split(processor.image_token)
     if len(pieces) - 1 != len(counts):
-        raise ValueError(f"the prompt has {len(pieces) - 1} '{IMAGE_PLACEHOLDER}' placeholder(s) for {len(counts)} image(s)")
+        raise ValueError(
+            f"the prompt has {len(pieces) - 1} '{IMAGE_PLACEHOLDER}' placeholder(s) for {len(counts)} image(s)"
+        )
     ids: list[int] = []
     for i, piece in enumerate(pieces):
         if i > 0:
@@ -100,8 +114,8 @@ def left_padded(features: list[dict], pad_id: int, image_id: int) -> dict:
     mask = torch.zeros((len(features), width), dtype=torch.long)
     for i, f in enumerate(features):
         n = len(f["input_ids"])
-        ids[i, width - n:] = torch.as_tensor(f["input_ids"])
-        mask[i, width - n:] = 1
+        ids[i, width - n :] = torch.as_tensor(f["input_ids"])
+        mask[i, width - n :] = 1
     out = {"input_ids": ids, "attention_mask": mask}
     if any(PER_TOKEN in f for f in features):  # processor-expanded families: their own per-token inputs
         for key in sorted({k for f in features for k in f.get(PER_TOKEN, {})}):
@@ -109,7 +123,7 @@ def left_padded(features: list[dict], pad_id: int, image_id: int) -> dict:
             for i, f in enumerate(features):
                 row = f.get(PER_TOKEN, {}).get(key)
                 if row is not None:
-                    values[i, width - len(row):] = torch.as_tensor(row)
+                    values[i, width - len(row) :] = torch.as_tensor(row)
             out[key] = values
     else:  # Qwen-VL M-RoPE: which tokens are image tokens
         out["mm_token_type_ids"] = (ids == image_id).long()
@@ -119,8 +133,9 @@ def left_padded(features: list[dict], pad_id: int, image_id: int) -> dict:
 
 
 @torch.no_grad()
-def generate(model, processor, features: list[dict], settings: GenerationSettings, batch_size: int,
-             progress: bool = False) -> list[str]:
+def generate(
+    model, processor, features: list[dict], settings: GenerationSettings, batch_size: int, progress: bool = False
+) -> list[str]:
     """Generated answers (special tokens removed, trimmed), one per prompt, in order."""
     from tqdm.auto import tqdm
 
@@ -133,35 +148,56 @@ def generate(model, processor, features: list[dict], settings: GenerationSetting
     answers: list[str] = []
     starts = range(0, len(features), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, dynamic_ncols=True):
-        batch = {k: v.to(device) for k, v in left_padded(features[start:start + batch_size], pad, image_id).items()}
+        batch = {k: v.to(device) for k, v in left_padded(features[start : start + batch_size], pad, image_id).items()}
         out = model.generate(**batch, **settings.kwargs(), pad_token_id=pad, eos_token_id=eos)
-        new = out[:, batch["input_ids"].shape[1]:]
+        new = out[:, batch["input_ids"].shape[1] :]
         answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
     return answers
 
 
-def predict(model, processor, items: list[EvalItem], out: Path, settings: GenerationSettings, batch_size: int,
-            progress: bool = True) -> list[dict]:
+def predict(
+    model,
+    processor,
+    items: list[EvalItem],
+    out: Path,
+    settings: GenerationSettings,
+    batch_size: int,
+    progress: bool = True,
+) -> list[dict]:
     """Generates an answer per item and writes one JSON line per sample: sample, images, prompt, reference,
     prediction. Returns the records."""
     answers = generate(model, processor, [item_prompt(processor, it) for it in items], settings, batch_size, progress)
     records = []
     for it, answer in zip(items, answers):
         prompt = prompt_messages(it.sample)
-        records.append({"sample": it.sample.where, "images": [str(p) for p in it.sample.images],
-                        "prompt": prompt[-1][1] if prompt else "", "history": [list(m) for m in prompt[:-1]],
-                        "reference": it.answer, "prediction": answer})
+        records.append(
+            {
+                "sample": it.sample.where,
+                "images": [str(p) for p in it.sample.images],
+                "prompt": prompt[-1][1] if prompt else "",
+                "history": [list(m) for m in prompt[:-1]],
+                "reference": it.answer,
+                "prediction": answer,
+            }
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return records
 
 
-CHAT_HELP = ("type a question and press enter; '/image PATH' attaches an image file to your next question; "
-             "'/reset' starts a new conversation; '/quit' (or end of input) ends")
+CHAT_HELP = (
+    "type a question and press enter; '/image PATH' attaches an image file to your next question; "
+    "'/reset' starts a new conversation; '/quit' (or end of input) ends"
+)
 
 
-def chat(model, processor, settings: GenerationSettings, read: Callable[[str], str] = input,
-         write: Callable[[str], None] = print) -> list[tuple[str, str]]:
+def chat(
+    model,
+    processor,
+    settings: GenerationSettings,
+    read: Callable[[str], str] = input,
+    write: Callable[[str], None] = print,
+) -> list[tuple[str, str]]:
     """An interactive multi-turn session; returns the last conversation as (role, text) pairs."""
     history: list[tuple[str, str]] = []
     images: list[Image.Image] = []
@@ -178,7 +214,7 @@ def chat(model, processor, settings: GenerationSettings, read: Callable[[str], s
             history, images, pending = [], [], []
             write("(new conversation)")
         elif line.startswith("/image"):
-            path = Path(line[len("/image"):].strip()).expanduser()
+            path = Path(line[len("/image") :].strip()).expanduser()
             try:
                 pending += load_images(Sample([], [path], where="chat"))
                 write(f"(attached {path}; it goes with your next question)")

@@ -34,9 +34,13 @@ class ArchSpec:
     attention_containers: tuple[str, ...] = ("self_attn", "attn", "attention", "cross_attn")
     mlp_containers: tuple[str, ...] = ("mlp", "feed_forward", "ffn")
     # What the family supports, so that the recipe asks the registry instead of testing model types itself.
-    packing: bool = False  # per-sample M-RoPE positions (``get_rope_index``): train.packing is exact (tests/train/test_packing.py)
+    packing: bool = (
+        False  # per-sample M-RoPE positions (``get_rope_index``): train.packing is exact (tests/train/test_packing.py)
+    )
     vision_cache: bool = False  # the projector maps the tower's final output to the image embeddings, nothing else
-    window_order: bool = False  # the tower emits tokens in window order; the image order is restored after the projector
+    window_order: bool = (
+        False  # the tower emits tokens in window order; the image order is restored after the projector
+    )
 
 
 def _qwen_vl_layouts() -> tuple[Layout, ...]:
@@ -124,36 +128,74 @@ def _idefics3_layouts() -> tuple[Layout, ...]:
     )
 
 
-def _entry(name: str, model_types: tuple[str, ...], layouts: tuple[Layout, ...], description: str,
-           **capabilities: bool) -> ArchSpec:
+def _entry(
+    name: str, model_types: tuple[str, ...], layouts: tuple[Layout, ...], description: str, **capabilities: bool
+) -> ArchSpec:
     return ArchSpec(name=name, model_types=model_types, layouts=layouts, description=description, **capabilities)
 
 
 REGISTRY: dict[str, ArchSpec] = {
-    "qwen2_vl": _entry("qwen2_vl", ("qwen2_vl",), _qwen_vl_layouts(),
-                       "Qwen2-VL (vision tower model.visual, projector model.visual.merger)", packing=True, vision_cache=True),
-    "qwen2_5_vl": _entry("qwen2_5_vl", ("qwen2_5_vl",), _qwen_vl_layouts(),
-                         "Qwen2.5-VL (vision tower model.visual, projector model.visual.merger)", packing=True,
-                         vision_cache=True, window_order=True),
-    "qwen3_vl": _entry("qwen3_vl", ("qwen3_vl",), _qwen3_vl_layouts(),
-                       "Qwen3-VL (projector model.visual.merger + model.visual.deepstack_merger_list)",
-                       packing=True),  # no vision cache: deepstack takes features from inside the tower
-    "llava": _entry("llava", ("llava",), _llava_style_layouts(),
-                    "LLaVA 1.5 and Pixtral (projector model.multi_modal_projector)"),
-    "llava_next": _entry("llava_next", ("llava_next",), _llava_style_layouts(("image_newline",)),
-                         "LLaVA-NeXT (projector model.multi_modal_projector + model.image_newline)"),
-    "llava_onevision": _entry("llava_onevision", ("llava_onevision",), _llava_style_layouts(("image_newline",)),
-                              "LLaVA-OneVision (projector model.multi_modal_projector + model.image_newline)"),
-    "idefics3": _entry("idefics3", ("idefics3", "smolvlm"), _idefics3_layouts(),
-                       "Idefics3 and SmolVLM (vision model.vision_model, projector model.connector)"),
-    "gemma3": _entry("gemma3", ("gemma3",), _llava_style_layouts(),
-                     "Gemma 3 (projector model.multi_modal_projector)"),
-    "paligemma": _entry("paligemma", ("paligemma",), _llava_style_layouts(),
-                        "PaliGemma (projector model.multi_modal_projector)"),
-    "internvl": _entry("internvl", ("internvl",), _llava_style_layouts(),
-                       "InternVL, transformers-native checkpoints (*-hf) (projector model.multi_modal_projector)"),
-    "mistral3": _entry("mistral3", ("mistral3",), _llava_style_layouts(),
-                       "Mistral 3 / Mistral Small 3.1 (Pixtral vision, projector model.multi_modal_projector)"),
+    "qwen2_vl": _entry(
+        "qwen2_vl",
+        ("qwen2_vl",),
+        _qwen_vl_layouts(),
+        "Qwen2-VL (vision tower model.visual, projector model.visual.merger)",
+        packing=True,
+        vision_cache=True,
+    ),
+    "qwen2_5_vl": _entry(
+        "qwen2_5_vl",
+        ("qwen2_5_vl",),
+        _qwen_vl_layouts(),
+        "Qwen2.5-VL (vision tower model.visual, projector model.visual.merger)",
+        packing=True,
+        vision_cache=True,
+        window_order=True,
+    ),
+    "qwen3_vl": _entry(
+        "qwen3_vl",
+        ("qwen3_vl",),
+        _qwen3_vl_layouts(),
+        "Qwen3-VL (projector model.visual.merger + model.visual.deepstack_merger_list)",
+        packing=True,
+    ),  # no vision cache: deepstack takes features from inside the tower
+    "llava": _entry(
+        "llava", ("llava",), _llava_style_layouts(), "LLaVA 1.5 and Pixtral (projector model.multi_modal_projector)"
+    ),
+    "llava_next": _entry(
+        "llava_next",
+        ("llava_next",),
+        _llava_style_layouts(("image_newline",)),
+        "LLaVA-NeXT (projector model.multi_modal_projector + model.image_newline)",
+    ),
+    "llava_onevision": _entry(
+        "llava_onevision",
+        ("llava_onevision",),
+        _llava_style_layouts(("image_newline",)),
+        "LLaVA-OneVision (projector model.multi_modal_projector + model.image_newline)",
+    ),
+    "idefics3": _entry(
+        "idefics3",
+        ("idefics3", "smolvlm"),
+        _idefics3_layouts(),
+        "Idefics3 and SmolVLM (vision model.vision_model, projector model.connector)",
+    ),
+    "gemma3": _entry("gemma3", ("gemma3",), _llava_style_layouts(), "Gemma 3 (projector model.multi_modal_projector)"),
+    "paligemma": _entry(
+        "paligemma", ("paligemma",), _llava_style_layouts(), "PaliGemma (projector model.multi_modal_projector)"
+    ),
+    "internvl": _entry(
+        "internvl",
+        ("internvl",),
+        _llava_style_layouts(),
+        "InternVL, transformers-native checkpoints (*-hf) (projector model.multi_modal_projector)",
+    ),
+    "mistral3": _entry(
+        "mistral3",
+        ("mistral3",),
+        _llava_style_layouts(),
+        "Mistral 3 / Mistral Small 3.1 (Pixtral vision, projector model.multi_modal_projector)",
+    ),
 }
 
 
@@ -174,8 +216,12 @@ def arch_from_dict(name: str, data) -> ArchSpec:
         )
         for i, item in enumerate(layouts_data)
     )
-    return ArchSpec(name=name, model_types=tuple(data.get("model_types", ())), layouts=layouts,
-                    description=str(data.get("description", "user-supplied entry")))
+    return ArchSpec(
+        name=name,
+        model_types=tuple(data.get("model_types", ())),
+        layouts=layouts,
+        description=str(data.get("description", "user-supplied entry")),
+    )
 
 
 def find_arch(model_type: str) -> ArchSpec:
@@ -201,6 +247,8 @@ def family_problems(arch: ArchSpec, model_type: str, train) -> list[str]:
     problems = []
     if train.packing and not arch.packing:
         supported = ", ".join(t for s in REGISTRY.values() if s.packing for t in s.model_types)
-        problems.append(f"'train.packing': model_type '{model_type}' ({arch.name}) has no per-sample M-RoPE positions; "
-                        f"packing supports {supported} (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); set train.packing: false")
+        problems.append(
+            f"'train.packing': model_type '{model_type}' ({arch.name}) has no per-sample M-RoPE positions; "
+            f"packing supports {supported} (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); set train.packing: false"
+        )
     return problems

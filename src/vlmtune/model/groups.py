@@ -15,7 +15,7 @@ PEFT_PREFIX = "base_model.model."
 
 def strip_peft_prefix(name: str) -> str:
     """Returns ``name`` as it reads on the unwrapped model."""
-    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
 
 
 def pattern_match_length(pattern: str, name: str) -> int:

@@ -25,8 +25,12 @@ class ModelFolder(Protocol):
 def local_folder(mcfg: ModelConfig, echo=print, alone: bool = False) -> Path:
     """``model.path`` as a folder; the builtin base needs the commands' resolver (it is built by training)."""
     if mcfg.path == BUILTIN_MODEL:
-        raise ConfigError([f"'model.path': {BUILTIN_MODEL} is resolved by the vlmtune commands; "
-                           "pass vlmtune.builtin.base.model_folder to the recipe"])
+        raise ConfigError(
+            [
+                f"'model.path': {BUILTIN_MODEL} is resolved by the vlmtune commands; "
+                "pass vlmtune.builtin.base.model_folder to the recipe"
+            ]
+        )
     return Path(mcfg.path)
 
 

@@ -50,8 +50,12 @@ def linear_names_by_group(model: nn.Module, gmap: GroupMap) -> str:
     """'group: leaf names' for every group, to show in errors."""
     parts = []
     for g in GROUPS:
-        leaves = sorted({n.split(".")[-1] if not n.split(".")[-1].isdigit() else ".".join(n.split(".")[-2:])
-                         for n in linear_modules(model, gmap, g)})
+        leaves = sorted(
+            {
+                n.split(".")[-1] if not n.split(".")[-1].isdigit() else ".".join(n.split(".")[-2:])
+                for n in linear_modules(model, gmap, g)
+            }
+        )
         parts.append(f"{g}: {', '.join(leaves) or '(no linear layers)'}")
     return "; ".join(parts)
 
@@ -70,8 +74,13 @@ def build_plan(model: nn.Module, gmap: GroupMap, cfg: Config) -> list[GroupPlan]
     for group in GROUPS:
         s = cfg.group(group)
         names = gmap.params_in(group)
-        plan = GroupPlan(group=group, mode=s.mode, lr=cfg.group_lr(group), weight_decay=cfg.group_weight_decay(group),
-                         total_params=sum(sizes[n] for n in names))
+        plan = GroupPlan(
+            group=group,
+            mode=s.mode,
+            lr=cfg.group_lr(group),
+            weight_decay=cfg.group_weight_decay(group),
+            total_params=sum(sizes[n] for n in names),
+        )
         if s.mode == "lora":
             plan.modules, unmatched = _lora_targets(model, gmap, group, s)
             plan.rank, plan.alpha, plan.dropout = s.rank, s.lora_alpha, s.dropout
@@ -81,19 +90,24 @@ def build_plan(model: nn.Module, gmap: GroupMap, cfg: Config) -> list[GroupPlan]
                 contents = sorted({n.rsplit(".", 1)[0] for n in names})[:12]
                 problems.append(
                     f"groups.{group}: mode lora with targets {s.targets!r} resolves to no nn.Linear layer; "
-                    f"the group contains {', '.join(contents) or 'no parameters'} ({linear_names_by_group(model, gmap)})")
+                    f"the group contains {', '.join(contents) or 'no parameters'} ({linear_names_by_group(model, gmap)})"
+                )
         elif s.mode == "full":
             plan.modules = owner_modules(model, gmap, group) if names else []
             if not plan.modules:
-                problems.append(f"groups.{group}: mode full but the group has no parameters of its own "
-                                "(e.g. an lm_head tied to the input embeddings)")
+                problems.append(
+                    f"groups.{group}: mode full but the group has no parameters of its own "
+                    "(e.g. an lm_head tied to the input embeddings)"
+                )
         plans.append(plan)
     lora_groups = {p.group for p in plans if p.mode == "lora"}
     for name, groups in unmatched_by_name.items():
         # A name listed for several groups must exist in at least one of them.
         if set(groups) >= {g for g in lora_groups if name in _names_of(cfg.group(g))}:
-            problems.append(f"LoRA target '{name}' matches no linear layer in {', '.join(groups)}. "
-                            f"Linear layers by group: {linear_names_by_group(model, gmap)}")
+            problems.append(
+                f"LoRA target '{name}' matches no linear layer in {', '.join(groups)}. "
+                f"Linear layers by group: {linear_names_by_group(model, gmap)}"
+            )
     if problems:
         raise ConfigError(problems, "the tuning plan")
     return plans
@@ -168,7 +182,9 @@ def activate(model: nn.Module, gmap: GroupMap, plans: list[GroupPlan]) -> None:
     for name, param in model.named_parameters():
         plan = by_group[gmap.group_of(name)]
         if peft:
-            train = (plan.mode == "lora" and is_lora_param(name)) or (plan.mode == "full" and ".modules_to_save." in name)
+            train = (plan.mode == "lora" and is_lora_param(name)) or (
+                plan.mode == "full" and ".modules_to_save." in name
+            )
         else:
             train = plan.mode == "full"
         param.requires_grad_(train)
@@ -193,7 +209,8 @@ def union_plans(stage_plans: list[list[GroupPlan]]) -> list[GroupPlan]:
     for i, first in enumerate(stage_plans[0]):
         candidates = [plans[i] for plans in stage_plans]
         chosen = next((p for p in candidates if p.mode == "lora"), None) or next(
-            (p for p in candidates if p.mode == "full"), first)
+            (p for p in candidates if p.mode == "full"), first
+        )
         union.append(chosen)
     return union
 

@@ -56,6 +56,10 @@ def make_accelerator(grad_accum: int, report_to: list[str], project_dir: str):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    return Accelerator(gradient_accumulation_steps=grad_accum, log_with=report_to or None, project_dir=project_dir,
-                       cpu=not torch.cuda.is_available(),
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    return Accelerator(
+        gradient_accumulation_steps=grad_accum,
+        log_with=report_to or None,
+        project_dir=project_dir,
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )

@@ -14,7 +14,9 @@ def evaluate_stage(run: Run, sr: StageRun, show: bool = False) -> float:
     loss = run.objective.eval_loss(sr.model, sr.eval_loader, acc)
     record = {"step": run.progress.global_step, "stage": sr.stage.name, "eval_loss": loss}
     if acc.is_main_process:
-        record.update(evaluate_model(sr.model, run.processor, sr.eval_ds, cfg.eval, accelerator=acc, arch=run.gmap.arch))
+        record.update(
+            evaluate_model(sr.model, run.processor, sr.eval_ds, cfg.eval, accelerator=acc, arch=run.gmap.arch)
+        )
         if show:
             echo(report_table(record))
     run.metrics.log(record)

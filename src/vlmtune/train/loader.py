@@ -27,22 +27,41 @@ def loader_workers(setting: int | str, processes: int = 1) -> int:
     return max(0, min(4, len(os.sched_getaffinity(0)) // max(1, processes) - 1))
 
 
-
-def make_loader(ds: VLMDataset, processor, batch_size: int, shuffle: bool, seed: int, workers: int,
-                group_by_length: bool = False, packing: bool = False, pack_length: int | None = None) -> DataLoader:
+def make_loader(
+    ds: VLMDataset,
+    processor,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    workers: int,
+    group_by_length: bool = False,
+    packing: bool = False,
+    pack_length: int | None = None,
+) -> DataLoader:
     """A DataLoader with the padding collator; its order depends only on (seed, epoch) (see EpochSampler).
     With workers, batches are prepared ahead of the step (2 per worker) in pinned memory on a GPU machine.
     With ``packing`` each batch's samples come in packed-row order (see vlmtune.train.packing)."""
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     video_token = getattr(processor, "video_token", None)
-    fn = partial(collate, pad_id=pad_id, image_token_id=tok.convert_tokens_to_ids(processor.image_token),
-                 video_token_id=tok.convert_tokens_to_ids(video_token) if video_token else None, pack=packing,
-                 pack_length=pack_length)
+    fn = partial(
+        collate,
+        pad_id=pad_id,
+        image_token_id=tok.convert_tokens_to_ids(processor.image_token),
+        video_token_id=tok.convert_tokens_to_ids(video_token) if video_token else None,
+        pack=packing,
+        pack_length=pack_length,
+    )
     sampler = EpochSampler(len(ds), seed, shuffle, ds.lengths() if group_by_length else None, batch_size)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=fn, num_workers=workers,
-                      pin_memory=workers > 0 and torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=fn,
+        num_workers=workers,
+        pin_memory=workers > 0 and torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def write_data_report(out, accelerator, stage: Stage, train_ds: VLMDataset, eval_ds: VLMDataset | None) -> None:

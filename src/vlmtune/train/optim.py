@@ -33,14 +33,16 @@ def param_groups(model: nn.Module, gmap: GroupMap, plans: list[GroupPlan]) -> li
     groups = []
     for (group, decay), items in buckets.items():
         plan = by_group[group]
-        groups.append({
-            "name": f"{group}{'' if decay else ' (no decay)'}",
-            "params": [p for _, p in items],
-            "param_names": [n for n, _ in items],
-            "lr": plan.lr,
-            "weight_decay": plan.weight_decay if decay else 0.0,
-            "component": group,
-        })
+        groups.append(
+            {
+                "name": f"{group}{'' if decay else ' (no decay)'}",
+                "params": [p for _, p in items],
+                "param_names": [n for n, _ in items],
+                "lr": plan.lr,
+                "weight_decay": plan.weight_decay if decay else 0.0,
+                "component": group,
+            }
+        )
     return groups
 
 
@@ -59,5 +61,8 @@ def build_scheduler(optimizer, kind: str, warmup: int, total: int):
 
 def describe(groups: list[dict]) -> list[str]:
     """One line per optimizer group: name, rate, weight decay, tensors and parameters."""
-    return [f"optimizer group {g['name']:<28} lr={g['lr']:.2e} wd={g['weight_decay']:g} "
-            f"tensors={len(g['params'])} params={sum(p.numel() for p in g['params']):,}" for g in groups]
+    return [
+        f"optimizer group {g['name']:<28} lr={g['lr']:.2e} wd={g['weight_decay']:g} "
+        f"tensors={len(g['params'])} params={sum(p.numel() for p in g['params']):,}"
+        for g in groups
+    ]

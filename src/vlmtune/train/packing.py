@@ -55,13 +55,16 @@ def pack(batch: dict, rope_index: Callable[[dict], torch.Tensor]) -> dict:
     mask = batch["attention_mask"]
     lengths = mask.sum(1).tolist()
     counts = batch[PACK_ROWS].tolist()
-    extra = sorted(k for k, v in batch.items() if torch.is_tensor(v) and k not in TOKEN_KEYS
-                   and k != "attention_mask" and v.shape == mask.shape)
+    extra = sorted(
+        k
+        for k, v in batch.items()
+        if torch.is_tensor(v) and k not in TOKEN_KEYS and k != "attention_mask" and v.shape == mask.shape
+    )
     if extra:
         raise ValueError(f"packing does not know how to lay out the per-token inputs {extra}")
     rope = rope_index({k: v for k, v in batch.items() if k not in ("labels", PACK_ROWS)})
     starts = list(accumulate(counts, initial=0))[:-1]
-    width = max(sum(lengths[s:s + c]) for s, c in zip(starts, counts))
+    width = max(sum(lengths[s : s + c]) for s, c in zip(starts, counts))
     keys = [k for k in TOKEN_KEYS if k in batch]
     out = {k: v for k, v in batch.items() if k not in (*keys, "attention_mask", PACK_ROWS)}
     rows = {k: batch[k].new_zeros((len(counts), width)) for k in keys}
@@ -72,9 +75,9 @@ def pack(batch: dict, rope_index: Callable[[dict], torch.Tensor]) -> dict:
         for i in range(start, start + count):
             n = lengths[i]
             for k in keys:
-                rows[k][r, offset:offset + n] = batch[k][i, :n]
-            position_ids[0, r, offset:offset + n] = torch.arange(n, device=rope.device)
-            position_ids[1:, r, offset:offset + n] = rope[:, i, :n]
+                rows[k][r, offset : offset + n] = batch[k][i, :n]
+            position_ids[0, r, offset : offset + n] = torch.arange(n, device=rope.device)
+            position_ids[1:, r, offset : offset + n] = rope[:, i, :n]
             rows["labels"][r, offset] = IGNORE
             offset += n
         # The padding after the last sample is a segment of its own (positions restart), labelled nowhere.

@@ -86,8 +86,10 @@ def train(cfg: Config, model_folder: ModelFolder = local_folder) -> RunResult:
         plot_loss(run.metrics.records, run.out / "loss.png")
         if any(k.startswith("eval/") for r in run.metrics.records for k in r):
             plot_metrics(run.out / "metrics.jsonl", run.out / "metrics.png")
-        echo(f"wrote {final} ({adapter_size(final) / 1e6:.2f} MB of weights), {run.out / 'metrics.jsonl'}, "
-             f"{run.out / 'loss.png'}")
+        echo(
+            f"wrote {final} ({adapter_size(final) / 1e6:.2f} MB of weights), {run.out / 'metrics.jsonl'}, "
+            f"{run.out / 'loss.png'}"
+        )
     accelerator.end_training()
     stage_dirs = [run.out / s.name for s in stages if s.named]
     return RunResult(run.out, final, run.progress.global_step, run.first_eval, run.last_eval, run.last_loss, stage_dirs)
@@ -105,33 +107,57 @@ def start_run(cfg: Config, stages: list[Stage], built: BuiltModel, accelerator) 
     objective = SFT(cfg.train.label_only_logits, rope_index_of(inner_model(model)))
     if any(s.cfg.train.packing for s in stages):
         if objective.rope_index is None:
-            raise ConfigError([f"'train.packing': {type(inner_model(model)).__name__} has no get_rope_index; "
-                               "set train.packing: false"])
-        echo(f"packing: on (samples end to end in rows, positions restarting per sample; "
-             f"{model.config._attn_implementation} attention)")
+            raise ConfigError(
+                [
+                    f"'train.packing': {type(inner_model(model)).__name__} has no get_rope_index; "
+                    "set train.packing: false"
+                ]
+            )
+        echo(
+            f"packing: on (samples end to end in rows, positions restarting per sample; "
+            f"{model.config._attn_implementation} attention)"
+        )
     progress, state = Progress(), None
     if resume_from is not None:
         state = read_state(resume_from, accelerator.process_index)
         load_trainable(model, state, built.trained_params)
         progress = state.progress
-        echo(f"resuming from {resume_from}: stage {progress.stage_index + 1}/{len(stages)}, "
-             f"{progress.stage_step} steps into it, run step {progress.global_step}")
+        echo(
+            f"resuming from {resume_from}: stage {progress.stage_index + 1}/{len(stages)}, "
+            f"{progress.stage_step} steps into it, run step {progress.global_step}"
+        )
     metrics = MetricsLog(out / "metrics.jsonl", accelerator, keep=progress.metrics_lines)
     if cfg.train.report_to:
         accelerator.init_trackers("vlmtune")
-    run = Run(cfg, accelerator, out, built.processor, gmap, metrics, progress, objective, built.trained_params,
-              n_stages=len(stages), last_checkpoint=resume_from, cache=cache,
-              image_keys=ImageKeys(built.processor) if cache is not None else None)
+    run = Run(
+        cfg,
+        accelerator,
+        out,
+        built.processor,
+        gmap,
+        metrics,
+        progress,
+        objective,
+        built.trained_params,
+        n_stages=len(stages),
+        last_checkpoint=resume_from,
+        cache=cache,
+        image_keys=ImageKeys(built.processor) if cache is not None else None,
+    )
     return run, state
 
 
-def run_stage(run: Run, model, stage: Stage, plans: list[GroupPlan], state: TrainerState | None,
-              signals: StopSignals):
+def run_stage(run: Run, model, stage: Stage, plans: list[GroupPlan], state: TrainerState | None, signals: StopSignals):
     """Trains one stage: its trainable groups, data, optimizer and schedule; writes its folder at the end."""
     sr = prepare_stage(run, model, stage, plans, state)
     t, acc, progress = stage.cfg.train, run.accelerator, run.progress
-    bar = tqdm(total=sr.total, initial=progress.stage_step, desc=stage.name,
-               disable=not (t.progress_bar and acc.is_main_process), dynamic_ncols=True)
+    bar = tqdm(
+        total=sr.total,
+        initial=progress.stage_step,
+        desc=stage.name,
+        disable=not (t.progress_bar and acc.is_main_process),
+        dynamic_ncols=True,
+    )
     window = Window()
     sr.model.train()
     while progress.stage_step < sr.total:
@@ -175,8 +201,9 @@ def prepare_stage(run: Run, model, stage: Stage, plans: list[GroupPlan], state: 
     eval_ds = build_dataset(cfg.data.eval, cfg.data, run.processor, "eval") if cfg.data.eval else None
     write_data_report(run.out, acc, stage, train_ds, eval_ds)
     workers = loader_workers(cfg.data.num_workers, acc.num_processes)
-    loader = make_loader(train_ds, run.processor, t.batch_size, True, t.seed, workers, t.group_by_length, t.packing,
-                         t.packing_length)
+    loader = make_loader(
+        train_ds, run.processor, t.batch_size, True, t.seed, workers, t.group_by_length, t.packing, t.packing_length
+    )
     sampler = loader.sampler  # before accelerate wraps the loader
     eval_loader = make_loader(eval_ds, run.processor, t.batch_size, False, t.seed, 0) if eval_ds else None
     if run.cache is not None:
@@ -196,8 +223,22 @@ def prepare_stage(run: Run, model, stage: Stage, plans: list[GroupPlan], state: 
     if state is not None:
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
-    sr = StageRun(stage, plans, model, loader, sampler, train_ds, eval_loader, eval_ds, groups, optimizer, scheduler, total,
-                  before={}, flow_checked=not t.check_gradient_flow)
+    sr = StageRun(
+        stage,
+        plans,
+        model,
+        loader,
+        sampler,
+        train_ds,
+        eval_loader,
+        eval_ds,
+        groups,
+        optimizer,
+        scheduler,
+        total,
+        before={},
+        flow_checked=not t.check_gradient_flow,
+    )
     announce(run, sr)
 
     if eval_loader is not None and progress.global_step == 0:
@@ -214,8 +255,9 @@ def train_step(run: Run, sr: StageRun, batch: dict, window: Window) -> None:
     step (after the first step's gradient-flow check and the gradient clipping). Non-finite values skip or stop."""
     acc, t = run.accelerator, sr.stage.cfg.train
     step = run.objective.loss(sr.model, batch, acc, packing=t.packing)
-    window.add_batch(step.counts, batch["input_ids"].shape[0], "pixel_values" in batch or CACHED in batch,
-                     acc.num_processes)
+    window.add_batch(
+        step.counts, batch["input_ids"].shape[0], "pixel_values" in batch or CACHED in batch, acc.num_processes
+    )
     if all_finite(step.value, acc):
         acc.backward(step.loss)
         window.add_loss(step.value.item())
@@ -249,8 +291,13 @@ def after_step(run: Run, sr: StageRun, window: Window, bar, signals: StopSignals
         if record is not None:
             run.last_loss = record["loss"]
             lrs = sr.scheduler.get_last_lr()
-            record = {"step": progress.global_step, "stage": sr.stage.name, "loss": record["loss"], "lr": lrs[0],
-                      **{k: v for k, v in record.items() if k != "loss"}}
+            record = {
+                "step": progress.global_step,
+                "stage": sr.stage.name,
+                "loss": record["loss"],
+                "lr": lrs[0],
+                **{k: v for k, v in record.items() if k != "loss"},
+            }
             record.update({f"lr/{g['name']}": lr for g, lr in zip(sr.param_groups, lrs)})
             record.update({f"grad_norm/{group}": value for group, value in window.grad_norms.items()})
             if progress.nonfinite_skips:
@@ -265,9 +312,12 @@ def after_step(run: Run, sr: StageRun, window: Window, bar, signals: StopSignals
     if stop_requested(signals, run.accelerator):
         folder = save_resumable(run, sr.model, checkpoint, sr.optimizer, sr.scheduler)
         signum = signals.signum or signal.SIGTERM
-        raise RunStopped(f"stopped by {signal.Signals(signum).name} at stage '{sr.stage.name}' step {step}/{sr.total} "
-                         f"(run step {progress.global_step}); saved {folder}. Run the same command with --resume to "
-                         "continue from there.", 128 + signum)
+        raise RunStopped(
+            f"stopped by {signal.Signals(signum).name} at stage '{sr.stage.name}' step {step}/{sr.total} "
+            f"(run step {progress.global_step}); saved {folder}. Run the same command with --resume to "
+            "continue from there.",
+            128 + signum,
+        )
 
 
 def finish_stage(run: Run, sr: StageRun) -> None:
@@ -275,8 +325,10 @@ def finish_stage(run: Run, sr: StageRun) -> None:
     stage, progress = sr.stage, run.progress
     if sr.eval_loader is not None:
         run.last_eval = evaluate_stage(run, sr, show=True)
-        echo(f"eval loss after stage '{stage.name}': {run.last_eval:.4f}"
-             + (f" (before training: {run.first_eval:.4f})" if run.first_eval is not None else ""))
+        echo(
+            f"eval loss after stage '{stage.name}': {run.last_eval:.4f}"
+            + (f" (before training: {run.first_eval:.4f})" if run.first_eval is not None else "")
+        )
     report_changes(run, sr, sr.plans, fingerprints(run.accelerator.unwrap_model(sr.model), run.trained_params))
     progress.stage_index, progress.stage_step = stage.index + 1, 0
     progress.epoch = progress.batch_in_epoch = 0

@@ -15,8 +15,10 @@ def announce(run: Run, sr: StageRun) -> None:
     stage, plans = sr.stage, sr.plans
     trained = [f"{p.group} ({p.mode})" for p in plans if p.mode != "frozen"]
     frozen = [p.group for p in plans if p.mode == "frozen"]
-    echo(f"\nstage {stage.index + 1}/{run.n_stages} '{stage.name}': trains {', '.join(trained)}; "
-         f"frozen: {', '.join(frozen) or '-'}")
+    echo(
+        f"\nstage {stage.index + 1}/{run.n_stages} '{stage.name}': trains {', '.join(trained)}; "
+        f"frozen: {', '.join(frozen) or '-'}"
+    )
     echo(plan_table(plans))
     for line in describe(sr.param_groups):
         echo(line)
@@ -25,8 +27,11 @@ def announce(run: Run, sr: StageRun) -> None:
 @torch.no_grad()
 def fingerprints(model, names: set[str]) -> dict[str, tuple[float, float, int]]:
     """(sum, sum of squares, size) per parameter, in float64: enough to tell which tensors a stage changed."""
-    return {n: (p.double().sum().item(), p.double().square().sum().item(), p.numel())
-            for n, p in model.named_parameters() if n in names}
+    return {
+        n: (p.double().sum().item(), p.double().square().sum().item(), p.numel())
+        for n, p in model.named_parameters()
+        if n in names
+    }
 
 
 def report_changes(run: Run, sr: StageRun, plans: list[GroupPlan], after: dict) -> None:
@@ -40,6 +45,8 @@ def report_changes(run: Run, sr: StageRun, plans: list[GroupPlan], after: dict) 
         changed = [n for n in names if before[n] != after[n]]
         n_params = sum(after[n][2] for n in changed)
         record[f"changed_params/{plan.group}"] = n_params
-        echo(f"stage '{stage.name}': {plan.group} ({plan.mode}) changed {len(changed)} of {len(names)} tensors "
-             f"({n_params:,} parameters)")
+        echo(
+            f"stage '{stage.name}': {plan.group} ({plan.mode}) changed {len(changed)} of {len(names)} tensors "
+            f"({n_params:,} parameters)"
+        )
     run.metrics.log(record)

@@ -123,7 +123,9 @@ def restore_rng(path: Path | None) -> None:
     set_rng_state(load_file(str(path)), meta)
 
 
-def write_state(folder: Path, progress: Progress, weights: dict[str, torch.Tensor], optimizer=None, scheduler=None) -> None:
+def write_state(
+    folder: Path, progress: Progress, weights: dict[str, torch.Tensor], optimizer=None, scheduler=None
+) -> None:
     """The main process's part of the resume state; ``trainer.json`` is written last."""
     state = folder / STATE_DIR
     state.mkdir(exist_ok=True)
@@ -152,8 +154,14 @@ def read_state(folder: Path, rank: int = 0) -> TrainerState:
     if (state / "scheduler.json").is_file():
         scheduler = json.loads((state / "scheduler.json").read_text(encoding="utf-8"))
     rng = state / f"rng-{rank}.safetensors"
-    return TrainerState(folder, progress, load_file(str(state / "weights.safetensors")), optimizer, scheduler,
-                        rng if rng.is_file() else None)
+    return TrainerState(
+        folder,
+        progress,
+        load_file(str(state / "weights.safetensors")),
+        optimizer,
+        scheduler,
+        rng if rng.is_file() else None,
+    )
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -221,19 +229,30 @@ def resume_or_clear(out: Path, cfg: Config, stages: list[Stage], accelerator) ->
             return None
         changes = config_changes(found / "config.yaml", cfg.model_dump(mode="json"))
         if changes and not cfg.train.force_resume:
-            raise ConfigError([f"{c}" for c in changes] + [
-                "these settings differ from the checkpoint's; resuming would mix two different runs. Use the "
-                "checkpoint's settings, another train.output_dir, or --force-resume to resume anyway"],
-                f"resume from {found}")
+            raise ConfigError(
+                [f"{c}" for c in changes]
+                + [
+                    "these settings differ from the checkpoint's; resuming would mix two different runs. Use the "
+                    "checkpoint's settings, another train.output_dir, or --force-resume to resume anyway"
+                ],
+                f"resume from {found}",
+            )
         for c in changes:
             echo(f"warning: resuming although {c} (forced)")
         return found
     names = {"final"} | {s.name for s in stages if s.named}
-    stale = sorted(p for p in out.iterdir() if p.is_dir() and (p / "config.yaml").is_file()
-                   and (p.name in names or STEP_FOLDER.match(p.name) or (p / STATE_DIR).is_dir()))
+    stale = sorted(
+        p
+        for p in out.iterdir()
+        if p.is_dir()
+        and (p / "config.yaml").is_file()
+        and (p.name in names or STEP_FOLDER.match(p.name) or (p / STATE_DIR).is_dir())
+    )
     if stale:
-        echo(f"{out} holds checkpoints of an earlier run ({', '.join(p.name for p in stale)}); starting afresh "
-             "removes them (`vlmtune train CONFIG --resume` continues a run instead)")
+        echo(
+            f"{out} holds checkpoints of an earlier run ({', '.join(p.name for p in stale)}); starting afresh "
+            "removes them (`vlmtune train CONFIG --resume` continues a run instead)"
+        )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             for p in stale:
@@ -246,8 +265,13 @@ def load_trainable(model, state: TrainerState, run_params: set[str]) -> None:
     """Copies a checkpoint's trainable weights into the model; they must be exactly the plan's."""
     missing, unexpected = run_params - set(state.weights), set(state.weights) - run_params
     if missing or unexpected:
-        raise ConfigError([f"{state.folder}: its trainable weights do not match this config's plan "
-                           f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})"], "resume")
+        raise ConfigError(
+            [
+                f"{state.folder}: its trainable weights do not match this config's plan "
+                f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})"
+            ],
+            "resume",
+        )
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.weights.items():

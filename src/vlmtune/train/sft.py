@@ -39,8 +39,13 @@ class SFT:
 
     def loss(self, model, batch: dict, accelerator, packing: bool = False) -> StepLoss:
         inputs = pack(batch, self.rope_index) if packing else batch
-        counts = torch.tensor([batch["attention_mask"].sum().item(), inputs["input_ids"].numel(),
-                               (batch["labels"] != IGNORE).sum().item()])
+        counts = torch.tensor(
+            [
+                batch["attention_mask"].sum().item(),
+                inputs["input_ids"].numel(),
+                (batch["labels"] != IGNORE).sum().item(),
+            ]
+        )
         loss = answer_loss(model, inputs, self.label_only_logits)
         value = loss.detach().float()
         if accelerator.num_processes > 1:

@@ -58,20 +58,31 @@ def stop_for_nonfinite(run: Run, stage: Stage, what: str) -> None:
     last = str(run.last_checkpoint) if run.last_checkpoint else "none (no checkpoint was written yet)"
     if t.on_nonfinite == "skip" and progress.nonfinite_skips < t.max_nonfinite_skips:
         progress.nonfinite_skips += 1
-        echo(f"warning: non-finite {what} at {where}; step skipped ({progress.nonfinite_skips} of at most "
-             f"{t.max_nonfinite_skips}, train.max_nonfinite_skips)")
+        echo(
+            f"warning: non-finite {what} at {where}; step skipped ({progress.nonfinite_skips} of at most "
+            f"{t.max_nonfinite_skips}, train.max_nonfinite_skips)"
+        )
         return
-    why = "" if t.on_nonfinite == "stop" else f" after {progress.nonfinite_skips} skipped steps (train.max_nonfinite_skips)"
-    raise RunStopped(f"non-finite {what} at {where}{why}. Stopped; nothing was saved after the last good checkpoint: "
-                     f"{last}\n  Lower the learning rate or check the data, then resume with --resume, or set "
-                     "train.on_nonfinite: skip",
-                     NONFINITE_EXIT)
+    why = (
+        ""
+        if t.on_nonfinite == "stop"
+        else f" after {progress.nonfinite_skips} skipped steps (train.max_nonfinite_skips)"
+    )
+    raise RunStopped(
+        f"non-finite {what} at {where}{why}. Stopped; nothing was saved after the last good checkpoint: "
+        f"{last}\n  Lower the learning rate or check the data, then resume with --resume, or set "
+        "train.on_nonfinite: skip",
+        NONFINITE_EXIT,
+    )
 
 
 def stop_unless_gradients_flow(run: Run, model, plans: list[GroupPlan], stage: Stage) -> None:
     """The first step's gradients reach every trained group and no frozen one, or the run stops naming it."""
     result = check_gradients(run.accelerator.unwrap_model(model), run.gmap, plans)
     if not result.ok:
-        raise RunStopped(f"stage '{stage.name}', first step: {result}\n  (`vlmtune doctor CONFIG` runs the same check "
-                         "without training; train.check_gradient_flow: false skips it)", GRADIENT_FLOW_EXIT)
+        raise RunStopped(
+            f"stage '{stage.name}', first step: {result}\n  (`vlmtune doctor CONFIG` runs the same check "
+            "without training; train.check_gradient_flow: false skips it)",
+            GRADIENT_FLOW_EXIT,
+        )
     echo(str(result))

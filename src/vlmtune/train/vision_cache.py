@@ -73,8 +73,11 @@ class ImageKeys:
         import transformers
 
         ip = processor.image_processor
-        self.settings = json.dumps({"class": type(ip).__name__, "transformers": transformers.__version__,
-                                    **ip.to_dict()}, sort_keys=True, default=str)
+        self.settings = json.dumps(
+            {"class": type(ip).__name__, "transformers": transformers.__version__, **ip.to_dict()},
+            sort_keys=True,
+            default=str,
+        )
         self._files: dict[str, tuple[tuple[int, int], str]] = {}
 
     def file_hash(self, path: str) -> str:
@@ -97,8 +100,9 @@ class VisionCache:
     """Per-image safetensors files under ``root/<fingerprint>/``; ``inner`` is the multimodal model whose
     ``get_image_features`` computes them and ``projector`` the module whose input they are."""
 
-    def __init__(self, root: Path, model_fingerprint: str, inner: nn.Module | None = None,
-                 projector: nn.Module | None = None):
+    def __init__(
+        self, root: Path, model_fingerprint: str, inner: nn.Module | None = None, projector: nn.Module | None = None
+    ):
         self.dir = root / model_fingerprint
         self.dir.mkdir(parents=True, exist_ok=True)
         self.inner = inner
@@ -120,8 +124,10 @@ class VisionCache:
     def get(self, key: str, device="cpu", image: str = "") -> torch.Tensor:
         path = self.path(key)
         if not path.is_file():
-            raise FileNotFoundError(f"vision cache: no features for image '{image or key}' in {self.dir} (the cache is "
-                                    "filled before training; was the image changed while the run was going?)")
+            raise FileNotFoundError(
+                f"vision cache: no features for image '{image or key}' in {self.dir} (the cache is "
+                "filled before training; was the image changed while the run was going?)"
+            )
         return load_file(str(path), device=str(device))["features"]
 
     def reader(self) -> VisionCache:
@@ -130,8 +136,14 @@ class VisionCache:
 
 
 @torch.no_grad()
-def fill(cache: VisionCache, inner: nn.Module, projector: nn.Module, todo: Iterable[tuple[str, dict]], device,
-         images_per_pass: int = 8) -> int:
+def fill(
+    cache: VisionCache,
+    inner: nn.Module,
+    projector: nn.Module,
+    todo: Iterable[tuple[str, dict]],
+    device,
+    images_per_pass: int = 8,
+) -> int:
     """Computes and stores the projector input of every (key, pixel inputs of one image) in ``todo``, running the
     vision tower on ``images_per_pass`` images at a time. Returns how many were stored."""
     captured: list[torch.Tensor] = []
@@ -141,11 +153,13 @@ def fill(cache: VisionCache, inner: nn.Module, projector: nn.Module, todo: Itera
     def run(group: list[tuple[str, dict]]) -> int:
         captured.clear()
         grid = torch.cat([pixels["image_grid_thw"] for _, pixels in group])
-        inner.get_image_features(pixel_values=torch.cat([pixels["pixel_values"] for _, pixels in group]).to(device),
-                                 image_grid_thw=grid.to(device))
+        inner.get_image_features(
+            pixel_values=torch.cat([pixels["pixel_values"] for _, pixels in group]).to(device),
+            image_grid_thw=grid.to(device),
+        )
         start = 0
         for (key, _), rows in zip(group, _image_rows(grid)):
-            cache.put(key, captured[0][start:start + rows])
+            cache.put(key, captured[0][start : start + rows])
             start += rows
         return len(group)
 
@@ -190,8 +204,9 @@ def _image_order(inner: nn.Module, arch: ArchSpec):
     visual = inner.visual
 
     def order(grid: torch.Tensor) -> torch.Tensor:
-        window, _ = get_vision_window_index(grid[None].cpu(), visual.spatial_merge_size, visual.window_size,
-                                            visual.patch_size)
+        window, _ = get_vision_window_index(
+            grid[None].cpu(), visual.spatial_merge_size, visual.window_size, visual.patch_size
+        )
         return torch.argsort(window)
 
     return order
@@ -237,8 +252,9 @@ def open_cache(cfg, stages, model: nn.Module, gmap, union) -> VisionCache | None
     return cache
 
 
-def fill_cache(cache: VisionCache, keys: ImageKeys, accelerator, model: nn.Module, ds, batch_size: int,
-               progress_bar: bool) -> None:
+def fill_cache(
+    cache: VisionCache, keys: ImageKeys, accelerator, model: nn.Module, ds, batch_size: int, progress_bar: bool
+) -> None:
     """Computes the features of a dataset's images that the cache lacks (main process; the others wait)."""
     from tqdm.auto import tqdm
 
@@ -256,7 +272,9 @@ def fill_cache(cache: VisionCache, keys: ImageKeys, accelerator, model: nn.Modul
 
         was_training = cache.inner.training
         cache.inner.eval()
-        bar = tqdm(pixels(), total=len(todo), desc="vision cache", dynamic_ncols=True, disable=not progress_bar or not todo)
+        bar = tqdm(
+            pixels(), total=len(todo), desc="vision cache", dynamic_ncols=True, disable=not progress_bar or not todo
+        )
         computed = fill(cache, cache.inner, cache.projector, bar, accelerator.device, images_per_pass=batch_size)
         cache.inner.train(was_training)
         if todo:

@@ -37,15 +37,21 @@ class Window:
     def record(self, accelerator) -> dict | None:
         """Loss, throughput and token counts of the window (every process's micro-batches), then a fresh window;
         None when no micro-batch had a finite loss."""
-        sums = torch.tensor([self.loss, self.losses, *self.tokens.tolist()], dtype=torch.float64, device=accelerator.device)
+        sums = torch.tensor(
+            [self.loss, self.losses, *self.tokens.tolist()], dtype=torch.float64, device=accelerator.device
+        )
         if accelerator.num_processes > 1:
             sums = accelerator.reduce(sums, reduction="sum")
         elapsed = time.perf_counter() - self.start
         record = None
         if sums[1] > 0:
-            record = {"loss": float(sums[0] / sums[1]), "samples_per_s": self.samples / max(elapsed, 1e-9),
-                      "tokens": int(sums[2]), "answer_tokens": int(sums[4]),
-                      "padding": 1.0 - float(sums[2] / sums[3].clamp(min=1))}
+            record = {
+                "loss": float(sums[0] / sums[1]),
+                "samples_per_s": self.samples / max(elapsed, 1e-9),
+                "tokens": int(sums[2]),
+                "answer_tokens": int(sums[4]),
+                "padding": 1.0 - float(sums[2] / sums[3].clamp(min=1)),
+            }
         self.loss, self.losses, self.samples, self.start = 0.0, 0, 0, time.perf_counter()
         self.tokens.zero_()
         return record
