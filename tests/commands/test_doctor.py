@@ -180,7 +180,7 @@ def test_group_grad_norms_and_judging_existing_gradients(tiny_dir):
         (
             ["groups.projector.alpha=4"],
             "WARN",
-            "groups.projector: alpha/rank = 0.25 (alpha 4, rank 16); the seed starts at alpha = 2 x rank (32)",
+            "groups.projector: alpha/rank = 0.25 (alpha 4, rank 16); the usual start is alpha = 2 x rank (32)",
         ),
         (["groups.projector.dropout=0.1"], "WARN", "groups.projector.dropout = 0.1: on the vision path"),
         (["groups.language_model.dropout=0.1"], "PASS", "language_model r16/alpha 32/dropout 0.1"),
@@ -226,6 +226,26 @@ def test_doctor_command_on_the_quickstart_recipe(tiny_dir, capsys):
         "all checks passed",
     ):
         assert fragment in out, fragment
+
+
+def test_doctor_checks_the_plan_of_every_stage(tiny_dir, tmp_path, capsys):
+    """A staged config is checked as its stages run: the projector-only stage first (the language model's LoRA is
+    injected but must get no gradient), then the joint stage."""
+    config = tmp_path / "staged.yaml"
+    config.write_text(
+        "stages:\n"
+        "  - {name: align, steps: 2, groups: {language_model: {mode: frozen}}}\n"
+        "  - {name: joint, steps: 2, groups: {projector: {lr: 1.0e-4}}}\n",
+        encoding="utf-8",
+    )
+    cfg = load_config(config, [f"model.path={tiny_dir}", "train.batch_size=2", "data.builtin_train_samples=4"])
+    assert doctor(cfg) == 0
+    out = capsys.readouterr().out
+    align, joint = out.split("stage 1/2 'align'")[1].split("stage 2/2 'joint'")
+    assert "language_model  frozen" in align and "optimizer group language_model" not in align
+    assert "optimizer group language_model" in joint and "lr=1.00e-04" in joint
+    assert align.count("PASS  gradient flow") == 1 and joint.count("PASS  gradient flow") == 1
+    assert "all checks passed" in joint
 
 
 @pytest.mark.slow

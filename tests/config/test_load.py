@@ -26,6 +26,7 @@ from vlmtune.config.schema import (
     StageConfig,
     TrainConfig,
 )
+from vlmtune.config.stages import resolve_stages
 
 
 def _write(path: Path, text: str) -> Path:
@@ -360,36 +361,19 @@ def test_hub_id_is_not_accepted_as_model_path():
 # ---------------------------------------------------------------------------------------------
 
 
+NAMED_MODELS = (Config, ModelConfig, ArchEntry, DataConfig, AugmentConfig, TrainConfig, EvalConfig, Groups, GroupConfig)
+
+
 def test_every_field_of_every_model_has_a_description():
     models = _models()
-    assert set(models) >= {
-        Config,
-        ModelConfig,
-        ArchEntry,
-        DataConfig,
-        AugmentConfig,
-        TrainConfig,
-        EvalConfig,
-        Groups,
-        GroupConfig,
-        StageConfig,
-    }
+    assert set(models) >= {*NAMED_MODELS, StageConfig}
     # the rest are the typed overrides of a stage: partial copies of Groups, GroupConfig, DataConfig, AugmentConfig
-    assert {m.__name__ for m in models} - {
-        m.__name__
-        for m in (
-            Config,
-            ModelConfig,
-            ArchEntry,
-            DataConfig,
-            AugmentConfig,
-            TrainConfig,
-            EvalConfig,
-            Groups,
-            GroupConfig,
-            StageConfig,
-        )
-    } == {"GroupsOverrides", "GroupConfigOverrides", "DataOverrides", "AugmentConfigOverrides"}
+    assert {m.__name__ for m in models} - {m.__name__ for m in (*NAMED_MODELS, StageConfig)} == {
+        "GroupsOverrides",
+        "GroupConfigOverrides",
+        "DataOverrides",
+        "AugmentConfigOverrides",
+    }
     missing = [
         f"{m.__name__}.{name}"
         for m in models
@@ -498,3 +482,55 @@ def test_group_helpers():
     assert cfg.group("language_model").lora_alpha == 3.0
     with pytest.raises(ValueError, match="'nonexistent' is not a component group; groups are vision_tower"):
         cfg.group("nonexistent")
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed groups, stage overrides and registry entries: checked with the rest of the config
+# ---------------------------------------------------------------------------------------------
+
+TYPED_CASES = [
+    # name, override, expected problem (exact)
+    (
+        "stage group name",
+        "stages=[{name: a, groups: {projecter: {mode: lora}}}]",
+        "stages[0] (a): 'stages.0.groups.projecter' is not a component group (did you mean 'projector'?); "
+        "stages.0.groups are vision_tower, projector, language_model, lm_head",
+    ),
+    (
+        "stage data key",
+        "stages=[{name: a, data: {max_lenght: 64}}]",
+        "stages[0] (a): unknown key 'stages.0.data.max_lenght' (did you mean 'max_length'?); valid here: "
+        + ", ".join(DataConfig.model_fields),
+    ),
+    (
+        "stage data value",
+        "stages=[{name: a}, {name: b, data: {too_long: cut}}]",
+        "stages[1] (b): 'stages.1.data.too_long': Input should be 'drop', 'downscale' or 'truncate' (got 'cut')",
+    ),
+    (
+        "arch_entry group",
+        "model.arch_entry={patterns: {projecter: [mlp]}}",
+        "'model.arch_entry.patterns.projecter': Input should be 'vision_tower', 'projector', 'language_model' or "
+        "'lm_head' (got 'projecter')",
+    ),
+    (
+        "arch_entry key",
+        "model.arch_entry={model_type: [x]}",
+        "unknown key 'model.arch_entry.model_type' (did you mean 'model_types'?); valid here: model_types, patterns, "
+        "layouts, description",
+    ),
+]
+
+
+@pytest.mark.parametrize("name,override,expected", TYPED_CASES, ids=[c[0] for c in TYPED_CASES])
+def test_typed_sections_are_validated_with_the_config(name, override, expected):
+    assert _problems(None, [override]) == [expected]
+
+
+def test_stage_overrides_merge_only_what_they_set():
+    cfg = load_config(None, ["stages=[{name: a, groups: {projector: {lr: 1.0e-3}}, data: {max_length: 64}}]"])
+    (stage,) = cfg.stages
+    assert stage.groups.projector.lr == 1e-3 and stage.groups.projector.rank is None
+    (resolved,) = resolve_stages(cfg)
+    assert resolved.cfg.group("projector").lr == 1e-3 and resolved.cfg.group("projector").rank == 16
+    assert resolved.cfg.data.max_length == 64 and resolved.cfg.data.train == cfg.data.train

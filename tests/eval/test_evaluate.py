@@ -15,7 +15,7 @@ from vlmtune.cli import main
 from vlmtune.config.schema import DataConfig, EvalConfig
 from vlmtune.data.collate import collate
 from vlmtune.data.dataset import build_dataset
-from vlmtune.eval.evaluate import evaluate_model, plot_metrics, report_table, text_metrics
+from vlmtune.eval.evaluate import eval_record, plot_metrics, report_table, text_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +71,7 @@ def test_training_time_evaluation_on_the_tiny_model(tiny, shapes_dir):
     model, processor = tiny
     ds = build_dataset(str(shapes_dir / "eval.jsonl"), DataConfig(), processor, "eval")
     model.train()
-    metrics = evaluate_model(model, processor, ds, EvalConfig(samples=8, max_new_tokens=4, retrieval_k=4))
+    metrics = eval_record(model, processor, ds, EvalConfig(samples=8, max_new_tokens=4, retrieval_k=4))
     assert model.training, "the model's training mode is restored"
     for key in (
         "loss",

@@ -16,8 +16,10 @@ import torch
 import transformers
 
 from tests.real_configs_families import FAMILY_CONFIGS
+from vlmtune.config.load import load_config
 from vlmtune.model.archs import GROUPS, REGISTRY, arch_from_dict, find_arch
 from vlmtune.model.groups import assign_groups, group_of, linear_modules, strip_peft_prefix
+from vlmtune.model.load import arch_for
 
 # repo id -> (registry entry, the projector's module roots, published parameter count or None)
 EXPECTED = {
@@ -146,6 +148,17 @@ def test_user_entry_covers_a_family_without_editing_the_package():
         },
     )
     assert assign_groups(names, user).param_groups == assign_groups(names, REGISTRY["llava"]).param_groups
+    # The same entry written in a config (model.arch_entry, validated as a typed section) resolves the same.
+    mcfg = load_config(
+        None,
+        [
+            "model.arch=my_llava",
+            "model.arch_entry={model_types: [llava], patterns: {vision_tower: [model.vision_tower], "
+            "projector: [model.multi_modal_projector], language_model: [model.language_model], lm_head: [lm_head]}}",
+        ],
+    ).model
+    from_config = arch_for(model, mcfg)
+    assert from_config.name == "my_llava" and from_config.layouts == user.layouts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,13 +318,13 @@ def test_evaluation_and_generation_run_on_processor_expanded_families(family, tm
     from tests.tiny_families import save_family
     from vlmtune.config.schema import DataConfig, EvalConfig
     from vlmtune.data.dataset import build_dataset
-    from vlmtune.eval.evaluate import evaluate_model
+    from vlmtune.eval.evaluate import eval_record
 
     folder = save_family(family, tmp_path / "model")
     model = transformers.AutoModelForImageTextToText.from_pretrained(folder)
     processor = transformers.AutoProcessor.from_pretrained(folder)
     ds = build_dataset(str(_data(tmp_path)), DataConfig(max_length=512), processor, "eval")
-    metrics = evaluate_model(model, processor, ds, EvalConfig(retrieval_k=2, max_new_tokens=4), arch=find_arch(family))
+    metrics = eval_record(model, processor, ds, EvalConfig(retrieval_k=2, max_new_tokens=4), arch=find_arch(family))
     for key in (
         "eval/loss",
         "eval/exact_match",

@@ -46,6 +46,16 @@ def test_every_trainable_parameter_in_exactly_one_group(tiny):
             assert g["weight_decay"] == 0.1
 
 
+def test_a_trainable_parameter_in_a_frozen_group_is_an_error(tiny):
+    model, gmap, plans, _ = _setup(tiny, ["groups.projector.mode=full"])
+    name, param = next((n, p) for n, p in model.named_parameters() if gmap.group_of(n) == "vision_tower")
+    param.requires_grad_(True)  # the plan says frozen; something else made it trainable
+    with pytest.raises(
+        ValueError, match=r"1 trainable parameter\(s\) in groups this stage keeps frozen: .*\(vision_tower\)"
+    ):
+        param_groups(model, gmap, plans)
+
+
 def test_group_falls_back_to_run_rate(tiny):
     _, _, _, groups = _setup(tiny, ["train.learning_rate=7e-4"])
     assert {g["lr"] for g in groups} == {7e-4}

@@ -234,6 +234,7 @@ def test_packing_on_a_model_without_mrope_is_a_config_error(tmp_path, capsys):
         f"train: {{max_steps: 1, batch_size: 1, output_dir: {tmp_path / 'out'}, packing: true}}\n",
         encoding="utf-8",
     )
-    assert main(["train", str(config)]) != 0
+    assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert "train.packing" in err and "llava" in err and "Qwen2-VL" in err
+    assert not (tmp_path / "out").exists()  # refused before the run folder is touched

@@ -1,6 +1,6 @@
 """`vlmtune doctor`: the environment, the resolved plan, then checks that each report PASS, WARN or FAIL.
 
-The checks follow the seed's troubleshooting list: feature dimensions match (vision tower -> projector ->
+The checks follow the usual VLM troubleshooting list: feature dimensions match (vision tower -> projector ->
 language model, and image tokens = image features), gradients reach every trained group and no frozen one,
 LoRA settings are sensible (alpha near 2 x rank), and the configured batch fits the device. The gradient and
 dimension checks live in ``vlmtune.checks`` (training runs the gradient one at each stage's first step too).
@@ -38,7 +38,7 @@ VISION_PATH = ("vision_tower", "projector")
 
 
 def check_lora_settings(model: nn.Module, plans: list[GroupPlan]) -> CheckResult:
-    """Flags alpha/rank far from the seed's 2x (WARN), dropout on the vision path (WARN) and a rank larger
+    """Flags alpha/rank far from the usual 2x (WARN), dropout on the vision path (WARN) and a rank larger
     than a wrapped layer's width (FAIL: such a rank adds parameters but no capacity)."""
     inner = inner_model(model)
     warns, fails = [], []
@@ -48,7 +48,7 @@ def check_lora_settings(model: nn.Module, plans: list[GroupPlan]) -> CheckResult
         ratio = p.alpha / p.rank
         if not 1.0 <= ratio <= 4.0:
             warns.append(
-                f"groups.{p.group}: alpha/rank = {ratio:g} (alpha {p.alpha:g}, rank {p.rank}); the seed starts at "
+                f"groups.{p.group}: alpha/rank = {ratio:g} (alpha {p.alpha:g}, rank {p.rank}); the usual start is "
                 f"alpha = 2 x rank ({2 * p.rank}), and scaling far from it changes the effective learning rate"
             )
         if p.dropout > 0 and p.group in VISION_PATH:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from vlmtune.commands.loading import load_checkpoint, load_eval_data, resolve_checkpoint, with_overrides
-from vlmtune.eval.evaluate import EvalResult, plot_metrics, report_table, run_eval, write_report
+from vlmtune.eval.evaluate import EvalResult, eval_metrics, plot_metrics, report_table, write_report
 from vlmtune.model.load import arch_for
 from vlmtune.tracking import echo
 
@@ -42,7 +42,9 @@ def evaluate_checkpoint(
     cfg = with_overrides(saved, overrides)
     items = load_eval_data(cfg, data, processor, cfg.eval.samples)
     echo(f"evaluating {folder} on {len(items)} samples of {data or cfg.data.eval}")
-    result = run_eval(model, processor, items, cfg.eval, generate_answers, arch_for(model, cfg.model), progress=True)
+    result = eval_metrics(
+        model, processor, items, cfg.eval, generate_answers, arch_for(model, cfg.model), progress=True
+    )
     echo(report_table(result.metrics))
     for note in result.notes:
         echo(f"note: {note}")

@@ -24,7 +24,7 @@ from vlmtune.config.schema import BUILTIN_MODEL, Config, ModelConfig
 from vlmtune.data.dataset import build_dataset
 from vlmtune.data.sharegpt import DataError
 from vlmtune.eval.alignment import eval_items
-from vlmtune.model.load import load_model, resolve_dtype
+from vlmtune.model.load import load_model
 from vlmtune.tracking import echo
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -120,7 +120,7 @@ def load_checkpoint(folder: str | Path, device="cpu", dtype: str | None = None):
         CheckpointError: the folder is missing or incomplete; names the missing file.
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -143,13 +143,7 @@ def load_checkpoint(folder: str | Path, device="cpu", dtype: str | None = None):
         _warn_if_other_base(folder, Path(base.name_or_path))
         model = PeftModel.from_pretrained(base, folder, is_trainable=False)
     else:
-        model = AutoModelForImageTextToText.from_pretrained(
-            folder,
-            dtype=resolve_dtype(mcfg.dtype, device),
-            attn_implementation=mcfg.attn_implementation,
-            trust_remote_code=mcfg.trust_remote_code,
-            use_safetensors=True,
-        )
+        model, _ = load_model(mcfg, device, folder)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=mcfg.trust_remote_code)
     return model.to(device).eval(), processor, cfg
 

@@ -28,10 +28,8 @@ class GroupConfig(_Strict):
         "frozen",
         description="frozen: no update; lora: peft LoRA on the group's linear layers; full: every weight trained and saved with the adapter",
     )
-    rank: int = Field(8, gt=0, description="LoRA rank r (the seed suggests 8 or 16 for the projector)")
-    alpha: float | None = Field(
-        None, gt=0, description="LoRA alpha; empty means 2 x rank, the seed's recommended starting point"
-    )
+    rank: int = Field(8, gt=0, description="LoRA rank r (8 or 16 is the usual start for the projector)")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; empty means 2 x rank, the usual starting point")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input path of this group's layers")
     targets: str | list[str] = Field(
         "all-linear",
@@ -388,7 +386,7 @@ class Config(_Strict):
         return self.train.weight_decay if wd is None else wd
 
 
-# The seed's recipe: projector LoRA and language-model attention LoRA, alpha = 2r, vision tower frozen.
+# The default recipe: projector LoRA and language-model attention LoRA, alpha = 2r, vision tower frozen.
 DEFAULT_GROUPS: dict[str, dict[str, Any]] = {
     "vision_tower": {"mode": "frozen"},
     "projector": {"mode": "lora", "rank": 16, "targets": "all-linear"},

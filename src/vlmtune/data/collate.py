@@ -357,7 +357,7 @@ def collate(
     Items of processor-expanded families carry their per-token inputs under ``PER_TOKEN`` (padded with 0);
     for the counted (Qwen-VL) families the M-RoPE ``mm_token_type_ids`` are made here from the token ids.
     With ``pack`` the samples are put in packed-row order (rows of at most ``pack_length`` tokens, or the longest
-    sample) and ``PACK_ROWS`` says how many each row holds (``vlmtune.packing.pack`` lays them out before the forward).
+    sample) and ``PACK_ROWS`` says how many each row holds (``vlmtune.train.packing.pack`` lays them out before the forward).
     """
     if pack:
         rows = plan_rows([len(b["input_ids"]) for b in batch], pack_length)

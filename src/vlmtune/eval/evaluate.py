@@ -90,7 +90,7 @@ class EvalResult:
     bleu_tokenize: str | None = None
 
 
-def run_eval(
+def eval_metrics(
     model,
     processor,
     items: list[EvalItem],
@@ -142,7 +142,7 @@ def run_eval(
     return result
 
 
-def evaluate_model(
+def eval_record(
     model, processor, data, cfg: EvalConfig, accelerator=None, arch=None, generate_answers: bool | None = None
 ) -> dict[str, float]:
     """Training-time evaluation: every metric as ``{"eval/<name>": float}``.
@@ -154,13 +154,13 @@ def evaluate_model(
         cfg: the run's ``eval`` settings; ``cfg.samples`` caps the samples used.
         accelerator: the run's Accelerator, if the model is wrapped by it. No collective calls are made:
             call this on the main process only, or on every process (each computes the same).
-        arch: the registry entry (``vlmtune.modeling.arch_for``); found from ``model.config`` if None.
+        arch: the registry entry (``vlmtune.model.load.arch_for``); found from ``model.config`` if None.
         generate_answers: generate for exact match / BLEU / ROUGE; None means ``cfg.generate_in_training``.
     """
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
     gen = cfg.generate_in_training if generate_answers is None else generate_answers
-    result = run_eval(model, processor, eval_items(data, cfg.samples), cfg, gen, arch)
+    result = eval_metrics(model, processor, eval_items(data, cfg.samples), cfg, gen, arch)
     return {f"eval/{k}": float(v) for k, v in result.metrics.items()}
 
 

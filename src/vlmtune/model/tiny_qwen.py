@@ -84,7 +84,7 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
     with 1, 2, 4 and 16 threads gave identical vocab and merges (tokenizers 0.23).
 
     Args:
-        corpus: Texts to learn merges from, e.g. ``vlmtune.shapes.corpus_texts()``.
+        corpus: Texts to learn merges from, e.g. ``vlmtune.data.shapes.corpus_texts()``.
         vocab_size: Target size including the 14 special tokens; the result is smaller
             when the corpus runs out of merges.
 

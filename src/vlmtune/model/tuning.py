@@ -202,7 +202,7 @@ def activate(model: nn.Module, gmap: GroupMap, plans: list[GroupPlan]) -> None:
 def union_plans(stage_plans: list[list[GroupPlan]]) -> list[GroupPlan]:
     """One plan covering every stage: a group is LoRA (or full) if it is in any stage, with that stage's modules.
 
-    Stage checks (``vlmtune.stages.stage_problems``) guarantee a group never switches between lora and
+    Stage checks (``vlmtune.config.stages.stage_problems``) guarantee a group never switches between lora and
     full and keeps its LoRA rank, alpha and targets in every stage where it is LoRA.
     """
     union = []

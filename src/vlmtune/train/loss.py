@@ -4,7 +4,7 @@ A causal LM predicts token i+1 at position i, so the loss needs the lm_head proj
 whose next token is an answer token: usually a few percent of the sequence in VLM fine-tuning, where image
 and prompt tokens dominate. transformers' ``logits_to_keep`` accepts a boolean (batch, length) mask and
 applies the lm_head to those positions alone; the cross-entropy is then the same mean over answer tokens
-that the model's own loss computes (checked in tests/test_loss.py).
+that the model's own loss computes (checked in tests/train/test_loss.py).
 """
 
 from __future__ import annotations

@@ -24,8 +24,6 @@ import torch
 from vlmtune.data.collate import IGNORE
 from vlmtune.data.rows import PACK_ROWS
 
-PACKING_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-"""Families whose packed loss and gradients are tested equal to the padded ones (tests/test_packing.py)."""
 TOKEN_KEYS = ("input_ids", "labels", "mm_token_type_ids")
 """The per-token tensors of an M-RoPE family's batch (besides ``attention_mask``, which packing drops)."""
 

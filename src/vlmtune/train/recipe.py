@@ -18,7 +18,6 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from vlmtune.checks import group_grad_norms, inner_model
-from vlmtune.config.errors import ConfigError
 from vlmtune.config.load import config_to_yaml
 from vlmtune.config.schema import Config
 from vlmtune.config.stages import Stage, resolve_stages
@@ -104,15 +103,9 @@ def start_run(cfg: Config, stages: list[Stage], built: BuiltModel, accelerator) 
     model, gmap = built.model, built.gmap
     echo(f"model: {type(model).__name__} ({gmap.arch.name}, layout {gmap.layout.name})")
     cache = open_cache(cfg, stages, model, gmap, built.union)
-    objective = SFT(cfg.train.label_only_logits, rope_index_of(inner_model(model)))
-    if any(s.cfg.train.packing for s in stages):
-        if objective.rope_index is None:
-            raise ConfigError(
-                [
-                    f"'train.packing': {type(inner_model(model)).__name__} has no get_rope_index; "
-                    "set train.packing: false"
-                ]
-            )
+    packing = any(s.cfg.train.packing for s in stages)  # the registry said the family packs (build_model)
+    objective = SFT(cfg.train.label_only_logits, rope_index_of(inner_model(model)) if packing else None)
+    if packing:
         echo(
             f"packing: on (samples end to end in rows, positions restarting per sample; "
             f"{model.config._attn_implementation} attention)"
