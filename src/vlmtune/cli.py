@@ -27,6 +27,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
 
 
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the model folder's own Python code run (never taken from a checkpoint's config.yaml)",
+    )
+
+
 def _add_commands(sub) -> None:
     ck = "checkpoint folder (final/, checkpoint-N/, a stage folder), a run folder, or a plain transformers model folder"
     p = sub.add_parser(
@@ -36,6 +44,7 @@ def _add_commands(sub) -> None:
         "gap, caption retrieval and projector alignment, each beside its chance level.",
     )
     p.add_argument("--checkpoint", required=True, help=ck)
+    _add_trust_arg(p)
     p.add_argument("--data", help="eval data (file, dataset name or builtin:shapes:TASK); default: the run's data.eval")
     p.add_argument("--out", help="JSON report path (default: CHECKPOINT/eval_report.json)")
     p.add_argument("--no-generate", action="store_true", help="skip generation (exact match, BLEU-4, ROUGE)")
@@ -44,6 +53,7 @@ def _add_commands(sub) -> None:
 
     p = sub.add_parser("predict", help="generate an answer for every sample of a data file (JSONL out)")
     p.add_argument("--checkpoint", required=True, help=ck)
+    _add_trust_arg(p)
     p.add_argument("--data", required=True, help="data file (ShareGPT JSON/JSONL) or builtin:shapes:TASK")
     p.add_argument("--out", required=True, help="predictions file: one JSON line per sample")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8)")
@@ -53,11 +63,13 @@ def _add_commands(sub) -> None:
 
     p = sub.add_parser("chat", help="talk to a checkpoint; '/image PATH' attaches an image file")
     p.add_argument("--checkpoint", required=True, help=ck)
+    _add_trust_arg(p)
     _add_generation_args(p)
     p.set_defaults(func=predict.chat_command)
 
     p = sub.add_parser("export", help="write the adapter, or the model with LoRA merged in (logits checked)")
     p.add_argument("--checkpoint", required=True, help=ck)
+    _add_trust_arg(p)
     p.add_argument("--out", required=True, help="export folder")
     p.add_argument("--merge", action="store_true", help="merge LoRA and the fully trained groups into the base weights")
     p.add_argument(

@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+LOCK_NAME = ".vlmtune.lock"
+"""The lock file of a run folder (vlmtune.train.output_dir): the PID and host of the run using it."""
 TMP_SUFFIX = ".tmp"
 
 
@@ -79,3 +81,25 @@ def recover(run_dir: Path) -> list[str]:
 def cache_dir() -> Path:
     """Where generated data and the builtin model are kept (``VLMTUNE_CACHE``, else ~/.cache/vlmtune)."""
     return Path(os.environ.get("VLMTUNE_CACHE", Path.home() / ".cache" / "vlmtune"))
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A folder ``vlmtune train`` writes into: it has the run's metrics log or its lock file."""
+    return (folder / "metrics.jsonl").is_file() or (folder / LOCK_NAME).is_file()
+
+
+def overlap_problem(out: Path, source: Path) -> str | None:
+    """Why a command must not write (or replace) the folder ``out`` given that it reads ``source``: ``out`` is,
+    contains or lies inside ``source``, or is, contains or lies inside a run folder. None when it may."""
+    dst, src = out.resolve(), source.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        where = "is" if dst == src else ("lies inside" if src in dst.parents else "contains")
+        return f"'{out}' {where} the checkpoint it is made from ('{source}')"
+    for folder in (dst, *dst.parents):
+        if is_run_folder(folder):
+            return f"'{out}' {'is' if folder == dst else 'lies inside'} the run folder '{folder}'"
+    if dst.is_dir():
+        inner = next((p.parent for p in dst.rglob("metrics.jsonl") if is_run_folder(p.parent)), None)
+        if inner is not None:
+            return f"'{out}' contains the run folder '{inner}'"
+    return None

@@ -85,3 +85,33 @@ def test_export_bad_input_exits_2(tiny_dir, tmp_path, capsys, args, fragment):
     fill = {"tiny": str(tiny_dir), "tmp": str(tmp_path)}
     assert main(["export", *[a.format(**fill) for a in args]]) == 2
     assert fragment.format(**fill) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "out, fragment",
+    [
+        ("{run}/final", "'{run}/final' is the checkpoint it is made from"),
+        ("{run}/final/merged", "lies inside the checkpoint it is made from"),
+        ("{run}", "'{run}' contains the checkpoint it is made from"),
+        ("{tmp}", "contains the checkpoint it is made from"),
+        ("{run}/exports/merged", "lies inside the run folder '{run}'"),
+        ("{other}", "'{other}' is the run folder '{other}'"),
+        ("{tmp}/runs_copy", "contains the run folder '{tmp}/runs_copy/other'"),
+    ],
+    ids=["is-source", "inside-source", "run-around-source", "parent-of-all", "inside-run", "other-run", "holds-a-run"],
+)
+def test_export_never_writes_over_its_checkpoint_or_a_run_folder(tiny_dir, tmp_path, capsys, out, fragment):
+    run = tmp_path / "run"
+    lora_checkpoint(tiny_dir, run / "final")
+    (run / "metrics.jsonl").write_text("{}\n", encoding="utf-8")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("{}\n", encoding="utf-8")
+    (tmp_path / "runs_copy" / "other").mkdir(parents=True)
+    (tmp_path / "runs_copy" / "other" / "metrics.jsonl").write_text("{}\n", encoding="utf-8")
+    fill = {"run": str(run), "tmp": str(tmp_path), "other": str(other)}
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    rc = main(["export", "--checkpoint", str(run / "final"), "--out", out.format(**fill), "--merge", "--overwrite"])
+    assert rc == 2
+    assert fragment.format(**fill) in capsys.readouterr().err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing removed, nothing added

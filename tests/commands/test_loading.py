@@ -120,3 +120,56 @@ def test_overrides_are_validated_with_the_key_named():
         with_overrides(None, ["eval.retreival_k=4", "eval.samples=0"])
     assert "unknown key 'eval.retreival_k' (did you mean 'retrieval_k'?)" in str(e.value)
     assert "'eval.samples'" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "--data", "builtin:shapes:color", "--no-generate", "eval.samples=2", "eval.alignment=false"],
+        ["predict", "--data", "builtin:shapes:color", "--out", "{tmp}/p.jsonl", "--limit", "1"],
+        ["export", "--out", "{tmp}/export"],
+    ],
+    ids=["eval", "predict", "export"],
+)
+def test_a_checkpoint_cannot_switch_on_remote_code_for_itself(tiny_dir, tmp_path, capsys, command):
+    import yaml
+
+    from vlmtune.cli import main
+
+    lora_checkpoint(tiny_dir, tmp_path / "final")
+    saved = tmp_path / "final" / "config.yaml"
+    cfg = yaml.safe_load(saved.read_text())
+    cfg["model"]["trust_remote_code"] = True  # e.g. a checkpoint downloaded from someone else
+    saved.write_text(yaml.safe_dump(cfg))
+    args = [a.format(tmp=tmp_path) for a in command]
+    assert main([args[0], "--checkpoint", str(tmp_path / "final"), *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "sets model.trust_remote_code: true" in err and "pass --trust-remote-code" in err
+    assert not (tmp_path / "export").exists() and not (tmp_path / "p.jsonl").exists()
+    # The user's own flag is the opt-in.
+    assert main([args[0], "--checkpoint", str(tmp_path / "final"), "--trust-remote-code", *args[1:]]) == 0
+
+
+def test_the_checkpoints_setting_is_never_passed_on(tiny_dir, tmp_path, monkeypatch):
+    import transformers
+    import yaml
+
+    lora_checkpoint(tiny_dir, tmp_path / "final")
+    saved = tmp_path / "final" / "config.yaml"
+    cfg = yaml.safe_load(saved.read_text())
+    cfg["model"]["trust_remote_code"] = True
+    saved.write_text(yaml.safe_dump(cfg))
+    seen = []
+    original = transformers.AutoProcessor.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", spy)
+    load_checkpoint(tmp_path / "final", trust_remote_code=True)
+    assert seen and all(v is True for v in seen)
+    saved.write_text(saved.read_text().replace("trust_remote_code: true", "trust_remote_code: false"))
+    seen.clear()
+    load_checkpoint(tmp_path / "final")
+    assert seen and all(v is False for v in seen)

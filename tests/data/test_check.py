@@ -117,7 +117,7 @@ def test_check_reports_each_problem_at_its_line(bad_dir, tiny_dir, capsys):
     )
     out = capsys.readouterr().out
     assert code == 1
-    problem_lines = [lab.strip() for lab in out.splitlines() if lab.startswith(f"  {bad_dir}")]
+    problem_lines = [line.strip() for line in out.splitlines() if line.startswith(f"  {bad_dir}")]
     assert len(problem_lines) == len(EXPECTED), problem_lines
     for line, expected in zip(problem_lines, _expected(bad_dir)):
         assert line.startswith(f"{expected.where}: {expected.message}"), (line, expected)
@@ -127,7 +127,7 @@ def test_check_reports_each_problem_at_its_line(bad_dir, tiny_dir, capsys):
     assert "train  15       7       11      2" in out
     for kind in {k for k, _ in EXPECTED.values()}:
         count = sum(1 for k, _ in EXPECTED.values() if k == kind)
-        assert any(lab.split("  ")[0] == kind and lab.split()[-2] == str(count) for lab in out.splitlines()), kind
+        assert any(line.split("  ")[0] == kind and line.split()[-2] == str(count) for line in out.splitlines()), kind
     assert "over 60" in out and "1 (1 dropped; data.too_long=drop)" in out
     assert "11 error(s) in 11 sample(s)" in out
 
@@ -148,13 +148,28 @@ def test_check_of_a_config_with_a_missing_file_and_an_eval_split(bad_dir, tiny_d
     assert f"  {evals}:1: duplicate of {good}:1 (same messages and images)  (warning)" in out
 
 
+def test_check_of_a_config_covers_every_stages_data(bad_dir, tiny_dir, tmp_path, capsys):
+    good = bad_dir / "good.jsonl"
+    good.write_text(json.dumps(_q(str(bad_dir / "images" / "blue_circle.png"), "blue")) + "\n", encoding="utf-8")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model: {{path: {tiny_dir}}}\ndata: {{train: {good}}}\n"
+        "stages:\n  - {name: align, steps: 1}\n"
+        f"  - {{name: joint, steps: 1, data: {{train: {tmp_path / 'stage2.jsonl'}}}}}\n"
+    )
+    assert run_check(str(cfg), [], progress=False) == 1
+    out = capsys.readouterr().out
+    assert f"  data file '{tmp_path / 'stage2.jsonl'}' does not exist" in out  # found before stage 1 would train
+    assert "joint:train" in out and "\ntrain " in out  # the first stage's split, then the second's, by name
+
+
 def test_clean_data_exits_0_with_length_table(tiny_dir, shapes_dir, capsys):
     code = run_check(str(shapes_dir / "train.jsonl"), [f"model.path={tiny_dir}"], progress=False)
     out = capsys.readouterr().out
     assert code == 0 and out.rstrip().endswith("no errors")
     assert "train  64       64      0       0" in out
     row = next(
-        lab for lab in out.splitlines() if lab.startswith("train") and len(lab.split()) == 10
+        line for line in out.splitlines() if line.startswith("train") and len(line.split()) == 10
     )  # the length table
     measured, low, p50, p90, p99, high = row.split()[1:7]
     assert measured == "64" and int(low) <= int(p50) <= int(p90) <= int(p99) <= int(high)

@@ -52,6 +52,13 @@ def test_no_stages_is_one_unnamed_stage(tmp_path):
     [
         ("[{name: a, steps: 2}, {name: a, steps: 2}]", ["stages[1] (a)", "already used"]),
         ("[{name: final, steps: 2}]", ["'final' is reserved"]),
+        ("[{name: checkpoint-3}]", ["'checkpoint-3' is reserved"]),
+        ("[{name: align.tmp}]", ["'align.tmp' is reserved"]),
+        ("[{name: joint.old}]", ["'joint.old' is reserved"]),
+        ("[{name: config.yaml}]", ["'config.yaml' is reserved"]),
+        ("[{name: metrics.jsonl}]", ["'metrics.jsonl' is reserved"]),
+        ("[{name: data_report-x.json}]", ["'data_report-x.json' is reserved"]),
+        ("[{name: trainer_state}]", ["'trainer_state' is reserved"]),
         ("[{name: 'bad name', steps: 2}]", ["stages.0.name"]),
         ("[{name: a, stepz: 2}]", ["stages.0.stepz", "did you mean 'steps'"]),
         ("[{name: a, groups: {projektor: {mode: full}}}]", ["projektor", "did you mean 'projector'"]),

@@ -15,7 +15,9 @@ from vlmtune.tracking import echo
 
 def command(args: argparse.Namespace) -> int:
     """``vlmtune eval --checkpoint DIR [--data D] [--out F] [--no-generate] [overrides]``."""
-    evaluate_checkpoint(args.checkpoint, args.data, args.out, args.overrides, not args.no_generate, echo=echo)
+    evaluate_checkpoint(
+        args.checkpoint, args.data, args.out, args.overrides, not args.no_generate, echo, args.trust_remote_code
+    )
     return 0
 
 
@@ -26,6 +28,7 @@ def evaluate_checkpoint(
     overrides: list[str] | None = None,
     generate_answers: bool = True,
     echo=print,
+    trust_remote_code: bool = False,
 ) -> EvalResult:
     """``vlmtune eval``: load -> data -> metrics -> table, JSON report, and the run's metrics plot.
 
@@ -36,9 +39,11 @@ def evaluate_checkpoint(
         overrides: ``key.path=value`` settings, e.g. ``eval.retrieval_k=4``.
         generate_answers: generate for exact match / BLEU / ROUGE.
         echo: where the table and notes are printed.
+        trust_remote_code: the user's opt-in to running the model folder's own code (``--trust-remote-code``).
     """
     folder, run = resolve_checkpoint(checkpoint)
-    model, processor, saved = load_checkpoint(folder, "cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor, saved = load_checkpoint(folder, device, trust_remote_code=trust_remote_code)
     cfg = with_overrides(saved, overrides)
     items = load_eval_data(cfg, data, processor, cfg.eval.samples)
     echo(f"evaluating {folder} on {len(items)} samples of {data or cfg.data.eval}")

@@ -20,7 +20,7 @@ from PIL import Image
 from vlmtune.commands.loading import load_checkpoint
 from vlmtune.eval.alignment import token_ids
 from vlmtune.eval.generate import left_padded, prompt_features
-from vlmtune.paths import begin, commit
+from vlmtune.paths import begin, commit, overlap_problem
 from vlmtune.tracking import echo
 
 # Max |merged - unmerged| logit allowed, per unit of the largest |logit| (at least 1): float32 only sees
@@ -76,8 +76,12 @@ def saved_dtype(model) -> torch.dtype:
     )
 
 
-def _prepare(out: Path, overwrite: bool) -> Path:
-    """The temporary folder to write the export into (``paths.begin``), once ``out`` may be written."""
+def _prepare(out: Path, overwrite: bool, checkpoint: Path) -> Path:
+    """The temporary folder to write the export into (``paths.begin``), once ``out`` may be written: never the
+    checkpoint itself, a folder around or inside it, nor a run folder (``--overwrite`` would delete them)."""
+    why = overlap_problem(out, checkpoint)
+    if why is not None:
+        raise ExportError(f"--out {why}; an export goes to a folder of its own, outside checkpoints and run folders")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"output folder '{out}' exists and is not empty; choose a new folder or pass --overwrite")
     return begin(out)
@@ -91,6 +95,7 @@ def export_checkpoint(
     dtype: str | None = None,
     atol: float | None = None,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> ExportReport:
     """Writes the adapter (``merge=False``) or the merged model (``merge=True``) of a checkpoint to ``out``.
 
@@ -101,6 +106,7 @@ def export_checkpoint(
         dtype: the merged model's saved dtype; None means the base model's own.
         atol: the allowed max abs logit difference; None means ``TOLERANCE`` for the saved dtype.
         overwrite: replace a non-empty ``out``.
+        trust_remote_code: the user's opt-in to running the model folder's own code (``--trust-remote-code``).
 
     Raises:
         CheckpointError: the checkpoint is missing or incomplete.
@@ -111,14 +117,14 @@ def export_checkpoint(
     from transformers import AutoModelForImageTextToText
 
     checkpoint, out = Path(checkpoint), Path(out)
-    model, processor, cfg = load_checkpoint(checkpoint, "cpu", dtype="float32")
+    model, processor, cfg = load_checkpoint(checkpoint, "cpu", dtype="float32", trust_remote_code=trust_remote_code)
     is_adapter = isinstance(model, PeftModel)
     if not merge and not is_adapter:
         raise ExportError(
             f"'{checkpoint}' holds a full model (no group used LoRA), not an adapter; "
             "export it with --merge to write a plain transformers folder"
         )
-    tmp = _prepare(out, overwrite)
+    tmp = _prepare(out, overwrite, checkpoint)
     if not merge:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
@@ -150,7 +156,9 @@ def export_checkpoint(
 def command(args) -> int:
     """``vlmtune export --checkpoint DIR --out DIR [--merge] [--dtype D] [--atol X] [--overwrite]``."""
     try:
-        report = export_checkpoint(args.checkpoint, args.out, args.merge, args.dtype, args.atol, args.overwrite)
+        report = export_checkpoint(
+            args.checkpoint, args.out, args.merge, args.dtype, args.atol, args.overwrite, args.trust_remote_code
+        )
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -105,19 +105,24 @@ def _warn_if_other_base(folder: Path, base: Path) -> None:
         )
 
 
-def load_checkpoint(folder: str | Path, device="cpu", dtype: str | None = None):
+def load_checkpoint(folder: str | Path, device="cpu", dtype: str | None = None, trust_remote_code: bool = False):
     """Loads a checkpoint for inference: (model in eval mode, processor, the run's Config or None).
 
     An adapter is loaded onto its base (``config.yaml``'s ``model.path``) as a ``PeftModel``; a full model
-    folder is loaded as it is (its own ``config.yaml``, if any, only sets dtype, attention and remote code).
+    folder is loaded as it is (its own ``config.yaml``, if any, only sets dtype and attention).
+
+    No code from the checkpoint, its base or their folders runs unless the user says so: ``trust_remote_code``
+    comes from the command line (``--trust-remote-code``), never from the checkpoint's own ``config.yaml``.
 
     Args:
         folder: the checkpoint folder (``final/``, ``checkpoint-N/``, a stage folder, or a model folder).
         device: where to put the model (a ``torch.device`` or its name).
         dtype: overrides the run's ``model.dtype`` (``float32``, ``bfloat16``, ...).
+        trust_remote_code: the user's own opt-in to running the model folder's Python code.
 
     Raises:
-        CheckpointError: the folder is missing or incomplete; names the missing file.
+        CheckpointError: the folder is missing or incomplete (names the missing file), or its config asks to run
+            its own code and the user did not opt in.
     """
     import torch
     from transformers import AutoProcessor
@@ -128,6 +133,12 @@ def load_checkpoint(folder: str | Path, device="cpu", dtype: str | None = None):
     kind = _check_files(folder)
     cfg = read_run_config(folder)
     mcfg = cfg.model if cfg is not None else ModelConfig()
+    if mcfg.trust_remote_code and not trust_remote_code:
+        raise CheckpointError(
+            f"{folder / 'config.yaml'} sets model.trust_remote_code: true, which would run Python code from the model "
+            "folder; vlmtune never takes that from a checkpoint. If you trust the folder, pass --trust-remote-code"
+        )
+    mcfg = mcfg.model_copy(update={"trust_remote_code": trust_remote_code})
     if dtype is not None:
         mcfg = mcfg.model_copy(update={"dtype": dtype})
     device = torch.device(device)

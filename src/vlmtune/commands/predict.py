@@ -29,7 +29,9 @@ def generation(args: argparse.Namespace) -> GenerationSettings:
 
 def predict_command(args: argparse.Namespace) -> int:
     """``vlmtune predict --checkpoint DIR --data D --out F``: one JSON line per sample."""
-    model, processor, saved = load_checkpoint(resolve_checkpoint(args.checkpoint)[0], device())
+    model, processor, saved = load_checkpoint(
+        resolve_checkpoint(args.checkpoint)[0], device(), trust_remote_code=args.trust_remote_code
+    )
     cfg = with_overrides(saved, [])
     items = load_eval_data(cfg, args.data, processor, args.limit)
     records = predict(model, processor, items, Path(args.out), generation(args), args.batch_size)
@@ -39,6 +41,8 @@ def predict_command(args: argparse.Namespace) -> int:
 
 def chat_command(args: argparse.Namespace) -> int:
     """``vlmtune chat --checkpoint DIR``: '/image PATH' attaches an image file."""
-    model, processor, _ = load_checkpoint(resolve_checkpoint(args.checkpoint)[0], device())
+    model, processor, _ = load_checkpoint(
+        resolve_checkpoint(args.checkpoint)[0], device(), trust_remote_code=args.trust_remote_code
+    )
     chat(model, processor, generation(args))
     return 0

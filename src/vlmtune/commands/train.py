@@ -9,6 +9,7 @@ from vlmtune.builtin.base import model_folder
 from vlmtune.config.load import load_config
 from vlmtune.config.schema import Config
 from vlmtune.tracking import echo
+from vlmtune.train.output_dir import OutputDirBusy
 from vlmtune.train.recipe import train
 from vlmtune.train.run import RunResult
 from vlmtune.train.stopping import RunStopped
@@ -29,6 +30,9 @@ def command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides, echo=echo)
     try:
         run_training(cfg)
+    except OutputDirBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except RunStopped as e:
         print(f"{e}\n  resume: vlmtune train {' '.join([args.config, *args.overrides])} --resume", file=sys.stderr)
         return e.exit_code

@@ -15,8 +15,18 @@ from vlmtune.config.checks import semantic_problems
 from vlmtune.config.errors import format_validation_error
 from vlmtune.config.overrides import deep_merge
 from vlmtune.config.schema import GROUPS, Config, StageConfig
+from vlmtune.paths import LOCK_NAME, OLD_SUFFIX, TMP_SUFFIX
 
-RESERVED_NAMES = ("final", "trainer_state")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "metrics.png", "data_report.json", LOCK_NAME)
+"""Files a run folder holds beside its checkpoint folders (``data_report-STAGE.json`` too, one per stage)."""
+RESERVED_NAMES = ("final", "trainer_state", "vlmtune", *RUN_FILES)
+"""Names a stage folder cannot take: run outputs, resume state, the tensorboard folder (``vlmtune``), run files."""
+RESERVED_SUFFIXES = (TMP_SUFFIX, OLD_SUFFIX)  # an atomic save's temporary and swapped-out folders
+
+
+def reserved_name(name: str) -> bool:
+    """True where a stage named ``name`` would write over, or be mistaken for, something the run folder holds."""
+    return name in RESERVED_NAMES or name.startswith(("checkpoint-", "data_report")) or name.endswith(RESERVED_SUFFIXES)
 
 
 @dataclass
@@ -79,8 +89,11 @@ def stage_problems(cfg: Config) -> list[str]:
                 f"{where}: the name is already used by stages[{seen[stage.name]}]; stage names must be unique (each names a folder)"
             )
         seen.setdefault(stage.name, i)
-        if stage.name in RESERVED_NAMES or stage.name.startswith("checkpoint-"):
-            problems.append(f"{where}: '{stage.name}' is reserved for run outputs; pick another name")
+        if reserved_name(stage.name):
+            problems.append(
+                f"{where}: '{stage.name}' is reserved for what a run folder holds (final, checkpoint-N, trainer_state, "
+                f"*.tmp, *.old, {', '.join(RUN_FILES)}, data_report*); pick another name"
+            )
         try:
             scfg = stage_config(cfg, stage)
         except ValidationError as e:

@@ -6,11 +6,13 @@ so 100k samples cost their token lengths in memory, never their images.
 
 from __future__ import annotations
 
+import json
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
 from vlmtune.config.schema import Config
+from vlmtune.config.stages import resolve_stages
 from vlmtune.data.dataset import check_sample
 from vlmtune.data.sharegpt import KINDS, WARNING_KINDS, DataError, DuplicateFinder, Problem, count_records
 from vlmtune.data.sources import iter_split, resolve_source
@@ -54,14 +56,25 @@ def _total(specs: str | list[str], cfg: Config, split: str) -> int | None:
 
 
 def check_split(
-    specs: str | list[str], cfg: Config, processor, split: str, duplicates: DuplicateFinder, progress: bool = True
+    specs: str | list[str],
+    cfg: Config,
+    processor,
+    split: str,
+    duplicates: DuplicateFinder,
+    progress: bool = True,
+    label: str | None = None,
 ) -> SplitCheck:
-    """Checks every sample of one split; images are opened one at a time and never kept."""
+    """Checks every sample of one split (``train`` or ``eval``; ``label`` names it in the report, default the split);
+    images are opened one at a time and never kept."""
     from tqdm.auto import tqdm
 
-    out = SplitCheck(split)
+    out = SplitCheck(label or split)
     bar = tqdm(
-        total=_total(specs, cfg, split), desc=f"check {split}", unit="sample", disable=not progress, dynamic_ncols=True
+        total=_total(specs, cfg, split),
+        desc=f"check {label or split}",
+        unit="sample",
+        disable=not progress,
+        dynamic_ncols=True,
     )
     last = None
     for got in iter_split(specs, cfg.data, split, duplicates):
@@ -86,11 +99,21 @@ def check_split(
 
 
 def check_data(cfg: Config, processor, progress: bool = True) -> list[SplitCheck]:
-    """Checks the train split and, if set, the eval split (an eval sample repeating a train one is a duplicate)."""
-    duplicates = DuplicateFinder()
-    checks = [check_split(cfg.data.train, cfg, processor, "train", duplicates, progress)]
-    if cfg.data.eval:
-        checks.append(check_split(cfg.data.eval, cfg, processor, "eval", duplicates, progress))
+    """Checks the train split and, if set, the eval split (an eval sample repeating a train one is a duplicate), of
+    the top level and of every stage whose data settings differ (the splits are then named ``STAGE:train``)."""
+    checks, seen = [], set()
+    stages = resolve_stages(cfg)
+    for stage in stages:
+        scfg = stage.cfg
+        key = json.dumps(scfg.data.model_dump(mode="json"), sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        prefix = f"{stage.name}:" if len(stages) > 1 and checks else ""
+        duplicates = DuplicateFinder()
+        checks.append(check_split(scfg.data.train, scfg, processor, "train", duplicates, progress, f"{prefix}train"))
+        if scfg.data.eval:
+            checks.append(check_split(scfg.data.eval, scfg, processor, "eval", duplicates, progress, f"{prefix}eval"))
     return checks
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -12,8 +13,9 @@ from torch.utils.data import DataLoader
 
 from vlmtune.config.stages import Stage
 from vlmtune.data.collate import collate
-from vlmtune.data.dataset import VLMDataset
+from vlmtune.data.dataset import VLMDataset, build_dataset
 from vlmtune.data.sampler import EpochSampler
+from vlmtune.data.sharegpt import DataError
 from vlmtune.tracking import echo
 
 
@@ -64,21 +66,63 @@ def make_loader(
     )
 
 
-def write_data_report(out, accelerator, stage: Stage, train_ds: VLMDataset, eval_ds: VLMDataset | None) -> None:
-    """Prints how many samples each split kept and why others were changed or left out, and writes it as JSON
-    into the run folder (``data_report[-STAGE].json``).
+@dataclass
+class StageData:
+    """A stage's datasets, every sample checked (and its length measured) before the run starts."""
+
+    train: VLMDataset
+    eval: VLMDataset | None
+
+
+def load_stage_data(stages: list[Stage], processor) -> list[StageData]:
+    """Every stage's data, built and checked before anything is trained or written (a missing file or a bad
+    sample in a later stage's data stops the run before the first stage trains). Stages with the same data
+    settings share their datasets.
 
     Raises:
-        ValueError: no training sample is left.
+        DataError: bad samples (``data.on_bad_sample: error``) or unreadable sources, named by place.
+            A stage with no training sample left is one, saying why its samples were left out.
     """
-    for name, ds in (("train", train_ds), ("eval", eval_ds)):
-        if ds is not None:
-            echo(f"{name} data: {len(ds)} samples")
-            for line in ds.report.lines(stage.cfg.data.max_length):
-                echo(f"  {line}")
+    built: dict[str, StageData] = {}
+    out = []
+    for stage in stages:
+        data = stage.cfg.data
+        key = json.dumps(data.model_dump(mode="json"), sort_keys=True)
+        if key not in built:
+            train_ds = build_dataset(data.train, data, processor, "train")
+            eval_ds = build_dataset(data.eval, data, processor, "eval") if data.eval else None
+            where = f"stage '{stage.name}' " if stage.named else ""
+            for name, ds in (("train", train_ds), ("eval", eval_ds)):
+                if ds is not None:
+                    echo(f"{where}{name} data: {len(ds)} samples")
+                    for line in ds.report.lines(data.max_length):
+                        echo(f"  {line}")
+            if len(train_ds) == 0:
+                raise DataError([f"{where}no training sample left: {no_sample_reason(train_ds, data)}"])
+            built[key] = StageData(train_ds, eval_ds)
+        out.append(built[key])
+    return out
+
+
+def no_sample_reason(ds: VLMDataset, data) -> str:
+    """Why a dataset is empty, from its report: samples skipped as bad, too long for data.max_length, or none."""
+    skipped, dropped = len(ds.report.skipped_samples()), len(ds.report.dropped)
+    parts = []
+    if skipped:
+        parts.append(
+            f"{skipped} sample(s) skipped as bad (data.on_bad_sample: skip; `vlmtune data check` lists each problem)"
+        )
+    if dropped:
+        parts.append(
+            f"{dropped} sample(s) over data.max_length={data.max_length} (raise it or set data.too_long: downscale)"
+        )
+    return "; ".join(parts) or "the data holds no sample"
+
+
+def write_data_report(out, accelerator, stage: Stage, data: StageData) -> None:
+    """The stage's data report as JSON in the run folder (``data_report[-STAGE].json``): what was kept, shrunk or
+    left out, and why."""
     if accelerator.is_main_process:
-        report = {"train": train_ds.report.to_dict(), "eval": eval_ds.report.to_dict() if eval_ds else None}
+        report = {"train": data.train.report.to_dict(), "eval": data.eval.report.to_dict() if data.eval else None}
         name = f"data_report-{stage.name}.json" if stage.named else "data_report.json"
         (out / name).write_text(json.dumps(report, indent=1), encoding="utf-8")
-    if len(train_ds) == 0:
-        raise ValueError("no training sample fits data.max_length; raise it or set data.too_long: downscale")

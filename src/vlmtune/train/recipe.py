@@ -22,7 +22,6 @@ from vlmtune.config.load import config_to_yaml
 from vlmtune.config.schema import Config
 from vlmtune.config.stages import Stage, resolve_stages
 from vlmtune.data.collate import CACHED
-from vlmtune.data.dataset import build_dataset
 from vlmtune.eval.evaluate import plot_metrics
 from vlmtune.model.build import BuiltModel, build_model
 from vlmtune.model.load import ModelFolder, local_folder
@@ -31,11 +30,12 @@ from vlmtune.tracking import MetricsLog, echo, plot_loss
 from vlmtune.train.checkpoint import adapter_size
 from vlmtune.train.distributed import all_finite, any_process, make_accelerator
 from vlmtune.train.evaluation import evaluate_stage
-from vlmtune.train.loader import loader_workers, make_loader, write_data_report
+from vlmtune.train.loader import StageData, load_stage_data, loader_workers, make_loader, write_data_report
 from vlmtune.train.optim import build_optimizer, build_scheduler, param_groups
+from vlmtune.train.output_dir import OutputLock, clear_earlier_run, find_resume_point
 from vlmtune.train.packing import rope_index_of
 from vlmtune.train.report import announce, fingerprints, report_changes
-from vlmtune.train.resume import Progress, TrainerState, load_trainable, read_state, restore_rng, resume_or_clear
+from vlmtune.train.resume import Progress, TrainerState, load_trainable, read_state, restore_rng
 from vlmtune.train.run import Run, RunResult, StageRun
 from vlmtune.train.saving import save_final, save_resumable
 from vlmtune.train.sft import SFT
@@ -53,6 +53,9 @@ from vlmtune.train.window import Window
 def train(cfg: Config, model_folder: ModelFolder = local_folder) -> RunResult:
     """Runs a fine-tuning job (every stage, in order) and writes its outputs to ``cfg.train.output_dir``.
 
+    Everything is checked before the run folder changes: the model, the plan of every stage and every stage's
+    data. Only then does a fresh start clear an earlier run's checkpoints (``train/output_dir.py``).
+
     Args:
         cfg: the validated run config.
         model_folder: resolves ``model.path`` to a local folder (the commands pass one that builds the builtin base).
@@ -60,44 +63,49 @@ def train(cfg: Config, model_folder: ModelFolder = local_folder) -> RunResult:
     Raises:
         RunStopped: a signal asked the run to stop (a checkpoint was written) or the loss became non-finite.
         ConfigError: the plan is invalid, or a resume would mix runs with different settings.
+        OutputDirBusy: another run uses ``train.output_dir``.
     """
-    t = cfg.train
+    t, out = cfg.train, Path(cfg.train.output_dir)
     accelerator = make_accelerator(t.grad_accum, t.report_to, t.output_dir)
     set_seed(t.seed)
     stages = resolve_stages(cfg)
-    with accelerator.main_process_first():  # one process builds the builtin base; the others then find it
-        folder = model_folder(cfg.model, echo=echo, alone=accelerator.num_processes > 1)
+    with OutputLock(out, accelerator):
+        with accelerator.main_process_first():  # one process builds the builtin base; the others then find it
+            folder = model_folder(cfg.model, echo=echo, alone=accelerator.num_processes > 1)
+        # Model and trainability: every parameter in one group; each stage makes each group frozen, LoRA or full.
+        built = build_model(cfg, stages, folder, accelerator.device, echo=echo)
+        resume_from = find_resume_point(out, cfg, accelerator)
+        state = read_state(resume_from, accelerator.process_index) if resume_from is not None else None
+        first = state.progress.stage_index if state is not None else 0  # the first stage still to run
+        data = load_stage_data(stages[first:], built.processor)
+        run = start_run(cfg, stages, built, state, accelerator)
 
-    # Model and trainability: every parameter in one group; each stage makes each group frozen, LoRA or full.
-    built = build_model(cfg, stages, folder, accelerator.device, echo=echo)
-    run, state = start_run(cfg, stages, built, accelerator)
-
-    with StopSignals() as signals:
-        model = built.model
-        for stage, plans in zip(stages, built.stage_plans):
-            if stage.index >= run.progress.stage_index:
+        with StopSignals() as signals:
+            model = built.model
+            for stage, plans in zip(stages[first:], built.stage_plans[first:]):
                 resuming = state if state is not None and run.progress.stage_step > 0 else None
-                model = run_stage(run, model, stage, plans, resuming, signals)
+                model = run_stage(run, model, stage, plans, data[stage.index - first], resuming, signals)
                 state = None
 
-    final = save_final(run, model)
-    if accelerator.is_main_process:
-        plot_loss(run.metrics.records, run.out / "loss.png")
-        if any(k.startswith("eval/") for r in run.metrics.records for k in r):
-            plot_metrics(run.out / "metrics.jsonl", run.out / "metrics.png")
-        echo(
-            f"wrote {final} ({adapter_size(final) / 1e6:.2f} MB of weights), {run.out / 'metrics.jsonl'}, "
-            f"{run.out / 'loss.png'}"
-        )
+        final = save_final(run, model)
+        if accelerator.is_main_process:
+            plot_loss(run.metrics.records, out / "loss.png")
+            if any(k.startswith("eval/") for r in run.metrics.records for k in r):
+                plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+            echo(
+                f"wrote {final} ({adapter_size(final) / 1e6:.2f} MB of weights), {out / 'metrics.jsonl'}, {out / 'loss.png'}"
+            )
     accelerator.end_training()
-    stage_dirs = [run.out / s.name for s in stages if s.named]
-    return RunResult(run.out, final, run.progress.global_step, run.first_eval, run.last_eval, run.last_loss, stage_dirs)
+    stage_dirs = [out / s.name for s in stages if s.named]
+    return RunResult(out, final, run.progress.global_step, run.first_eval, run.last_eval, run.last_loss, stage_dirs)
 
 
-def start_run(cfg: Config, stages: list[Stage], built: BuiltModel, accelerator) -> tuple[Run, TrainerState | None]:
-    """The output folder (resumed or cleared), the objective, the vision cache, the metrics log."""
+def start_run(cfg: Config, stages: list[Stage], built: BuiltModel, state: TrainerState | None, accelerator) -> Run:
+    """Once everything is checked: an earlier run's checkpoints cleared (fresh start) or the resume state loaded,
+    the resolved config, the metrics log, the objective and the vision cache."""
     out = Path(cfg.train.output_dir)
-    resume_from = resume_or_clear(out, cfg, stages, accelerator)
+    if state is None:
+        clear_earlier_run(out, stages, accelerator)
     if accelerator.is_main_process:
         (out / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
     model, gmap = built.model, built.gmap
@@ -110,19 +118,18 @@ def start_run(cfg: Config, stages: list[Stage], built: BuiltModel, accelerator) 
             f"packing: on (samples end to end in rows, positions restarting per sample; "
             f"{model.config._attn_implementation} attention)"
         )
-    progress, state = Progress(), None
-    if resume_from is not None:
-        state = read_state(resume_from, accelerator.process_index)
+    progress = Progress()
+    if state is not None:
         load_trainable(model, state, built.trained_params)
         progress = state.progress
         echo(
-            f"resuming from {resume_from}: stage {progress.stage_index + 1}/{len(stages)}, "
+            f"resuming from {state.folder}: stage {progress.stage_index + 1}/{len(stages)}, "
             f"{progress.stage_step} steps into it, run step {progress.global_step}"
         )
     metrics = MetricsLog(out / "metrics.jsonl", accelerator, keep=progress.metrics_lines)
     if cfg.train.report_to:
         accelerator.init_trackers("vlmtune")
-    run = Run(
+    return Run(
         cfg,
         accelerator,
         out,
@@ -133,16 +140,23 @@ def start_run(cfg: Config, stages: list[Stage], built: BuiltModel, accelerator) 
         objective,
         built.trained_params,
         n_stages=len(stages),
-        last_checkpoint=resume_from,
+        last_checkpoint=state.folder if state is not None else None,
         cache=cache,
         image_keys=ImageKeys(built.processor) if cache is not None else None,
     )
-    return run, state
 
 
-def run_stage(run: Run, model, stage: Stage, plans: list[GroupPlan], state: TrainerState | None, signals: StopSignals):
+def run_stage(
+    run: Run,
+    model,
+    stage: Stage,
+    plans: list[GroupPlan],
+    data: StageData,
+    state: TrainerState | None,
+    signals: StopSignals,
+):
     """Trains one stage: its trainable groups, data, optimizer and schedule; writes its folder at the end."""
-    sr = prepare_stage(run, model, stage, plans, state)
+    sr = prepare_stage(run, model, stage, plans, data, state)
     t, acc, progress = stage.cfg.train, run.accelerator, run.progress
     bar = tqdm(
         total=sr.total,
@@ -177,7 +191,9 @@ def run_stage(run: Run, model, stage: Stage, plans: list[GroupPlan], state: Trai
     return sr.model
 
 
-def prepare_stage(run: Run, model, stage: Stage, plans: list[GroupPlan], state: TrainerState | None) -> StageRun:
+def prepare_stage(
+    run: Run, model, stage: Stage, plans: list[GroupPlan], data: StageData, state: TrainerState | None
+) -> StageRun:
     """The stage's plan made active, its data, optimizer groups (one per component, its own rate) and schedule,
     prepared by accelerate; the state of a resumed stage restored; the eval before training."""
     cfg, t, acc, progress = stage.cfg, stage.cfg.train, run.accelerator, run.progress
@@ -189,10 +205,9 @@ def prepare_stage(run: Run, model, stage: Stage, plans: list[GroupPlan], state: 
         run.metrics.log({"step": progress.global_step, "stage_start": stage.name})
     progress.stage_name = stage.name
 
-    # Data: samples that fit max_length, never cut inside an image.
-    train_ds = build_dataset(cfg.data.train, cfg.data, run.processor, "train")
-    eval_ds = build_dataset(cfg.data.eval, cfg.data, run.processor, "eval") if cfg.data.eval else None
-    write_data_report(run.out, acc, stage, train_ds, eval_ds)
+    # Data (checked before the run started): samples that fit max_length, never cut inside an image.
+    train_ds, eval_ds = data.train, data.eval
+    write_data_report(run.out, acc, stage, data)
     workers = loader_workers(cfg.data.num_workers, acc.num_processes)
     loader = make_loader(
         train_ds, run.processor, t.batch_size, True, t.seed, workers, t.group_by_length, t.packing, t.packing_length

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,11 +18,6 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from vlmtune.config.errors import ConfigError
-from vlmtune.config.schema import Config
-from vlmtune.config.stages import Stage
-from vlmtune.paths import recover
-from vlmtune.tracking import echo
-from vlmtune.train.checkpoint import STEP_FOLDER
 
 STATE_DIR = "trainer_state"
 
@@ -209,56 +203,6 @@ def config_changes(saved_yaml: Path, current: dict) -> list[str]:
         if old.get(key) != new.get(key):
             changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     return changes
-
-
-def resume_or_clear(out: Path, cfg: Config, stages: list[Stage], accelerator) -> Path | None:
-    """Cleans up an interrupted save and picks the checkpoint to resume from (None: start afresh).
-
-    Starting afresh removes an earlier run's checkpoints from ``out`` so that a later ``--resume`` never
-    mixes two runs; resuming refuses a checkpoint whose model, groups, data or stages differ unless forced.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        for line in recover(out):
-            echo(line)
-    accelerator.wait_for_everyone()
-    found = latest(out)
-    if cfg.train.resume == "auto":
-        if found is None:
-            echo(f"resume: no complete checkpoint in {out}; starting from the beginning")
-            return None
-        changes = config_changes(found / "config.yaml", cfg.model_dump(mode="json"))
-        if changes and not cfg.train.force_resume:
-            raise ConfigError(
-                [f"{c}" for c in changes]
-                + [
-                    "these settings differ from the checkpoint's; resuming would mix two different runs. Use the "
-                    "checkpoint's settings, another train.output_dir, or --force-resume to resume anyway"
-                ],
-                f"resume from {found}",
-            )
-        for c in changes:
-            echo(f"warning: resuming although {c} (forced)")
-        return found
-    names = {"final"} | {s.name for s in stages if s.named}
-    stale = sorted(
-        p
-        for p in out.iterdir()
-        if p.is_dir()
-        and (p / "config.yaml").is_file()
-        and (p.name in names or STEP_FOLDER.match(p.name) or (p / STATE_DIR).is_dir())
-    )
-    if stale:
-        echo(
-            f"{out} holds checkpoints of an earlier run ({', '.join(p.name for p in stale)}); starting afresh "
-            "removes them (`vlmtune train CONFIG --resume` continues a run instead)"
-        )
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for p in stale:
-                shutil.rmtree(p)
-    accelerator.wait_for_everyone()
-    return None
 
 
 def load_trainable(model, state: TrainerState, run_params: set[str]) -> None:
