@@ -53,6 +53,34 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
+def _steps(run: Path) -> list[dict]:
+    """Per optimizer step: the logged loss and each group's gradient norm (taken before the optimizer step)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    return [{k: v for k, v in r.items() if k == "loss" or k.startswith("grad_norm/")} for r in records]
+
+
+# What must agree between one process and two with the same global batch, step by step: the gradient of every
+# group (its norm, logged before the optimizer step) and the loss (the mean over every answer token). A process
+# weighted wrongly (e.g. one whose batch has no image, or fewer answer tokens) changes them by the ratio of the
+# processes' answer tokens, 2x or more in these data. Float summation order (thread counts, BLAS kernels, one
+# padded batch against two unpadded ones) moves them by about 1e-6 here; 1e-3 leaves a wide margin for other
+# machines. The final weights are compared loosely only: Adam divides each element's step by the running RMS of
+# its gradient, so float-order noise in gradients near Adam's eps becomes a visible difference in small LoRA B
+# entries (measured here: 3.6e-5 relative between two one-process runs that differ only in their thread count, the
+# same as one process against two; 1e-2 on another machine), which says nothing about the weighting.
+STEP_RTOL = 1e-3
+WEIGHTS_RTOL = 5e-2
+
+
+def _assert_same_steps(one: Path, two: Path, steps: int) -> None:
+    a, b = _steps(one), _steps(two)
+    assert len(a) == len(b) == steps
+    for i, (x, y) in enumerate(zip(a, b), start=1):
+        assert x.keys() == y.keys(), i
+        for key in x:
+            assert y[key] == pytest.approx(x[key], rel=STEP_RTOL, abs=1e-9), f"step {i}: {key}"
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(base_dir, tmp_path):
     config = tmp_path / "run.yaml"
@@ -60,9 +88,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(base_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _run([str(config), f"train.output_dir={one}"], 1)
     done = _run([str(config), f"train.output_dir={two}", "train.batch_size=4"], 2)
-    assert _max_rel_diff(one / "final", two / "final") <= 1e-4
     # One process writes: each step logged once, the loss is the mean over both processes' batches.
-    assert len(_losses(two)) == 6 and _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    _assert_same_steps(one, two, 6)
+    assert _max_rel_diff(one / "final", two / "final") <= WEIGHTS_RTOL
     assert done.stdout.count("wrote ") == 1
 
 
@@ -83,7 +111,13 @@ def test_a_process_whose_batch_has_no_image_does_not_hang(base_dir, shapes_dir, 
     one, two = tmp_path / "one", tmp_path / "two"
     _run([str(config), f"train.output_dir={one}", "train.batch_size=2", "train.max_steps=8"], 1)
     _run([str(config), f"train.output_dir={two}", "train.batch_size=1", "train.max_steps=8"], 2)
-    assert _max_rel_diff(one / "final", two / "final") <= 1e-4
+    steps = _steps(one)
+    # The data make the case: steps where no process has an image (no projector gradient at all), and steps where
+    # one process has an image and the other has not, with answers of different lengths.
+    projector = [s.get("grad_norm/projector", 0.0) for s in steps]  # not logged where no process ran the projector
+    assert 0.0 in projector and any(g > 0 for g in projector)
+    _assert_same_steps(one, two, 8)
+    assert _max_rel_diff(one / "final", two / "final") <= WEIGHTS_RTOL
 
 
 @pytest.mark.parametrize(

@@ -268,7 +268,7 @@ def train_step(run: Run, sr: StageRun, batch: dict, window: Window) -> None:
     )
     if all_finite(step.value, acc):
         acc.backward(step.loss)
-        window.add_loss(step.value.item())
+        window.add_loss(step.logged.item())
     elif not window.step_bad:  # one count per optimizer step, however many micro-batches are bad
         stop_for_nonfinite(run, sr.stage, f"loss {step.value.item()}")
         window.step_bad = True

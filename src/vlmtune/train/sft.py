@@ -20,11 +20,14 @@ from vlmtune.train.packing import pack
 
 @dataclass
 class StepLoss:
-    """One micro-batch's loss: ``loss`` to backpropagate, ``value`` (detached) to check and log, ``counts``:
+    """One micro-batch's loss: ``loss`` to backpropagate, ``value`` (this process's mean, detached) to check,
+    ``logged`` to log (``value`` weighted by this process's share of the step's answer tokens, so that the mean over
+    processes is the mean over every answer token of the global batch, as one process would log it), ``counts``:
     real, padded-to and answer tokens."""
 
     loss: torch.Tensor
     value: torch.Tensor
+    logged: torch.Tensor
     counts: torch.Tensor
 
 
@@ -48,9 +51,11 @@ class SFT:
         )
         loss = answer_loss(model, inputs, self.label_only_logits)
         value = loss.detach().float()
+        logged = value
         if accelerator.num_processes > 1:
-            loss = loss * token_share(batch, accelerator)
-        return StepLoss(loss, value, counts)
+            share = token_share(batch, accelerator)
+            loss, logged = loss * share, value * share
+        return StepLoss(loss, value, logged, counts)
 
     @torch.no_grad()
     def eval_loss(self, model, loader, accelerator) -> float:
