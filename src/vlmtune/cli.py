@@ -6,6 +6,7 @@ argparse only: each command calls one function in ``vlmtune.commands`` (``bench`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from vlmtune.bench import command as bench
@@ -125,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmtune", description="Fine-tune vision-language models component by component."
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of a failure vlmtune does not name itself (also VLMTUNE_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "train",
@@ -154,13 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+UNEXPECTED_EXIT = 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; every failure ends in one ``error:`` message and an exit code, never a traceback
+    (``--debug`` or ``VLMTUNE_DEBUG=1`` shows the traceback of a failure vlmtune does not name itself)."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("VLMTUNE_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # anything else: one line naming what failed; the traceback on request
+        if debug:
+            raise
+        print(
+            f"error: {type(e).__name__}: {e}\n  (vlmtune {args.command} failed; `vlmtune --debug {args.command} ...` "
+            "or VLMTUNE_DEBUG=1 shows where)",
+            file=sys.stderr,
+        )
+        return UNEXPECTED_EXIT
 
 
 if __name__ == "__main__":

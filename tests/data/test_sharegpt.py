@@ -284,6 +284,9 @@ GOOD = MESSAGES_RECORD
 BAD_RECORDS = [
     # (id, record, expected problem after "<file>:1: ")
     ("image-missing", {**GOOD, "images": ["images/green.png"]}, "image '{dir}/images/green.png' does not exist"),
+    ("image-is-a-folder", {**GOOD, "images": ["images"]}, "image '{dir}/images' is a folder, not an image file"),
+    ("image-not-a-path", {**GOOD, "images": [123]}, "'images' must be a list of image paths (strings), got [123]"),
+    ("images-not-a-list", {**GOOD, "images": {"a": 1}}, "'images' must be a list of image paths (strings)"),
     (
         "too-many-placeholders",
         {**GOOD, "messages": [_msg("user", "<image><image>a"), _msg("assistant", "b")]},
@@ -466,6 +469,9 @@ def test_empty_answer_place_counts_turns_of_the_file_with_a_system_column(data_d
 # Each bad record's kind, as `vlmtune data check` counts it and `data.on_bad_sample: skip` reports it.
 KIND_OF = {
     "image-missing": "image missing",
+    "image-is-a-folder": "image missing",
+    "image-not-a-path": "bad sample",
+    "images-not-a-list": "bad sample",
     "too-many-placeholders": "image count",
     "no-placeholder": "image count",
     "placeholder-without-image": "image count",

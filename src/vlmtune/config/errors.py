@@ -50,7 +50,14 @@ def format_validation_error(err: ValidationError, extra_valid: list[str] | None 
     problems: list[str] = []
     for e in err.errors():
         # pydantic puts the union member it tried into the location ("targets.list[str].0"); keep only keys and indexes.
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_LABELS)))
+        raw_loc = tuple(e["loc"])
+        keep_last = e["type"] == "extra_forbidden" and raw_loc  # there the last part is the user's own key
+        inner = raw_loc[:-1] if keep_last else raw_loc
+        loc = tuple(p for p in inner if not (isinstance(p, str) and ("[" in p or p in _TYPE_LABELS)))
+        loc += raw_loc[-1:] if keep_last else ()
+        if not loc:
+            problems.append(f"the top level: {e['msg']} (got {e.get('input')!r:.80})")
+            continue
         key = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden" and len(loc) >= 2 and loc[-2] == "groups":
             where = ".".join(str(p) for p in loc[:-1])

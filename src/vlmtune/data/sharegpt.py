@@ -246,6 +246,11 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
     raw_images = obj.get(fmt.images) or []
     if isinstance(raw_images, str):
         raw_images = [raw_images]
+    if not isinstance(raw_images, list) or not all(isinstance(p, str) and p for p in raw_images):
+        problems.append(
+            problem("bad sample", f"'{fmt.images}' must be a list of image paths (strings), got {raw_images!r:.80}")
+        )
+        return None, problems
     images = [Path(p) if Path(p).is_absolute() else base / p for p in raw_images]
     n_placeholders = sum(c.count(IMAGE_PLACEHOLDER) for _, c in messages)
     if n_placeholders != len(images):
@@ -256,7 +261,9 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
             )
         )
     for p in images:
-        if not p.is_file():
+        if p.is_dir():
+            problems.append(problem("image missing", f"image '{p}' is a folder, not an image file"))
+        elif not p.is_file():
             problems.append(problem("image missing", f"image '{p}' does not exist"))
     if problems:
         return None, problems

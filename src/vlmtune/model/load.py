@@ -6,6 +6,7 @@ which hand the recipe a ``ModelFolder`` function; this layer only loads local fo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -43,10 +44,36 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def model_type_of(folder: Path) -> str | None:
+    """``model_type`` from the folder's config.json.
+
+    Raises:
+        ConfigError: config.json is missing or not valid JSON (named).
+    """
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except FileNotFoundError:
+        raise ConfigError([f"'model.path': '{folder}' has no config.json"], str(folder)) from None
+    except (ValueError, AttributeError) as e:
+        raise ConfigError([f"{path} is not a valid config.json ({e})"], str(folder)) from None
+
+
 def load_model(mcfg: ModelConfig, device: torch.device, folder: Path):
-    """Loads (model, processor) from a local folder; safetensors weights only, remote code only if allowed."""
+    """Loads (model, processor) from a local folder; safetensors weights only, remote code only if allowed.
+
+    Raises:
+        ConfigError: the folder's model is of a family vlmtune has no entry for (a text-only model, say) and the
+            config gives none (``model.arch_entry``).
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    model_type = model_type_of(folder)
+    if mcfg.arch is None and mcfg.arch_entry is None:
+        try:
+            find_arch(model_type)
+        except ValueError as e:
+            raise ConfigError([f"'model.path': '{folder}' holds a '{model_type}' model: {e}"], str(folder)) from None
     model = AutoModelForImageTextToText.from_pretrained(
         folder,
         dtype=resolve_dtype(mcfg.dtype, device),
