@@ -107,8 +107,33 @@ def _expected(bad_dir: Path) -> list[Problem]:
     return [Problem(f"{path}:{line}", kind, text.format(dir=bad_dir)) for line, (kind, text) in EXPECTED.items()]
 
 
+# Kinds exercised by their own tests below rather than in bad.jsonl.
+TEMPLATE_KINDS = {"image in answer", "control token"}
+
+
 def test_every_kind_is_exercised():
-    assert {k for k, _ in EXPECTED.values()} | {"file missing", "no samples", "bad sample"} == set(KINDS)
+    assert {k for k, _ in EXPECTED.values()} | {"file missing", "no samples", "bad sample"} | TEMPLATE_KINDS == set(
+        KINDS
+    )
+
+
+def test_text_that_would_teach_the_template_wrong_is_an_error(tiny_dir, tmp_path, capsys):
+    image = str(ASSETS / "red_square.png")
+    rows = [
+        {"messages": [_m("user", "<image>What is it?"), _m("assistant", "This: <image>")], "images": [image, image]},
+        {"messages": [_m("user", "<image>Say <|im_end|> then stop."), _m("assistant", "ok")], "images": [image]},
+        {"messages": [_m("user", "<image>Which?"), _m("assistant", "red <|image_pad|> square")], "images": [image]},
+        {"messages": [_m("user", "<image>Plain <b>html</b> is text."), _m("assistant", "fine")], "images": [image]},
+    ]
+    path = tmp_path / "template.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert run_check(str(path), [f"model.path={tiny_dir}"], progress=False) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:1: assistant turn 1 holds '<image>'; images go in user turns" in out
+    assert f"{path}:2: user turn 0 contains '<|im_end|>': the model's chat template uses it as a control token" in out
+    assert f"{path}:3: assistant turn 1 contains '<|image_pad|>'" in out
+    assert f"{path}:4:" not in out  # ordinary angle brackets are text
+    assert "3 error(s) in 3 sample(s)" in out
 
 
 def test_check_reports_each_problem_at_its_line(bad_dir, tiny_dir, capsys):

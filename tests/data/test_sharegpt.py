@@ -286,6 +286,11 @@ BAD_RECORDS = [
     ("image-missing", {**GOOD, "images": ["images/green.png"]}, "image '{dir}/images/green.png' does not exist"),
     ("image-is-a-folder", {**GOOD, "images": ["images"]}, "image '{dir}/images' is a folder, not an image file"),
     ("image-not-a-path", {**GOOD, "images": [123]}, "'images' must be a list of image paths (strings), got [123]"),
+    (
+        "image-in-answer",
+        {**GOOD, "messages": [_msg("user", "a"), _msg("assistant", "<image>")]},
+        "assistant turn 1 holds '<image>'; images go in user turns",
+    ),
     ("images-not-a-list", {**GOOD, "images": {"a": 1}}, "'images' must be a list of image paths (strings)"),
     (
         "too-many-placeholders",
@@ -471,6 +476,7 @@ KIND_OF = {
     "image-missing": "image missing",
     "image-is-a-folder": "image missing",
     "image-not-a-path": "bad sample",
+    "image-in-answer": "image in answer",
     "images-not-a-list": "bad sample",
     "too-many-placeholders": "image count",
     "no-placeholder": "image count",

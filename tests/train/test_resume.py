@@ -241,3 +241,27 @@ def test_nonfinite_loss_stops_naming_the_place_or_is_skipped_and_counted(base_di
     last = re.search(r"last good checkpoint: (\S+)", captured.err).group(1)
     newest = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert Path(last).name == f"checkpoint-{newest}" and not (out / "final").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated-weights", "bad-trainer-json", "truncated-adapter"])
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(reference, tmp_path, capsys, damage):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out, ignore=shutil.ignore_patterns("final", "joint"))  # as if killed after step 14
+    newest = out / "checkpoint-14"
+    if damage == "truncated-weights":
+        path = newest / "trainer_state" / "weights.safetensors"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "bad-trainer-json":
+        (newest / "trainer_state" / "trainer.json").write_text("{not json", encoding="utf-8")
+    else:
+        path = newest / "adapter_model.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+    assert main(["train", str(_config(tmp_path)), f"train.output_dir={out}", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"warning: {newest} is damaged (" in printed and "kept as checkpoint-14.damaged" in printed
+    assert f"resuming from {out / 'checkpoint-11'}" in printed
+    assert (out / "checkpoint-14.damaged").is_dir()  # kept, never deleted
+    assert _max_rel_diff(reference / "final", out / "final") <= 1e-5

@@ -103,6 +103,26 @@ def _same_loss_with_cache(model, processor, jsonl, folder) -> None:
     pixels = ((k, process_images(processor, [load_image(path, path)], None, mp)) for k, (path, mp, _) in todo.items())
     assert fill(cache, inner, projector, pixels, "cpu", images_per_pass=3) == len(todo)
     assert missing_images(keyed, keys, cache) == ({}, len(todo))
+    # A damaged entry (a truncated file) is found, removed and computed again; the others are kept.
+    damaged_key = next(iter(todo))
+    entry = cache.path(damaged_key)
+    good, before = entry.read_bytes(), cache.get(damaged_key)
+    entry.write_bytes(good[: len(good) // 2])
+    again, found = missing_images(keyed, keys, cache)
+    assert list(again) == [damaged_key] and found == len(todo) - 1 and cache.damaged == [entry]
+    path, mp, _ = again[damaged_key]
+    assert (
+        fill(
+            cache,
+            inner,
+            projector,
+            [(damaged_key, process_images(processor, [load_image(path, path)], None, mp))],
+            "cpu",
+        )
+        == 1
+    )
+    # the same features as before (computed alone now, with others then: equal up to float summation order)
+    assert torch.allclose(cache.get(damaged_key), before, rtol=1e-5, atol=1e-6)
     batch = next(iter(make_loader(plain, processor, len(plain), False, 0, 0)))
     cached_batch = next(iter(make_loader(keyed, processor, len(keyed), False, 0, 0)))
     assert "pixel_values" not in cached_batch and len(cached_batch[CACHED]) == images

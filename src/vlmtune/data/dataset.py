@@ -10,6 +10,7 @@ samples stop the run with every problem listed (``data.on_bad_sample: error``) o
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from vlmtune.data.collate import (
     load_images,
     to_chat,
 )
-from vlmtune.data.sharegpt import DataError, Problem, Sample
+from vlmtune.data.sharegpt import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, DataError, Problem, Sample
 from vlmtune.data.sources import iter_split
 
 
@@ -154,9 +155,46 @@ def inspect_images(sample: Sample, processor, decode: bool = True) -> tuple[list
     return sizes, problems
 
 
+def control_tokens(processor) -> tuple[str, ...]:
+    """The tokenizer's special tokens that a sample's text must not contain (the template's turn markers, image and
+    video pads, end of text): typed as text they would be read as control tokens and silently change the
+    conversation. vlmtune's own placeholders (``<image>``, ``<video>``) are not among them."""
+    tok = processor.tokenizer
+    try:
+        return _CONTROL_TOKENS[tok]
+    except (KeyError, TypeError):
+        pass
+    special = set(tok.all_special_tokens)
+    special |= {str(t) for t in getattr(tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    found = tuple(sorted(s for s in special if s and s not in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)))
+    try:
+        _CONTROL_TOKENS[tok] = found
+    except TypeError:  # a tokenizer that cannot be weakly referenced: computed again next time
+        pass
+    return found
+
+
+_CONTROL_TOKENS: weakref.WeakKeyDictionary = (
+    weakref.WeakKeyDictionary()
+)  # per tokenizer: computed once, asked per sample
+
+
 def check_sample(sample: Sample, processor, data: DataConfig) -> Checked:
-    """Images opened (and decoded), sizes checked, length with image tokens against ``data.max_length``."""
+    """Images opened (and decoded), sizes checked, no control token typed as text, length with image tokens against
+    ``data.max_length``."""
     sizes, problems = inspect_images(sample, processor, data.decode_images)
+    controls = control_tokens(processor)
+    for i, (role, content) in enumerate(sample.messages):
+        typed = [c for c in controls if c in content]
+        if typed:
+            problems.append(
+                Problem(
+                    sample.where,
+                    "control token",
+                    f"{role} turn {i} contains {', '.join(repr(c) for c in typed)}: the model's chat template uses "
+                    "it as a control token, so the text would change the conversation; remove or rewrite it",
+                )
+            )
     if problems:
         return Checked(sample, problems, None, "bad")
     limit, policy = data.max_length, data.too_long

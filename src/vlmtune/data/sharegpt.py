@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 
 ROLE_ALIASES = {
     "user": "user",
@@ -39,6 +40,8 @@ KINDS: dict[str, str] = {
     "role": "a turn whose role is missing or unknown",
     "roles out of order": "turns not alternating user, assistant (system first only, ending with an answer)",
     "empty answer": "an assistant turn with no text",
+    "image in answer": "an '<image>' placeholder in an assistant turn (images belong to user turns)",
+    "control token": "a chat template's control token typed as text (<|im_end|>, an image pad, ...)",
     "image count": "'<image>' placeholders not matching the number of images",
     "image missing": "an image file that does not exist",
     "image unreadable": "an image that cannot be opened or fully decoded (corrupt or truncated)",
@@ -240,9 +243,18 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
                 "roles out of order", "the last turn is from the user; a training sample ends with an assistant answer"
             )
         )
+    roles_ok = not problems  # an image in an answer is named only in a conversation whose roles are right
     for turn, (role, content) in zip(turn_of, messages):
         if role == "assistant" and not content.strip():
             problems.append(problem("empty answer", f"assistant turn {turn} is empty"))
+        if role == "assistant" and IMAGE_PLACEHOLDER in content and roles_ok:
+            problems.append(
+                problem(
+                    "image in answer",
+                    f"assistant turn {turn} holds '{IMAGE_PLACEHOLDER}'; images go in user turns (a model answers "
+                    "in text, it would be trained to write the image's tokens)",
+                )
+            )
     raw_images = obj.get(fmt.images) or []
     if isinstance(raw_images, str):
         raw_images = [raw_images]

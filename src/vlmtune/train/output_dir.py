@@ -23,7 +23,7 @@ from vlmtune.paths import LOCK_NAME, recover
 from vlmtune.tracking import echo
 from vlmtune.train.checkpoint import STEP_FOLDER
 from vlmtune.train.distributed import any_process
-from vlmtune.train.resume import STATE_DIR, config_changes, latest
+from vlmtune.train.resume import STATE_DIR, config_changes, damage, latest, resumable
 
 BUSY_EXIT = 5
 
@@ -124,6 +124,7 @@ def find_resume_point(out: Path, cfg: Config, accelerator) -> Path | None:
     if accelerator.is_main_process:
         for line in recover(out):
             echo(line)
+        set_aside_damaged(out)
     accelerator.wait_for_everyone()
     found = latest(out)
     if found is None:
@@ -142,6 +143,22 @@ def find_resume_point(out: Path, cfg: Config, accelerator) -> Path | None:
     for c in changes:
         echo(f"warning: resuming although {c} (forced)")
     return found
+
+
+def set_aside_damaged(out: Path) -> None:
+    """Renames every damaged resumable checkpoint newer than the newest intact one to ``NAME.damaged`` (kept, never
+    deleted), saying what is wrong with it, so that a resume falls back to the newest intact checkpoint."""
+    for folder in resumable(out):
+        why = damage(folder)
+        if why is None:
+            return
+        target = folder.with_name(folder.name + ".damaged")
+        n = 1
+        while target.exists():
+            n += 1
+            target = folder.with_name(f"{folder.name}.damaged-{n}")
+        folder.rename(target)
+        echo(f"warning: {folder} is damaged ({why}); kept as {target.name}, resuming from an earlier checkpoint")
 
 
 def clear_earlier_run(out: Path, stages: list[Stage], accelerator) -> None:

@@ -158,11 +158,11 @@ def read_state(folder: Path, rank: int = 0) -> TrainerState:
     )
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The resumable checkpoint furthest into the run (checkpoint-STEP or a stage folder), or None."""
-    best, best_key = None, None
+def resumable(run_dir: Path) -> list[Path]:
+    """Resumable checkpoints (checkpoint-STEP or stage folders with a readable trainer.json), furthest first."""
+    found = []
     if not run_dir.is_dir():
-        return None
+        return []
     for p in run_dir.iterdir():
         info = p / STATE_DIR / "trainer.json"
         if not p.is_dir() or not info.is_file():
@@ -170,11 +170,43 @@ def latest(run_dir: Path) -> Path | None:
         try:
             pr = json.loads(info.read_text(encoding="utf-8"))
             key = (pr["global_step"], pr["stage_index"], pr["stage_step"] == 0)
-        except (ValueError, KeyError):
-            continue
-        if best_key is None or key > best_key:
-            best, best_key = p, key
-    return best
+        except (ValueError, KeyError, TypeError):
+            key = (-1, -1, False)  # unreadable progress: tried last, and found damaged then
+        found.append((key, p))
+    return [p for _, p in sorted(found, key=lambda kp: kp[0], reverse=True)]
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The resumable checkpoint furthest into the run, or None."""
+    found = resumable(run_dir)
+    return found[0] if found else None
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a resumable checkpoint's files (the first damaged one, named), or None when every file a
+    resume reads opens and parses: the weights, the resume state, every process's RNG state and the config."""
+    from safetensors import SafetensorError
+
+    state = folder / STATE_DIR
+    weights = [folder / n for n in ("adapter_model.safetensors", "model.safetensors") if (folder / n).is_file()]
+    tensors = [*weights, *sorted(state.glob("*.safetensors"))]
+    try:
+        for name in ("trainer.json", "weights.safetensors"):
+            if not (state / name).is_file():
+                return f"{STATE_DIR}/{name} is missing"
+        Progress(**json.loads((state / "trainer.json").read_text(encoding="utf-8")))
+        for name in ("optimizer.json", "scheduler.json"):
+            if (state / name).is_file():
+                json.loads((state / name).read_text(encoding="utf-8"))
+        yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as e:
+        return f"{type(e).__name__}: {e}"
+    for path in tensors:
+        try:
+            load_file(str(path))
+        except (OSError, SafetensorError, ValueError) as e:
+            return f"{path.relative_to(folder)}: {type(e).__name__}: {e}"
+    return None
 
 
 def _flatten(node, prefix: str = "") -> dict[str, object]:

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -105,6 +106,7 @@ class VisionCache:
     ):
         self.dir = root / model_fingerprint
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.damaged: list[Path] = []  # entries found damaged (and removed, to be recomputed)
         self.inner = inner
         self.projector = projector
 
@@ -112,7 +114,20 @@ class VisionCache:
         return self.dir / key[:2] / f"{key}.safetensors"
 
     def has(self, key: str) -> bool:
-        return self.path(key).is_file()
+        """Whether an intact entry exists; a damaged one (its header does not describe the file, e.g. a truncated
+        write from another tool or a full disk) is removed and counted in ``damaged``, so that it is recomputed."""
+        path = self.path(key)
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(str(path), "pt") as f:
+                if "features" in f.keys():
+                    return True
+        except (OSError, SafetensorError):
+            pass
+        path.unlink(missing_ok=True)
+        self.damaged.append(path)
+        return False
 
     def put(self, key: str, features: torch.Tensor) -> None:
         path = self.path(key)
@@ -265,6 +280,10 @@ def fill_cache(
         width = getattr(vision, "embed_dim", None) or vision.hidden_size  # the tower's output = the projector's input
         size = sum(patches for _, _, patches in todo.values()) * width * next(base.parameters()).element_size()
         echo(f"vision cache: {len(todo)} image(s) to compute (about {size / 2**20:.1f} MiB), {found} already cached")
+        if cache.damaged:
+            echo(
+                f"vision cache: {len(cache.damaged)} damaged entr(y/ies) removed and computed again, e.g. {cache.damaged[0]}"
+            )
 
         def pixels():
             for key, (path, max_pixels, _) in todo.items():
