@@ -106,7 +106,7 @@ def _same_loss_with_cache(model, processor, jsonl, folder) -> None:
     # A damaged entry (a truncated file) is found, removed and computed again; the others are kept.
     damaged_key = next(iter(todo))
     entry = cache.path(damaged_key)
-    good, before = entry.read_bytes(), cache.get(damaged_key)
+    good, before = entry.read_bytes(), cache.get(damaged_key).clone()  # a copy: the entry is memory-mapped
     entry.write_bytes(good[: len(good) // 2])
     again, found = missing_images(keyed, keys, cache)
     assert list(again) == [damaged_key] and found == len(todo) - 1 and cache.damaged == [entry]

@@ -23,7 +23,7 @@ from vlmtune.paths import LOCK_NAME, recover
 from vlmtune.tracking import echo
 from vlmtune.train.checkpoint import STEP_FOLDER
 from vlmtune.train.distributed import any_process
-from vlmtune.train.resume import STATE_DIR, config_changes, damage, latest, resumable
+from vlmtune.train.resume import DAMAGED, STATE_DIR, config_changes, damage, latest, progress_key, resumable
 
 BUSY_EXIT = 5
 
@@ -146,17 +146,22 @@ def find_resume_point(out: Path, cfg: Config, accelerator) -> Path | None:
 
 
 def set_aside_damaged(out: Path) -> None:
-    """Renames every damaged resumable checkpoint newer than the newest intact one to ``NAME.damaged`` (kept, never
-    deleted), saying what is wrong with it, so that a resume falls back to the newest intact checkpoint."""
+    """Renames every damaged resumable checkpoint newer than the newest intact one, and any whose progress cannot be
+    read, to ``NAME.damaged`` (kept, never deleted), saying what is wrong with it, so that a resume falls back to
+    the newest intact checkpoint."""
+    intact_found = False
     for folder in resumable(out):
+        if intact_found and progress_key(folder) is not None:
+            continue  # older than the checkpoint the run resumes from: not read
         why = damage(folder)
         if why is None:
-            return
-        target = folder.with_name(folder.name + ".damaged")
+            intact_found = True
+            continue
+        target = folder.with_name(folder.name + DAMAGED)
         n = 1
         while target.exists():
             n += 1
-            target = folder.with_name(f"{folder.name}.damaged-{n}")
+            target = folder.with_name(f"{folder.name}{DAMAGED}-{n}")
         folder.rename(target)
         echo(f"warning: {folder} is damaged ({why}); kept as {target.name}, resuming from an earlier checkpoint")
 

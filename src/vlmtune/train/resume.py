@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from vlmtune.config.errors import ConfigError
 
 STATE_DIR = "trainer_state"
+DAMAGED = ".damaged"  # the suffix of a checkpoint a resume found damaged and set aside
 
 # Config keys whose change makes a checkpoint's weights or data position meaningless for the new run.
 MATTERS = ("model", "groups", "data", "stages", "train.seed", "train.batch_size", "train.grad_accum")
@@ -158,21 +159,26 @@ def read_state(folder: Path, rank: int = 0) -> TrainerState:
     )
 
 
+def progress_key(folder: Path) -> tuple | None:
+    """How far into the run a checkpoint is (run step, stage, stage boundary), or None when its trainer.json is
+    missing or unreadable."""
+    try:
+        pr = json.loads((folder / STATE_DIR / "trainer.json").read_text(encoding="utf-8"))
+        return (pr["global_step"], pr["stage_index"], pr["stage_step"] == 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def resumable(run_dir: Path) -> list[Path]:
-    """Resumable checkpoints (checkpoint-STEP or stage folders with a readable trainer.json), furthest first."""
+    """Resumable checkpoints (checkpoint-STEP or stage folders with resume state), furthest first; those whose
+    progress cannot be read come last."""
     found = []
     if not run_dir.is_dir():
         return []
     for p in run_dir.iterdir():
-        info = p / STATE_DIR / "trainer.json"
-        if not p.is_dir() or not info.is_file():
+        if not p.is_dir() or not (p / STATE_DIR).is_dir() or DAMAGED in p.name:
             continue
-        try:
-            pr = json.loads(info.read_text(encoding="utf-8"))
-            key = (pr["global_step"], pr["stage_index"], pr["stage_step"] == 0)
-        except (ValueError, KeyError, TypeError):
-            key = (-1, -1, False)  # unreadable progress: tried last, and found damaged then
-        found.append((key, p))
+        found.append((progress_key(p) or (-1, -1, False), p))
     return [p for _, p in sorted(found, key=lambda kp: kp[0], reverse=True)]
 
 
