@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.commands.test_loading import lora_checkpoint
+from tests.tiny_families import TEXT
 from vlmtune.cli import UNEXPECTED_EXIT, main
 
 
@@ -25,14 +26,7 @@ def test_a_file_system_fault_is_one_message_naming_the_path(tiny_dir, tmp_path, 
 def test_a_model_that_is_not_a_vision_language_model_is_named(tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
+    config = LlamaConfig(vocab_size=64, **TEXT)  # a tiny text-only model
     LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
