@@ -103,3 +103,17 @@ def overlap_problem(out: Path, source: Path) -> str | None:
         if inner is not None:
             return f"'{out}' contains the run folder '{inner}'"
     return None
+
+
+def damaged_weights(folder: Path) -> str | None:
+    """The first ``*.safetensors`` file of ``folder`` whose header does not describe the file (truncated, not a
+    safetensors file), with the reason; None when every one opens."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            return f"{path} is damaged ({e})"
+    return None

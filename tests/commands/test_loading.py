@@ -173,3 +173,18 @@ def test_the_checkpoints_setting_is_never_passed_on(tiny_dir, tmp_path, monkeypa
     seen.clear()
     load_checkpoint(tmp_path / "final")
     assert seen and all(v is False for v in seen)
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "base"], ids=["adapter", "base-weights"])
+def test_damaged_weights_are_named_not_a_traceback(tiny_dir, tmp_path, capsys, name):
+    from vlmtune.cli import main
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    lora_checkpoint(base, tmp_path / "final")
+    path = tmp_path / "final" / name if name != "base" else base / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:200])  # a download or copy cut short
+    assert main(["export", "--checkpoint", str(tmp_path / "final"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} is damaged (" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()

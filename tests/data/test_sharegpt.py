@@ -269,6 +269,23 @@ def test_dataset_info_errors(data_dir, spec, with_info, expected):
     assert info.value.problems == [expected.format(info=data_dir / "dataset_info.json")]
 
 
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"alpha": {"file_name": "a.jsonl"', "{info} is not valid JSON (Expecting"),
+        ('["alpha"]', "{info} must map dataset names to objects"),
+        ('{"alpha": "a.jsonl"}', "{info} must map dataset names to objects"),
+    ],
+    ids=["truncated", "a-list", "entry-not-an-object"],
+)
+def test_a_damaged_dataset_info_is_named(data_dir, content, expected):
+    (data_dir / "dataset_info.json").write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        resolve_source("alpha", DataConfig(dataset_dir=str(data_dir)), "train")
+    (problem,) = info.value.problems
+    assert problem.startswith(expected.format(info=data_dir / "dataset_info.json")), problem
+
+
 def test_unknown_source_without_dataset_dir():
     with pytest.raises(DataError) as info:
         resolve_source("nope.jsonl", DataConfig(), "train")

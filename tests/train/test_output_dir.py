@@ -122,3 +122,45 @@ def test_a_lock_left_by_a_process_that_is_gone_is_taken_over(base_dir, tmp_path,
     assert f"taking over the lock of a run that is gone ({lock}" in capsys.readouterr().out
     assert not (out / LOCK_NAME).exists()  # released at the end
     assert os.path.isdir(out / "final")
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_leaves_nothing_half_written_and_names_the_last_good_checkpoint(
+    base_dir, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    import vlmtune.train.resume as resume
+
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG, encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["train", str(config), f"train.output_dir={out}", "stages.0.steps=3", "train.save_steps=1"]
+    original, calls = resume.save_file, []
+
+    def disk_fills_up(tensors, path, *rest, **kwargs):  # the second checkpoint's optimizer state finds no space
+        calls.append(path)
+        if path.endswith("optimizer.safetensors") and sum(p.endswith("optimizer.safetensors") for p in calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return original(tensors, path, *rest, **kwargs)
+
+    monkeypatch.setattr(resume, "save_file", disk_fills_up)
+    assert main(args) == 6
+    err = capsys.readouterr().err
+    assert f"could not write {out / 'checkpoint-2'}: No space left on device" in err
+    assert f"Last good checkpoint: {out / 'checkpoint-1'}" in err and "--resume" in err
+    assert not list(out.glob("*.tmp")) and not (out / "checkpoint-2").exists()
+    assert resume.damage(out / "checkpoint-1") is None
+    monkeypatch.setattr(resume, "save_file", original)  # space again: the run resumes and finishes
+    assert main([*args, "--resume"]) == 0
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_an_output_dir_that_cannot_be_written_is_a_config_error(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file where the run folder's parent should be", encoding="utf-8")
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG, encoding="utf-8")
+    out = tmp_path / "taken" / "run"
+    assert main(["train", str(config), f"train.output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert f"'train.output_dir': cannot write into '{out}'" in err and "Traceback" not in err

@@ -25,6 +25,7 @@ from vlmtune.data.dataset import build_dataset
 from vlmtune.data.sharegpt import DataError
 from vlmtune.eval.alignment import eval_items
 from vlmtune.model.load import load_model
+from vlmtune.paths import damaged_weights
 from vlmtune.tracking import echo
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -89,6 +90,9 @@ def _check_files(folder: Path) -> str:
     if missing:
         why = " (config.yaml names the base model of the adapter)" if "config.yaml" in missing else ""
         raise CheckpointError(f"checkpoint '{folder}' ({kind}) is incomplete: missing {', '.join(missing)}{why}")
+    damaged = damaged_weights(folder)
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint '{folder}': {damaged}")
     return kind
 
 

@@ -43,7 +43,15 @@ def resolve_source(spec: str, data: DataConfig, split: str) -> tuple[Path, Forma
         info_path = Path(data.dataset_dir) / "dataset_info.json"
         if not info_path.is_file():
             raise _source_error(f"dataset '{spec}': not a file, and {info_path} does not exist")
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _source_error(f"{info_path} is not valid JSON ({e}); dataset '{spec}' cannot be looked up") from None
+        if not isinstance(info, dict) or not isinstance(info.get(spec, {}), dict):
+            raise _source_error(
+                f'{info_path} must map dataset names to objects ({{"name": {{"file_name": ...}}}}); '
+                f"dataset '{spec}' cannot be looked up"
+            )
         if spec not in info:
             raise _source_error(
                 f"dataset '{spec}': not a file and not a name in {info_path} (names: {', '.join(sorted(info))})"

@@ -15,6 +15,7 @@ import torch
 from vlmtune.config.errors import ConfigError
 from vlmtune.config.schema import BUILTIN_MODEL, ModelConfig
 from vlmtune.model.archs import REGISTRY, ArchSpec, arch_from_dict, find_arch
+from vlmtune.paths import damaged_weights
 
 
 class ModelFolder(Protocol):
@@ -69,6 +70,9 @@ def load_model(mcfg: ModelConfig, device: torch.device, folder: Path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model_type = model_type_of(folder)
+    damaged = damaged_weights(folder)
+    if damaged is not None:
+        raise ConfigError([f"'model.path': {damaged}"], str(folder))
     if mcfg.arch is None and mcfg.arch_entry is None:
         try:
             find_arch(model_type)

@@ -58,8 +58,20 @@ def _alive(holder: dict) -> bool:
 
 
 def _try_lock(out: Path) -> str | None:
-    """Takes the folder's lock for this process; returns why not (the holder), or None when taken."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Takes the folder's lock for this process; returns why not (the holder), or None when taken.
+
+    Raises:
+        ConfigError: ``train.output_dir`` cannot be created or written (a file in its place, no permission, ...).
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f"{LOCK_NAME}.{os.getpid()}.probe"
+        probe.write_text("", encoding="utf-8")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            [f"'train.output_dir': cannot write into '{out}': {e.strerror or e} ({e.filename or out})"], str(out)
+        ) from None
     path = out / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()), "since": time.time()}
     for _ in range(2):

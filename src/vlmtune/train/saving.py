@@ -2,52 +2,97 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from vlmtune.paths import TMP_SUFFIX, begin, commit
 from vlmtune.tracking import echo
 from vlmtune.train.checkpoint import prune, save_checkpoint, write_model
-from vlmtune.train.distributed import gathered_state_dict, sharded_engine
+from vlmtune.train.distributed import any_process, gathered_state_dict, sharded_engine
 from vlmtune.train.resume import write_rng, write_state
 from vlmtune.train.run import Run
+from vlmtune.train.stopping import SaveFailed
 
 
 def save_resumable(run: Run, model, folder: Path, optimizer=None, scheduler=None) -> Path:
     """Writes a loadable checkpoint plus everything a resume needs, atomically; every process takes part
-    (each writes its own RNG state), the main process writes the rest and renames."""
+    (each writes its own RNG state), the main process writes the rest and renames.
+
+    Raises:
+        SaveFailed: a write failed (a full disk, say): the half-written folder is removed, the last good
+            checkpoint is named, and every process stops together.
+    """
     acc = run.accelerator
     run.progress.metrics_lines = len(run.metrics.records)
     tmp = folder.with_name(folder.name + TMP_SUFFIX)
     sharded = sharded_engine(acc)
+    failed = None
     if acc.is_main_process:
-        begin(folder)
-    acc.wait_for_everyone()
+        failed = _attempt(lambda: begin(folder), tmp)
+    _stop_together(run, folder, failed)
     if not sharded:
-        write_rng(tmp, acc.process_index)
+        failed = _attempt(lambda: write_rng(tmp, acc.process_index), tmp)
     state_dict = gathered_state_dict(acc, model)
-    acc.wait_for_everyone()
+    _stop_together(run, folder, failed)
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
-        write_model(unwrapped, run.processor, run.cfg, tmp, state_dict)
-        if sharded:  # optimizer states are sharded across processes there; vlmtune does not gather them yet
-            echo(f"note: {folder.name} holds the weights but no resume state ({sharded} shards the optimizer)")
-        else:
-            weights = {n: p for n, p in unwrapped.named_parameters() if n in run.trained_params}
-            write_state(tmp, run.progress, weights, optimizer, scheduler)
-        commit(tmp, folder)
-        for p in prune(run.out, run.cfg.train.save_total_limit):
-            echo(f"removed {p.name} (train.save_total_limit={run.cfg.train.save_total_limit})")
-    acc.wait_for_everyone()
+
+        def write() -> None:
+            write_model(unwrapped, run.processor, run.cfg, tmp, state_dict)
+            if sharded:  # optimizer states are sharded across processes there; vlmtune does not gather them yet
+                echo(f"note: {folder.name} holds the weights but no resume state ({sharded} shards the optimizer)")
+            else:
+                weights = {n: p for n, p in unwrapped.named_parameters() if n in run.trained_params}
+                write_state(tmp, run.progress, weights, optimizer, scheduler)
+            commit(tmp, folder)
+
+        failed = _attempt(write, tmp)
+        if failed is None:
+            for p in prune(run.out, run.cfg.train.save_total_limit):
+                echo(f"removed {p.name} (train.save_total_limit={run.cfg.train.save_total_limit})")
+    _stop_together(run, folder, failed)
     run.last_checkpoint = folder
     return folder
 
 
 def save_final(run: Run, model) -> Path:
-    """``final/``: the last stage's loadable checkpoint (no resume state), written by the main process."""
+    """``final/``: the last stage's loadable checkpoint (no resume state), written by the main process.
+
+    Raises:
+        SaveFailed: as ``save_resumable``.
+    """
     acc = run.accelerator
     acc.wait_for_everyone()
     final = run.out / "final"
     state_dict = gathered_state_dict(acc, model)
+    failed = None
     if acc.is_main_process:
-        save_checkpoint(acc.unwrap_model(model), run.processor, run.cfg, final, state_dict)
+        failed = _attempt(
+            lambda: save_checkpoint(acc.unwrap_model(model), run.processor, run.cfg, final, state_dict),
+            final.with_name(final.name + TMP_SUFFIX),
+        )
+    _stop_together(run, final, failed)
     return final
+
+
+def _attempt(write, tmp: Path) -> str | None:
+    """Runs a write; on an OS error (disk full, no permission, ...) removes the half-written ``tmp`` and says why."""
+    try:
+        write()
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return f"{e.strerror or e} ({e.filename or tmp})"
+    return None
+
+
+def _stop_together(run: Run, folder: Path, failed: str | None) -> None:
+    """Every process learns whether a write failed anywhere, and all stop with the same message if it did."""
+    if not any_process(failed is not None, run.accelerator):
+        run.accelerator.wait_for_everyone()
+        return
+    last = run.last_checkpoint or "none (no checkpoint was written yet)"
+    raise SaveFailed(
+        f"could not write {folder}: {failed or 'a write failed on another process'}; the half-written "
+        f"{folder.name}{TMP_SUFFIX} was removed and nothing else changed. Last good checkpoint: {last}. Free some space "
+        "(or fix the folder's permissions), then run the same command with --resume"
+    )

@@ -14,6 +14,7 @@ from vlmtune.train.run import Run
 
 NONFINITE_EXIT = 3
 GRADIENT_FLOW_EXIT = 4
+SAVE_FAILED_EXIT = 6
 
 
 class RunStopped(RuntimeError):
@@ -22,6 +23,13 @@ class RunStopped(RuntimeError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class SaveFailed(RunStopped):
+    """A checkpoint could not be written (disk full, permissions): nothing half-written is left behind."""
+
+    def __init__(self, message: str):
+        super().__init__(message, SAVE_FAILED_EXIT)
 
 
 class StopSignals:
