@@ -122,7 +122,7 @@ class OutputLock:
             if self.created and not any(self.out.iterdir()):
                 self.out.rmdir()
         except (OSError, ValueError):
-            pass
+            pass  # a lock left behind names a process that is gone: the next run takes it over, saying so
 
 
 def find_resume_point(out: Path, cfg: Config, accelerator) -> Path | None:
