@@ -175,6 +175,24 @@ def test_the_checkpoints_setting_is_never_passed_on(tiny_dir, tmp_path, monkeypa
     assert seen and all(v is False for v in seen)
 
 
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("model: {path: [unclosed", "is damaged: not valid YAML"),
+        ("- a list", "is damaged: not a mapping of config keys"),
+    ],
+    ids=["bad-yaml", "not-a-mapping"],
+)
+def test_a_damaged_config_inside_a_checkpoint_is_named(tiny_dir, tmp_path, capsys, content, expected):
+    from vlmtune.cli import main
+
+    lora_checkpoint(tiny_dir, tmp_path / "final")
+    (tmp_path / "final" / "config.yaml").write_text(content, encoding="utf-8")
+    assert main(["export", "--checkpoint", str(tmp_path / "final"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'final' / 'config.yaml'} {expected}" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "base"], ids=["adapter", "base-weights"])
 def test_damaged_weights_are_named_not_a_traceback(tiny_dir, tmp_path, capsys, name):
     from vlmtune.cli import main

@@ -534,3 +534,30 @@ def test_stage_overrides_merge_only_what_they_set():
     (resolved,) = resolve_stages(cfg)
     assert resolved.cfg.group("projector").lr == 1e-3 and resolved.cfg.group("projector").rank == 16
     assert resolved.cfg.data.max_length == 64 and resolved.cfg.data.train == cfg.data.train
+
+
+COERCION_CASES = [
+    # override, refused (True) or accepted as the user meant (False)
+    ("train.batch_size=true", "'train.batch_size': a number is expected here, not true (got True)"),
+    ("train.epochs=false", "'train.epochs': a number is expected here, not false (got False)"),
+    ("data.num_workers=true", "'data.num_workers': a number is expected here, not true (got True)"),
+    ("train.packing=1", "'train.packing': true or false is expected here (got 1)"),
+    ("model.trust_remote_code=1", "'model.trust_remote_code': true or false is expected here (got 1)"),
+    ("train.progress_bar='no'", "'train.progress_bar': true or false is expected here (got 'no')"),
+    (
+        "stages=[{name: a, groups: {projector: {rank: true}}}]",
+        "stages[0] (a): 'stages.0.groups.projector.rank': a number is expected here, not true (got True)",
+    ),
+    ("train.learning_rate='1e-3'", None),  # YAML reads 1e-3 without a dot as a string: it means the number
+    ("train.max_steps=2.0", None),
+    ("data.num_workers=auto", None),
+    ("train.max_grad_norm=null", None),
+]
+
+
+@pytest.mark.parametrize("override, expected", COERCION_CASES, ids=[c[0] for c in COERCION_CASES])
+def test_values_of_the_wrong_kind_are_not_coerced_silently(override, expected):
+    if expected is None:
+        load_config(None, [override])
+    else:
+        assert _problems(None, [override]) == [expected]

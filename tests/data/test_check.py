@@ -340,3 +340,21 @@ def test_cli_data_check_exit_status(bad_dir, tiny_dir, capsys):
         f"{bad_dir / 'bad.jsonl'}:9: image '{bad_dir / 'images' / 'nope.png'}' does not exist"
         in capsys.readouterr().out
     )
+
+
+def test_an_image_claiming_an_absurd_size_is_unreadable_not_decoded(tiny_dir, tmp_path, capsys):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    # A 60-byte PNG whose header claims 40000x40000 pixels (1.6 GB decoded): refused from the header alone.
+    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(_q(str(tmp_path / "huge.png"))) + "\n", encoding="utf-8")
+    assert run_check(str(path), [f"model.path={tiny_dir}"], progress=False) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:1: image '{tmp_path / 'huge.png'}' cannot be opened:" in out
+    assert "1600000000 pixels" in out

@@ -156,11 +156,25 @@ def test_a_full_disk_during_a_save_leaves_nothing_half_written_and_names_the_las
     assert (out / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_an_output_dir_that_cannot_be_written_is_a_config_error(tmp_path, capsys):
-    (tmp_path / "taken").write_text("a file where the run folder's parent should be", encoding="utf-8")
+@pytest.mark.parametrize("fault", ["file-in-place", "read-only-file-system"])
+def test_an_output_dir_that_cannot_be_written_is_a_config_error(tmp_path, capsys, monkeypatch, fault):
+    import errno
+
     config = tmp_path / "run.yaml"
     config.write_text(CONFIG, encoding="utf-8")
-    out = tmp_path / "taken" / "run"
+    if fault == "file-in-place":
+        (tmp_path / "taken").write_text("a file where the run folder's parent should be", encoding="utf-8")
+        out, reason = tmp_path / "taken" / "run", "Not a directory"
+    else:  # root ignores permission bits, so a read-only mount is simulated at the write
+        out, reason = tmp_path / "run", "Read-only file system"
+        real = Path.write_text
+
+        def read_only(self, *args, **kwargs):
+            if self.parent == out:
+                raise OSError(errno.EROFS, "Read-only file system", str(self))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", read_only)
     assert main(["train", str(config), f"train.output_dir={out}"]) == 2
     err = capsys.readouterr().err
-    assert f"'train.output_dir': cannot write into '{out}'" in err and "Traceback" not in err
+    assert f"'train.output_dir': cannot write into '{out}': {reason}" in err and "Traceback" not in err

@@ -61,7 +61,12 @@ def read_run_config(folder: Path) -> Config | None:
     path = folder / "config.yaml"
     if not path.is_file():
         return None
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path} is damaged: not valid YAML ({e})"], str(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path} is damaged: not a mapping of config keys"], str(path))
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

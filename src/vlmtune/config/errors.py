@@ -71,10 +71,11 @@ def format_validation_error(err: ValidationError, extra_valid: list[str] | None 
                 f"unknown key '{key}'{suggest(str(loc[-1]), valid)}; valid here: {', '.join(_fields_at(loc))}"
             )
         else:
-            line = f"'{key}': {e['msg']} (got {e.get('input')!r})"
+            msg = e["msg"].removeprefix("Value error, ")  # vlmtune's own checks speak for themselves
+            line = f"'{key}': {msg} (got {e.get('input')!r})"
             same_key = [i for i, p in enumerate(problems) if p.startswith(f"'{key}': ")]
             if same_key:  # one line per key: a union reports each member's complaint
-                problems[same_key[0]] = problems[same_key[0]].replace(" (got", f", or {e['msg']} (got", 1)
+                problems[same_key[0]] = problems[same_key[0]].replace(" (got", f", or {msg} (got", 1)
             else:
                 problems.append(line)
     return problems
