@@ -6,9 +6,11 @@ The descriptions are the `vlmtune train --help` config reference. Loading and va
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import Field, field_validator
+
+from vlmtune.config.strict import StrictModel, partial
 
 GROUPS: tuple[str, ...] = ("vision_tower", "projector", "language_model", "lm_head")
 """The component groups every architecture entry names, in the order plans are printed."""
@@ -17,36 +19,7 @@ BUILTIN_MODEL = "builtin:tiny-qwen2-vl"
 BUILTIN_DATA_PREFIX = "builtin:shapes:"
 
 
-def _scalar_kinds(annotation: Any) -> set[type]:
-    """The plain types a field annotation admits (through ``X | None``, ``Annotated`` and ``Literal``)."""
-    if annotation in (int, float, bool, str):
-        return {annotation}
-    kinds: set[type] = set()
-    if get_origin(annotation) is Literal:
-        return {type(v) for v in get_args(annotation)}
-    for arg in get_args(annotation):
-        kinds |= _scalar_kinds(arg)
-    return kinds
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _same_kind(cls, value: Any, info) -> Any:
-        """pydantic's lax mode reads ``true`` as 1 for a number and ``1`` as true for a switch; in a config either is
-        almost surely a slip (``batch_size: true``, ``trust_remote_code: 1``), so it is refused. Strings that spell a
-        number stay accepted (YAML reads ``1e-3`` without a dot as a string)."""
-        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
-        if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
-            raise ValueError(f"a number is expected here, not {str(value).lower()}")
-        if kinds == {bool} and not isinstance(value, bool):
-            raise ValueError("true or false is expected here")
-        return value
-
-
-class GroupConfig(_Strict):
+class GroupConfig(StrictModel):
     """How one component group (vision_tower, projector, language_model, lm_head) is trained."""
 
     mode: Literal["frozen", "lora", "full"] = Field(
@@ -74,7 +47,7 @@ def _group_field(what: str) -> Any:
     return Field(default_factory=GroupConfig, description=what)
 
 
-class Groups(_Strict):
+class Groups(StrictModel):
     """The four component groups of every architecture, each trained one way (frozen, lora or full)."""
 
     vision_tower: GroupConfig = _group_field("the vision encoder (ViT) that turns image patches into features")
@@ -89,22 +62,7 @@ class Groups(_Strict):
         return [(name, getattr(self, name)) for name in GROUPS]
 
 
-def partial(model: type[BaseModel], name: str) -> type[BaseModel]:
-    """A copy of ``model`` whose every field is optional and empty by default (nested models made partial too),
-    with the same descriptions and constraints: the typed shape of a stage's overrides."""
-    fields = {}
-    for key, info in model.model_fields.items():
-        ann = info.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            ann = partial(ann, f"{ann.__name__}Overrides")
-        copy = info._copy()  # keeps description and constraints
-        copy.default, copy.default_factory = None, None
-        copy.annotation = ann | None
-        fields[key] = (ann | None, copy)
-    return create_model(name, __base__=_Strict, __doc__=model.__doc__, **fields)
-
-
-class ArchEntry(_Strict):
+class ArchEntry(StrictModel):
     """A user-supplied architecture registry entry: where each component group's modules sit."""
 
     model_types: list[str] = Field(default_factory=list, description="config.json model_type values this entry covers")
@@ -118,7 +76,7 @@ class ArchEntry(_Strict):
     description: str = Field("user-supplied entry", description="shown in the plan")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Which model to fine-tune and how to load it."""
 
     path: str = Field(
@@ -143,7 +101,7 @@ class ModelConfig(_Strict):
     )
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(StrictModel):
     """Seeded visual augmentation of the training split (torchvision transforms); evaluation data is never augmented."""
 
     enabled: bool = Field(
@@ -185,7 +143,7 @@ class AugmentConfig(_Strict):
         return value
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Training and evaluation data."""
 
     train: str | list[str] = Field(
@@ -234,7 +192,7 @@ class DataConfig(_Strict):
     )
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """The optimisation loop."""
 
     output_dir: str = Field(
@@ -324,7 +282,7 @@ GroupsOverrides = partial(Groups, "GroupsOverrides")
 DataOverrides = partial(DataConfig, "DataOverrides")
 
 
-class StageConfig(_Strict):
+class StageConfig(StrictModel):
     """One stage of a progressive run; anything it does not set comes from the top level."""
 
     name: str = Field(
@@ -357,7 +315,7 @@ class StageConfig(_Strict):
     )
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """What `vlmtune eval` and the evaluation during training measure."""
 
     samples: int | None = Field(64, gt=0, description="evaluate on the first N eval samples; empty means every sample")
@@ -380,7 +338,7 @@ class EvalConfig(_Strict):
     )
 
 
-class Config(_Strict):
+class Config(StrictModel):
     """A vlmtune run."""
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="the model")
