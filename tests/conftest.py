@@ -67,7 +67,7 @@ def shapes_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def compare_batch(tiny, shapes_dir) -> dict:
     """One collated batch of 4 two-image samples (8 images) from ``shapes_dir``, as the training loader makes it."""
-    from vlmtune.config.schema import DataConfig
+    from vlmtune.config.data import DataConfig
     from vlmtune.data.dataset import build_dataset
     from vlmtune.train.loader import make_loader
 

@@ -38,7 +38,7 @@ def test_base_uses_the_image(base_dir, tmp_path):
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlmtune.config.schema import DataConfig
+    from vlmtune.config.data import DataConfig
     from vlmtune.data.dataset import build_dataset
     from vlmtune.train.loader import make_loader
 

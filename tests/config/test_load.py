@@ -9,6 +9,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from vlmtune.config.data import AugmentConfig, DataConfig, DataSource
 from vlmtune.config.errors import ConfigError
 from vlmtune.config.load import config_to_yaml, load_config, reference
 from vlmtune.config.schema import (
@@ -16,9 +17,7 @@ from vlmtune.config.schema import (
     DEFAULT_GROUPS,
     GROUPS,
     ArchEntry,
-    AugmentConfig,
     Config,
-    DataConfig,
     EvalConfig,
     GroupConfig,
     Groups,
@@ -361,7 +360,18 @@ def test_hub_id_is_not_accepted_as_model_path():
 # ---------------------------------------------------------------------------------------------
 
 
-NAMED_MODELS = (Config, ModelConfig, ArchEntry, DataConfig, AugmentConfig, TrainConfig, EvalConfig, Groups, GroupConfig)
+NAMED_MODELS = (
+    Config,
+    ModelConfig,
+    ArchEntry,
+    DataConfig,
+    DataSource,
+    AugmentConfig,
+    TrainConfig,
+    EvalConfig,
+    Groups,
+    GroupConfig,
+)
 
 
 def test_every_field_of_every_model_has_a_description():

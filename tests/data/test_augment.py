@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import write_jsonl
+from vlmtune.config.data import AugmentConfig, DataConfig
 from vlmtune.config.errors import ConfigError
 from vlmtune.config.load import load_config
-from vlmtune.config.schema import AugmentConfig, DataConfig
 from vlmtune.data.augment import Augmenter, apply_params, draw_params, generator_for
 from vlmtune.data.dataset import VLMDataset
 from vlmtune.data.preview import preview

@@ -12,7 +12,8 @@ from rouge_score import rouge_scorer
 
 from tests.conftest import write_jsonl
 from vlmtune.cli import main
-from vlmtune.config.schema import DataConfig, EvalConfig
+from vlmtune.config.data import DataConfig
+from vlmtune.config.schema import EvalConfig
 from vlmtune.data.collate import collate
 from vlmtune.data.dataset import build_dataset
 from vlmtune.eval.evaluate import eval_record, plot_metrics, report_table, text_metrics

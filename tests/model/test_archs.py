@@ -251,7 +251,7 @@ def test_two_training_steps_move_the_projector(family, tmp_path):
 
 def _batch(family: str, tmp_path):
     from tests.tiny_families import FAMILIES
-    from vlmtune.config.schema import DataConfig
+    from vlmtune.config.data import DataConfig
     from vlmtune.data.collate import collate
     from vlmtune.data.dataset import build_dataset
 
@@ -316,7 +316,8 @@ def test_gemma3_token_types_still_mark_only_image_tokens(tmp_path):
 def test_evaluation_and_generation_run_on_processor_expanded_families(family, tmp_path):
     """Eval (loss, generation, ablation, retrieval, projector cosine) encodes through the family's processor."""
     from tests.tiny_families import save_family
-    from vlmtune.config.schema import DataConfig, EvalConfig
+    from vlmtune.config.data import DataConfig
+    from vlmtune.config.schema import EvalConfig
     from vlmtune.data.dataset import build_dataset
     from vlmtune.eval.evaluate import eval_record
 

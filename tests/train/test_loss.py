@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmtune.config.schema import DataConfig
+from vlmtune.config.data import DataConfig
 from vlmtune.data.dataset import build_dataset
 from vlmtune.train.loader import make_loader
 from vlmtune.train.loss import answer_loss, label_positions

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from tests.conftest import write_jsonl
-from vlmtune.config.schema import DataConfig
+from vlmtune.config.data import DataConfig
 from vlmtune.data.collate import collate
 from vlmtune.data.dataset import build_dataset
 from vlmtune.data.rows import PACK_ROWS, plan_rows

@@ -82,7 +82,7 @@ def test_fingerprint_changes_with_the_tower_weights(tiny):
 def _same_loss_with_cache(model, processor, jsonl, folder) -> None:
     """The dataset with the cache on (no pixels: grids and cached features) and the features filled from the real
     images give the same batch tokens, loss and projector gradients as the plain dataset."""
-    from vlmtune.config.schema import DataConfig
+    from vlmtune.config.data import DataConfig
     from vlmtune.data.collate import load_image, process_images
     from vlmtune.data.dataset import build_dataset
     from vlmtune.train.loader import make_loader

@@ -31,7 +31,7 @@ from pathlib import Path
 from vlmtune.bench.profile import run_profile
 from vlmtune.bench.runs import SIDES, epoch_orders, last_epoch, run_reference, run_vlmtune
 from vlmtune.bench.setup import PRESETS, Preset, ensure_model, make_workload
-from vlmtune.config.schema import DataConfig
+from vlmtune.config.data import DataConfig
 from vlmtune.data.collate import IGNORE
 from vlmtune.data.dataset import build_dataset
 from vlmtune.tracking import echo, text_table

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageStat
 
-from vlmtune.config.schema import AugmentConfig
+from vlmtune.config.data import AugmentConfig
 
 
 @dataclass(frozen=True)
