@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from vlmtune.config.errors import ConfigError
@@ -172,7 +173,10 @@ RUN_KEYS = [
     ("logging_steps", "logging_steps", 3, "train.logging_steps", 3),
     ("save_steps", "save_steps", 50, "train.save_steps", 50),
     ("weight_decay", "weight_decay", 0.01, "train.weight_decay", 0.01),
-    ("preprocessing_num_workers", "preprocessing_num_workers", 2, "data.num_workers", 2),
+    ("dataloader_num_workers", "dataloader_num_workers", 2, "data.num_workers", 2),
+    ("max_samples", "max_samples", 100, "data.max_samples", 100),
+    ("video_maxlen", "video_maxlen", 16, "data.video_max_frames", 16),
+    ("video_max_pixels", "video_max_pixels", 16384, "data.video_max_pixels", 16384),
     ("trust_remote_code", "trust_remote_code", True, "model.trust_remote_code", True),
 ]
 
@@ -236,7 +240,7 @@ def test_a_typical_llama_factory_file(tmp_path, model_dir):
     cfg, lines = _load(tmp_path, raw)
     d = cfg.model_dump()
     assert d["model"]["path"] == str(model_dir) and d["model"]["trust_remote_code"] is True
-    assert d["model"]["dtype"] == "bfloat16"
+    assert d["model"]["dtype"] == ("bfloat16" if torch.cuda.is_available() else "auto")  # bf16 is noted on a CPU
     assert d["data"]["train"] == ["mllm_demo", "shapes"] and d["data"]["dataset_dir"] == "data"
     assert (d["data"]["max_length"], d["data"]["image_max_pixels"], d["data"]["image_min_pixels"]) == (
         2048,
@@ -305,8 +309,9 @@ def test_every_accepted_llama_factory_key_is_echoed(tmp_path, raw, key):
 @pytest.mark.parametrize(
     "raw, path, expected",
     [
-        ({"bf16": True}, "model.dtype", "bfloat16"),
-        ({"fp16": True}, "model.dtype", "float16"),
+        # mixed precision on a machine without a GPU is noted and ignored: float32 (model.dtype auto)
+        ({"bf16": True}, "model.dtype", "bfloat16" if torch.cuda.is_available() else "auto"),
+        ({"fp16": True}, "model.dtype", "float16" if torch.cuda.is_available() else "auto"),
         ({"report_to": "tensorboard"}, "train.report_to", ["tensorboard"]),
         ({"report_to": "none"}, "train.report_to", []),
     ],
@@ -391,3 +396,33 @@ def test_llama_factory_keys_are_all_known_to_the_translator():
 
     assert LLAMA_FACTORY_KEYS == set(RENAMES) | TUNING_KEYS | NOTED_KEYS
     assert not (set(RENAMES) & TUNING_KEYS) and not (set(RENAMES) & NOTED_KEYS)
+
+
+@pytest.mark.parametrize(
+    "key, hint",
+    [
+        ("max_sample", "max_samples"),
+        ("cutoff_length", "cutoff_len"),
+        ("video_max_pixel", "video_max_pixels"),
+        ("audio_max_pixels", None),  # not image_max_pixels: another medium, another meaning
+        ("save_model_only", "save_only_model"),  # the same words; never save_steps
+        ("eval_samples", None),  # not max_samples
+    ],
+)
+def test_did_you_mean_only_for_a_close_spelling(tmp_path, key, hint):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{key}: 1\nlora_target: merger\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, echo=lambda *_: None)
+    text = str(info.value)
+    assert f"unknown key '{key}'" in text
+    if hint is None:
+        assert "did you mean" not in text, text
+    else:
+        assert f"(did you mean '{hint}'?)" in text, text
+
+
+def test_streaming_reads_lazily(tmp_path):
+    cfg, lines = _load(tmp_path, {"streaming": True})
+    assert cfg.data.load == "lazy"
+    assert "streaming: True -> data.load=lazy (JSONL read by a byte-offset index)" in lines

@@ -36,13 +36,41 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _same_word(a: str, b: str) -> bool:
+    """A typo or a shortening of the same word (len / length, sample / samples), not another word (audio / video)."""
+    if a == b or (min(len(a), len(b)) >= 3 and (a.startswith(b) or b.startswith(a))):
+        return True
+    return difflib.SequenceMatcher(None, a, b).ratio() >= 0.8
+
+
+def _same_words(name: str, candidate: str) -> bool:
+    """The same words, each maybe misspelled, in this order or another (save_model_only / save_only_model)."""
+    mine, theirs = name.lower().split("_"), candidate.lower().split("_")
+    if len(mine) != len(theirs):
+        return False
+    return all(map(_same_word, mine, theirs)) or all(map(_same_word, sorted(mine), sorted(theirs)))
+
+
 def suggest(name: str, valid: list[str]) -> str:
-    """' (did you mean X?)' for the closest valid name, or ''."""
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    """' (did you mean X?)' for the valid name made of the same words as ``name`` (each maybe misspelled), or ''.
+    A looser likeness would suggest keys of another meaning (audio_max_pixels -> video_max_pixels)."""
+    close = [v for v in valid if _same_words(name, v)]
+    close.sort(key=lambda v: -difflib.SequenceMatcher(None, name, v).ratio())
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-_TYPE_LABELS = {"str", "int", "float", "bool", "dict", "list", "tuple", "none", "literal"}
+_TYPE_LABELS = {
+    "str",
+    "int",
+    "float",
+    "bool",
+    "dict",
+    "list",
+    "tuple",
+    "none",
+    "literal",
+    "DataSource",
+}  # union members
 
 
 def format_validation_error(err: ValidationError, extra_valid: list[str] | None = None) -> list[str]:

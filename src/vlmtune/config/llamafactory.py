@@ -8,6 +8,7 @@ container), and ``lora_target: all`` covers the projector too unless ``freeze_mu
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Any
 
 from vlmtune.config.overrides import deep_merge
@@ -34,7 +35,14 @@ RENAMES: dict[str, str] = {
     "cutoff_len": "data.max_length",
     "image_max_pixels": "data.image_max_pixels",
     "image_min_pixels": "data.image_min_pixels",
-    "preprocessing_num_workers": "data.num_workers",
+    "max_samples": "data.max_samples",
+    "dataloader_num_workers": "data.num_workers",
+    "video_fps": "data.video_fps",
+    "video_maxlen": "data.video_max_frames",
+    "video_max_pixels": "data.video_max_pixels",
+    "video_min_pixels": "data.video_min_pixels",
+    "save_total_limit": "train.save_total_limit",
+    "per_device_eval_batch_size": "eval.batch_size",
     "output_dir": "train.output_dir",
     "max_steps": "train.max_steps",
     "num_train_epochs": "train.epochs",
@@ -63,8 +71,35 @@ TUNING_KEYS = {
     "freeze_language_model",
     "finetuning_type",
 }
-# Keys accepted for compatibility whose effect vlmtune always has (or that only name LLaMA-Factory's stage).
-NOTED_KEYS = {"stage", "do_train", "template", "plot_loss", "overwrite_output_dir", "bf16", "fp16", "report_to"}
+# Keys accepted with a printed note: vlmtune always does what they ask, or they have no meaning here (and why).
+NO_EFFECT: dict[str, str] = {
+    "do_train": "vlmtune train trains",
+    "template": "the processor's own chat template builds prompts",
+    "plot_loss": "loss.png is always written",
+    "overwrite_output_dir": "a run writes into output_dir; a finished run there is refused unless resumed",
+    "overwrite_cache": "vlmtune keeps no preprocessed copy of the data: samples are checked each run, and generated "
+    "data and the vision cache are keyed by their content",
+    "preprocessing_num_workers": "samples are checked and tokenized in the main process before training "
+    "(dataloader_num_workers / data.num_workers sets the loader's workers)",
+    "save_only_model": "checkpoints always hold what resuming needs (optimizer, scheduler, RNG, data position); "
+    "final/ holds the model alone",
+    "ddp_timeout": "processes wait with torch.distributed's default timeout",
+    "eval_strategy": "train.eval_steps sets when to evaluate (and eval data, when set, is scored at the start and end)",
+    "val_size": "give eval data as eval_dataset (data.eval); vlmtune does not split it off the training data",
+    "deepspeed": "sharding is chosen at launch: accelerate launch --config_file examples/accelerate/deepspeed_zero3.yaml "
+    "-m vlmtune train CONFIG",
+}
+NOTED_KEYS = {
+    "stage",
+    "bf16",
+    "fp16",
+    "report_to",
+    "resume_from_checkpoint",
+    "mix_strategy",
+    "interleave_probs",
+    "streaming",
+    *NO_EFFECT,
+}
 
 LLAMA_FACTORY_KEYS = set(RENAMES) | TUNING_KEYS | NOTED_KEYS
 
@@ -176,6 +211,29 @@ def _tuning(raw: dict, lines: list[str], problems: list[str]) -> dict[str, dict]
     return groups
 
 
+def without_shadowed(raw: dict, override_keys: list[str]) -> dict:
+    """``raw`` without the keys that a command-line override names in the other vocabulary, so the command line wins
+    whichever vocabulary the file and the override use (``output_dir=DIR`` over a file's ``train.output_dir``, and
+    ``train.output_dir=DIR`` over a file's ``output_dir``)."""
+    out = dict(raw)
+    native_of = dict(RENAMES)
+    flat_of = {v: k for k, v in RENAMES.items()}
+    for key in override_keys:
+        if key in native_of:
+            first, *rest = native_of[key].split(".")
+            if isinstance(out.get(first), dict):
+                node = out[first] = dict(out[first])
+                for part in rest[:-1]:
+                    if not isinstance(node.get(part), dict):
+                        break
+                    node = node[part] = dict(node[part])
+                else:
+                    node.pop(rest[-1], None)
+        elif key in flat_of:
+            out.pop(flat_of[key], None)
+    return out
+
+
 def translate(raw: dict) -> tuple[dict, list[str], list[str]]:
     """Splits a raw config into vlmtune's nested keys and translated LLaMA-Factory keys.
 
@@ -208,10 +266,7 @@ def translate(raw: dict) -> tuple[dict, list[str], list[str]]:
             lines.append("stage: sft -> not needed (vlmtune train is supervised fine-tuning)")
     if "finetuning_type" in flat and flat["finetuning_type"] == "lora":
         lines.append("finetuning_type: lora -> LoRA per group, as lora_target says")
-    if flat.get("bf16") or flat.get("fp16"):
-        dtype = "bfloat16" if flat.get("bf16") else "float16"
-        _set(out, "model.dtype", dtype)
-        lines.append(f"{'bf16' if flat.get('bf16') else 'fp16'}: true -> model.dtype={dtype}")
+    _precision(flat, out, lines)
     if "report_to" in flat:
         targets = [t for t in _split_list(flat["report_to"]) if t != "none"]
         bad = [t for t in targets if t != "tensorboard"]
@@ -219,16 +274,83 @@ def translate(raw: dict) -> tuple[dict, list[str], list[str]]:
             problems.append(f"'report_to: {', '.join(bad)}' is not supported; use tensorboard or none")
         _set(out, "train.report_to", [t for t in targets if t == "tensorboard"])
         lines.append(f"report_to: {flat['report_to']} -> train.report_to")
-    for key in ("template", "plot_loss", "do_train", "overwrite_output_dir"):
+    if "resume_from_checkpoint" in flat:
+        _resume(flat, out, lines, problems)
+    if "streaming" in flat:
+        load = "lazy" if flat["streaming"] else "upfront"
+        _set(out, "data.load", load)
+        lines.append(f"streaming: {flat['streaming']} -> data.load={load} (JSONL read by a byte-offset index)")
+    if "mix_strategy" in flat or "interleave_probs" in flat:
+        _mix(flat, out, lines, problems)
+    for key, why in NO_EFFECT.items():
         if key in flat:
-            lines.append(
-                f"{key}: {flat[key]} -> not needed ("
-                + {
-                    "template": "the processor's own chat template builds prompts",
-                    "plot_loss": "loss.png is always written",
-                    "do_train": "vlmtune train trains",
-                    "overwrite_output_dir": "output_dir is written into",
-                }[key]
-                + ")"
-            )
+            lines.append(f"{key}: {flat[key]} -> no effect ({why})")
     return deep_merge(out, native), lines, problems
+
+
+def _precision(flat: dict, out: dict, lines: list[str]) -> None:
+    """bf16 / fp16: the weight dtype on a GPU; on a machine without one they are noted and ignored (float32)."""
+    import torch  # here: config loading without a precision key does not pay for it
+
+    for key, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        if not flat.get(key):
+            continue
+        if not torch.cuda.is_available():
+            lines.append(f"{key}: true -> no effect on this machine (no GPU: trains in float32)")
+        elif "model" not in out or "dtype" not in out["model"]:
+            _set(out, "model.dtype", dtype)
+            lines.append(f"{key}: true -> model.dtype={dtype}")
+
+
+def _resume(flat: dict, out: dict, lines: list[str], problems: list[str]) -> None:
+    """resume_from_checkpoint: a checkpoint of this run's output_dir resumes it (vlmtune takes the newest complete
+    one, which is also what LLaMA-Factory users almost always give); elsewhere is refused."""
+    value = flat["resume_from_checkpoint"]
+    if value in (None, False, "", "null", "none", "None"):
+        lines.append(f"resume_from_checkpoint: {value} -> no effect (a new run; `vlmtune train --resume` resumes)")
+        return
+    output_dir = flat.get("output_dir")
+    if value is True or (output_dir and PurePath(str(value)).parent == PurePath(str(output_dir))):
+        _set(out, "train.resume", "auto")
+        lines.append(
+            f"resume_from_checkpoint: {value} -> train.resume=auto (the newest complete checkpoint of output_dir)"
+        )
+        return
+    problems.append(
+        f"'resume_from_checkpoint: {value}': vlmtune resumes a run from its own output_dir (train.resume: auto, "
+        "or `vlmtune train --resume`); set output_dir to the run folder that holds this checkpoint"
+    )
+
+
+def _mix(flat: dict, out: dict, lines: list[str], problems: list[str]) -> None:
+    """mix_strategy: concat | interleave_under | interleave_over, with interleave_probs -> weighted sources."""
+    strategy = str(flat.get("mix_strategy", "concat"))
+    if strategy not in ("concat", "interleave_under", "interleave_over"):
+        problems.append(f"'mix_strategy: {strategy}' is not one of concat, interleave_under, interleave_over")
+        return
+    if strategy == "concat":
+        if "interleave_probs" in flat:
+            problems.append("'interleave_probs' is set but mix_strategy is concat; use interleave_under or _over")
+        else:
+            lines.append("mix_strategy: concat -> no effect (sources are read one after another)")
+        return
+    names = _split_list(flat.get("dataset"))
+    raw_probs = _split_list(flat.get("interleave_probs"))
+    try:
+        probs = [float(p) for p in raw_probs] if raw_probs else [1.0] * len(names)
+    except ValueError:
+        problems.append(f"'interleave_probs: {flat['interleave_probs']}' must be numbers, one per dataset")
+        return
+    if len(probs) != len(names) or any(p <= 0 for p in probs):
+        problems.append(
+            f"'interleave_probs' needs one positive number per dataset ({len(names)}: {', '.join(names)}), "
+            f"got {len(probs)}"
+        )
+        return
+    data = out.setdefault("data", {})
+    data["train"] = [{"path": n, "weight": p} for n, p in zip(names, probs)]
+    data["mix_epoch"] = "under" if strategy == "interleave_under" else "over"
+    lines.append(
+        f"mix_strategy: {strategy}, interleave_probs: {','.join(map(str, probs))} -> data.train weights "
+        f"{', '.join(f'{n}={p}' for n, p in zip(names, probs))}, data.mix_epoch={data['mix_epoch']}"
+    )

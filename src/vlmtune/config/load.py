@@ -10,8 +10,8 @@ from pydantic import BaseModel, ValidationError
 
 from vlmtune.config.checks import raw_problems, semantic_problems
 from vlmtune.config.errors import ConfigError, format_validation_error
-from vlmtune.config.llamafactory import LLAMA_FACTORY_KEYS, translate
-from vlmtune.config.overrides import apply_overrides, deep_merge, read_yaml
+from vlmtune.config.llamafactory import LLAMA_FACTORY_KEYS, translate, without_shadowed
+from vlmtune.config.overrides import apply_overrides, deep_merge, parse_override, read_yaml
 from vlmtune.config.schema import DEFAULT_GROUPS, GROUPS, Config, GroupConfig, StageConfig
 from vlmtune.config.stages import stage_problems
 
@@ -29,6 +29,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, ech
     """
     source = str(path) if path else "defaults"
     raw = read_yaml(path) if path else {}
+    keys = [parse_override(o)[0] for o in overrides or []]
+    raw = without_shadowed(raw, [".".join(k) for k in keys])
     raw = apply_overrides(raw, overrides or [])
     native, lines, problems = translate(raw)
     for line in lines:
