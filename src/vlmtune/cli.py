@@ -55,14 +55,19 @@ def _add_commands(sub) -> None:
     p = sub.add_parser("predict", help="generate an answer for every sample of a data file (JSONL out)")
     p.add_argument("--checkpoint", required=True, help=ck)
     _add_trust_arg(p)
-    p.add_argument("--data", required=True, help="data file (ShareGPT JSON/JSONL) or builtin:shapes:TASK")
+    p.add_argument(
+        "--data", required=True, help="data file (ShareGPT JSON/JSONL, with images and videos) or builtin:shapes:TASK"
+    )
     p.add_argument("--out", required=True, help="predictions file: one JSON line per sample")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8)")
     p.add_argument("--limit", type=int, help="only the first N samples")
     _add_generation_args(p)
     p.set_defaults(func=predict.predict_command)
 
-    p = sub.add_parser("chat", help="talk to a checkpoint; '/image PATH' attaches an image file")
+    p = sub.add_parser(
+        "chat",
+        help="talk to a checkpoint; '/image PATH' attaches an image file, '/video PATH' a video or frames folder",
+    )
     p.add_argument("--checkpoint", required=True, help=ck)
     _add_trust_arg(p)
     _add_generation_args(p)

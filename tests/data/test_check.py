@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vlmtune.commands.data import load_processor, run_check
-from vlmtune.config.schema import DataConfig
+from vlmtune.config.data import DataConfig
 from vlmtune.data.dataset import build_dataset
 from vlmtune.data.sharegpt import KINDS, DataError, Problem, Sample, read_file
 from vlmtune.data.sources import iter_split
@@ -109,12 +109,17 @@ def _expected(bad_dir: Path) -> list[Problem]:
 
 # Kinds exercised by their own tests below rather than in bad.jsonl.
 TEMPLATE_KINDS = {"image in answer", "control token"}
+# Exercised in tests/data/test_video.py (videos are made there with PyAV).
+VIDEO_KINDS = {"video in answer", "video count", "video missing", "video unreadable", "video unsupported"}
+
+
+# Exercised in tests/data/test_formats.py (a Parquet file that is not one).
+FORMAT_KINDS = {"unreadable dataset"}
 
 
 def test_every_kind_is_exercised():
-    assert {k for k, _ in EXPECTED.values()} | {"file missing", "no samples", "bad sample"} | TEMPLATE_KINDS == set(
-        KINDS
-    )
+    exercised = {k for k, _ in EXPECTED.values()} | {"file missing", "no samples", "bad sample"} | TEMPLATE_KINDS
+    assert exercised | VIDEO_KINDS | FORMAT_KINDS == set(KINDS)
 
 
 def test_text_that_would_teach_the_template_wrong_is_an_error(tiny_dir, tmp_path, capsys):

@@ -13,16 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from vlmtune.config.schema import DataConfig
+from vlmtune.config.data import DataConfig
 from vlmtune.data import shapes
 from vlmtune.data.collate import IGNORE, encode_text, image_token_counts, to_chat
 from vlmtune.data.dataset import LengthReport, VLMDataset, build_dataset
 from vlmtune.data.sharegpt import DataError, Format, Sample, read_samples
-from vlmtune.data.sources import resolve_source
+from vlmtune.data.sources import resolve
 from vlmtune.paths import cache_dir
 
 ASSETS = Path(__file__).parents[1] / "assets"
 RED, BLUE, BIG, CORRUPT = (ASSETS / n for n in ("red_square.png", "blue_circle.png", "big_gray.png", "corrupt.png"))
+
+
+def _resolved(spec, data, split):
+    """(first file, record format) of a resolved source."""
+    source = resolve(spec, data, split)
+    return source.files[0], source.fmt
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +283,7 @@ def test_mixed_policies_report_counts(processor):
 
 def test_builtin_source_resolves_and_generates(processor):
     data = DataConfig(builtin_train_samples=6, builtin_eval_samples=3)
-    path, fmt = resolve_source("builtin:shapes:position", data, "train")
+    path, fmt = _resolved("builtin:shapes:position", data, "train")
     assert fmt == Format()
     assert path == cache_dir() / "shapes" / "position-train-6-s0" / "train.jsonl"
     assert str(path).startswith(os.environ["VLMTUNE_CACHE"])
@@ -287,10 +293,10 @@ def test_builtin_source_resolves_and_generates(processor):
     assert all(s.messages[1][1] in shapes.POSITIONS for s in train)
     # cached: a second resolve does not write again
     mtime = path.stat().st_mtime_ns
-    assert resolve_source("builtin:shapes:position", data, "train")[0] == path
+    assert _resolved("builtin:shapes:position", data, "train")[0] == path
     assert path.stat().st_mtime_ns == mtime
     # eval is a different draw of its own size
-    eval_path, _ = resolve_source("builtin:shapes:position", data, "eval")
+    eval_path, _ = _resolved("builtin:shapes:position", data, "eval")
     assert eval_path == cache_dir() / "shapes" / "position-eval-3-s1" / "eval.jsonl"
     evals = read_samples(eval_path)
     assert len(evals) == 3
@@ -310,7 +316,7 @@ def test_builtin_compare_has_two_images(processor):
 
 def test_unknown_builtin_task_lists_valid_ones():
     with pytest.raises(DataError) as info:
-        resolve_source("builtin:shapes:colour", DataConfig(), "train")
+        _resolved("builtin:shapes:colour", DataConfig(), "train")
     valid = ", ".join(f"builtin:shapes:{t}" for t in shapes.TASKS)
     assert info.value.problems == [f"'builtin:shapes:colour': unknown builtin task 'colour'; valid: {valid}"]
     assert "builtin:shapes:color" in info.value.problems[0]

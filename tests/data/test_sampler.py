@@ -54,3 +54,47 @@ def test_grouping_reduces_padding():
     random = padding(EpochSampler(400, seed=0).order())
     grouped = padding(EpochSampler(400, seed=0, lengths=lengths, batch_size=8).order())
     assert grouped < random / 5, (grouped, random)
+
+
+def _mixed(sources, weights, epoch="sum", seed=0):
+    from vlmtune.data.sampler import Mix
+
+    return EpochSampler(len(sources), seed, mix=Mix(tuple(sources), tuple(weights), epoch))
+
+
+def test_a_weighted_mix_draws_each_source_its_share():
+    sources = [0] * 100 + [1] * 10  # a big source and a small one, weighted 1:1
+    s = _mixed(sources, [1, 1])
+    order = s.order()
+    assert len(order) == len(s) == 110  # "sum": as many as the sources hold
+    drawn = [sources[i] for i in order]
+    assert drawn.count(0) == 55 and drawn.count(1) == 55
+    small = [i for i in order if sources[i] == 1]
+    assert sorted(set(small)) == list(range(100, 110))  # the small source repeats: every item 5 or 6 times
+    assert {small.count(i) for i in range(100, 110)} <= {5, 6}
+    big = [i for i in order if sources[i] == 0]
+    assert len(set(big)) == 55  # the big one is subsampled without repeats ...
+    s.set_epoch(1)
+    assert {i for i in s.order() if sources[i] == 0} != set(big)  # ... afresh each epoch
+    mix = s.realised_mix()
+    assert mix[1] == {"source": 1, "drawn": 55, "distinct": 10, "held": 10}
+
+
+def test_mix_epoch_sizes_follow_llama_factorys_interleave_strategies():
+    sources = [0] * 30 + [1] * 10
+    assert len(_mixed(sources, [0.5, 0.5], "under")) == 20  # the small source is used up after 20 draws
+    assert len(_mixed(sources, [0.5, 0.5], "over")) == 60  # the big one is seen whole after 60
+    assert len(_mixed(sources, [3, 1], 8)) == 8
+    assert [sum(1 for i in _mixed(sources, [3, 1], 8).order() if sources[i] == k) for k in (0, 1)] == [6, 2]
+
+
+def test_a_mixed_order_is_a_function_of_seed_epoch_and_start():
+    sources = [k % 3 for k in range(40)]
+    a, b = _mixed(sources, [1, 2, 3], seed=7), _mixed(sources, [1, 2, 3], seed=7)
+    torch.manual_seed(1)
+    first = list(a)
+    torch.manual_seed(2)
+    assert list(b) == first
+    b.start = 13
+    assert list(b) == first[13:] and len(b) == len(first) - 13
+    assert list(_mixed(sources, [1, 2, 3], seed=8)) != first

@@ -45,7 +45,7 @@ def _folder_bytes(root: Path) -> dict[str, bytes]:
 
 
 def test_tasks_constant():
-    assert TASKS == ("caption", "attributes", "color", "shape", "size", "position", "compare", "pretrain")
+    assert TASKS == ("caption", "attributes", "color", "shape", "size", "position", "compare", "pretrain", "motion")
 
 
 def test_same_arguments_give_identical_bytes(tmp_path):
@@ -64,7 +64,10 @@ def test_different_seed_gives_different_data(tmp_path):
     assert a.read_bytes() != b.read_bytes()
 
 
-@pytest.mark.parametrize("task", TASKS)
+IMAGE_TASKS = [t for t in TASKS if t != "motion"]  # motion writes videos: tests/data/test_video.py
+
+
+@pytest.mark.parametrize("task", IMAGE_TASKS)
 def test_format_paths_and_answer_vocabulary(tmp_path, task):
     path = generate_shapes(tmp_path, 60, task, seed=1, image_size=48)
     rows = _rows(path)
@@ -179,7 +182,7 @@ def test_corpus_covers_every_generated_text(tmp_path):
     assert len(corpus) == len(corpus_texts())
     assert {"system", "user", "assistant", "You are a helpful assistant.", "yes", "no"} <= corpus
     assert CAPTIONS <= corpus
-    for task in TASKS:
+    for task in IMAGE_TASKS:  # motion's question is new text; its answers are corpus words (test_video.py)
         for row in _rows(generate_shapes(tmp_path, 50, task, seed=4, name=task)):
             for m in row["messages"]:
                 assert m["role"] in corpus

@@ -1,4 +1,4 @@
-"""Reading multimodal ShareGPT data (vlmtune.data.sharegpt) and resolving data sources (dataset.resolve_source)."""
+"""Reading multimodal ShareGPT data (vlmtune.data.sharegpt) and resolving data sources (data.sources.resolve)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,19 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_jsonl
-from vlmtune.config.schema import DataConfig
+from vlmtune.config.data import DataConfig
 from vlmtune.data.sharegpt import DataError, DuplicateFinder, Format, Problem, Sample, read_file, read_samples
-from vlmtune.data.sources import resolve_source
+from vlmtune.data.sources import resolve
 
 ASSETS = Path(__file__).parents[1] / "assets"
 RED = ASSETS / "red_square.png"
 BLUE = ASSETS / "blue_circle.png"
+
+
+def _resolved(spec, data, split):
+    """(first file, record format) of a resolved source."""
+    source = resolve(spec, data, split)
+    return source.files[0], source.fmt
 
 
 @pytest.fixture
@@ -213,9 +219,10 @@ def test_dataset_info_name_with_columns_and_tags(data_dir):
             "plain": {"file_name": "plain.jsonl"},
         },
     )
-    path, fmt = resolve_source("custom", DataConfig(dataset_dir=str(data_dir)), "train")
+    path, fmt = _resolved("custom", DataConfig(dataset_dir=str(data_dir)), "train")
     assert path == data_dir / "custom.jsonl"
     assert fmt == Format(
+        formatting="sharegpt",
         messages="dialog",
         images="pics",
         system="sys",
@@ -242,15 +249,15 @@ def test_dataset_info_llama_factory_sharegpt_entry(data_dir):
             }
         },
     )
-    path, fmt = resolve_source("lf_demo", DataConfig(dataset_dir=str(data_dir)), "train")
+    path, fmt = _resolved("lf_demo", DataConfig(dataset_dir=str(data_dir)), "train")
     (s,) = read_samples(path, fmt)
     assert s.messages == [("user", "<image>What is it?"), ("assistant", "a red square")]
 
 
 def test_a_file_path_wins_over_dataset_info(data_dir):
     path = write_jsonl(data_dir / "t.jsonl", [MESSAGES_RECORD])
-    assert resolve_source(str(path), DataConfig(dataset_dir=str(data_dir)), "train") == (path, Format())
-    assert resolve_source(str(path), DataConfig(), "eval") == (path, Format())
+    assert _resolved(str(path), DataConfig(dataset_dir=str(data_dir)), "train") == (path, Format())
+    assert _resolved(str(path), DataConfig(), "eval") == (path, Format())
 
 
 @pytest.mark.parametrize(
@@ -265,7 +272,7 @@ def test_dataset_info_errors(data_dir, spec, with_info, expected):
     if with_info:
         _dataset_info(data_dir, {"beta": {"file_name": "b.jsonl"}, "alpha": {"file_name": "a.jsonl"}})
     with pytest.raises(DataError) as info:
-        resolve_source(spec, DataConfig(dataset_dir=str(data_dir)), "train")
+        _resolved(spec, DataConfig(dataset_dir=str(data_dir)), "train")
     assert info.value.problems == [expected.format(info=data_dir / "dataset_info.json")]
 
 
@@ -281,15 +288,17 @@ def test_dataset_info_errors(data_dir, spec, with_info, expected):
 def test_a_damaged_dataset_info_is_named(data_dir, content, expected):
     (data_dir / "dataset_info.json").write_text(content, encoding="utf-8")
     with pytest.raises(DataError) as info:
-        resolve_source("alpha", DataConfig(dataset_dir=str(data_dir)), "train")
+        _resolved("alpha", DataConfig(dataset_dir=str(data_dir)), "train")
     (problem,) = info.value.problems
     assert problem.startswith(expected.format(info=data_dir / "dataset_info.json")), problem
 
 
 def test_unknown_source_without_dataset_dir():
     with pytest.raises(DataError) as info:
-        resolve_source("nope.jsonl", DataConfig(), "train")
-    assert info.value.problems[0].startswith("data file 'nope.jsonl' does not exist (give a JSON/JSONL path")
+        _resolved("nope.jsonl", DataConfig(), "train")
+    assert info.value.problems[0].startswith(
+        "data file 'nope.jsonl' does not exist (give a JSON/JSONL/Parquet/Arrow path"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,9 +369,9 @@ BAD_RECORDS = [
         "assistant turn 1 is empty",
     ),
     (
-        "content-not-text",
+        "content-parts-without-the-image",  # OpenAI content parts: the listed image needs an image part
         {**GOOD, "messages": [_msg("user", [{"type": "text", "text": "a"}]), _msg("assistant", "b")]},
-        "turn 0 has no text 'content'",
+        '1 image(s) of \'images\' not referred to by a {{"type": "image"}} content part',
     ),
     ("turn-not-object", {**GOOD, "messages": [_msg("user", "<image>a"), "assistant: b"]}, "turn 1 is not an object"),
     ("first-conversation-turn-not-object", {"conversations": [1, _conv("gpt", "b")]}, "turn 0 is not an object"),
@@ -505,7 +514,7 @@ KIND_OF = {
     "unknown-role": "role",
     "unknown-from": "role",
     "empty-answer": "empty answer",
-    "content-not-text": "bad sample",
+    "content-parts-without-the-image": "bad sample",
     "turn-not-object": "bad sample",
     "first-conversation-turn-not-object": "bad sample",
     "no-turns": "bad sample",

@@ -40,9 +40,10 @@ def predict_command(args: argparse.Namespace) -> int:
 
 
 def chat_command(args: argparse.Namespace) -> int:
-    """``vlmtune chat --checkpoint DIR``: '/image PATH' attaches an image file."""
-    model, processor, _ = load_checkpoint(
+    """``vlmtune chat --checkpoint DIR``: '/image PATH' attaches an image file, '/video PATH' a video (sampled and
+    sized by the checkpoint's data settings)."""
+    model, processor, saved = load_checkpoint(
         resolve_checkpoint(args.checkpoint)[0], device(), trust_remote_code=args.trust_remote_code
     )
-    chat(model, processor, generation(args))
+    chat(model, processor, generation(args), data=with_overrides(saved, []).data)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlmtune.config.data import DataSource
 from vlmtune.config.schema import BUILTIN_MODEL, GROUPS, Config
 
 
@@ -35,8 +36,31 @@ def semantic_problems(cfg: Config) -> list[str]:
             problems.append(f"'groups.{name}.targets' is an empty list")
     if not any(cfg.group(g).mode != "frozen" for g in GROUPS):
         problems.append("every group is frozen: set at least one of groups.<group>.mode to lora or full")
+    problems += _mix_problems(cfg.data)
     if cfg.train.packing_length is not None and not cfg.train.packing:
         problems.append(
             "'train.packing_length' is set but train.packing is false: set train.packing: true or drop packing_length"
         )
+    if cfg.data.load == "lazy" and cfg.train.group_by_length:
+        problems.append(
+            "'train.group_by_length' sorts batches by every sample's length before training, but 'data.load' is lazy "
+            "(a sample's length is known only when it is read): set train.group_by_length: false, or data.load: "
+            "upfront (every sample read and measured before the first step)"
+        )
     return problems
+
+
+def _mix_problems(data) -> list[str]:
+    """Weights are relative shares of one mix: every training source has one, or none does."""
+    if not isinstance(data.train, list):
+        return []
+    weighted = [isinstance(s, DataSource) and s.weight is not None for s in data.train]
+    if any(weighted) and not all(weighted):
+        bare = [s if isinstance(s, str) else s.path for s, w in zip(data.train, weighted) if not w]
+        return [
+            f"'data.train': some sources have a weight and {', '.join(bare)} not; give every source a weight "
+            "(its share of each epoch) or none (every sample once per epoch)"
+        ]
+    if isinstance(data.eval, list) and any(isinstance(s, DataSource) and s.weight is not None for s in data.eval):
+        return ["'data.eval': weights mix training data only; evaluation reads every eval sample once"]
+    return []

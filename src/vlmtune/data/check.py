@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from vlmtune.config.schema import Config
 from vlmtune.config.stages import resolve_stages
 from vlmtune.data.dataset import check_sample
-from vlmtune.data.sharegpt import KINDS, WARNING_KINDS, DataError, DuplicateFinder, Problem, count_records
-from vlmtune.data.sources import iter_split, resolve_source
+from vlmtune.data.index import record_count
+from vlmtune.data.sharegpt import KINDS, WARNING_KINDS, DataError, DuplicateFinder, Problem
+from vlmtune.data.sources import entries, iter_split, resolve
 from vlmtune.tracking import text_table
 
 
@@ -41,17 +42,19 @@ class SplitCheck:
         return Counter(p.kind for p in self.problems)
 
 
-def _total(specs: str | list[str], cfg: Config, split: str) -> int | None:
-    """Records to read, for the progress bar (None when a source is a JSON list or does not resolve)."""
+def _total(specs, cfg: Config, split: str) -> int | None:
+    """Records to read, for the progress bar: from each JSONL file's saved index (``vlmtune.data.index``), else its
+    lines; None when a source is not JSONL; unresolved sources count 0."""
     total = 0
-    for spec in [specs] if isinstance(specs, str) else specs:
+    for entry in entries(specs):
         try:
-            n = count_records(resolve_source(spec, cfg.data, split)[0])
+            source = resolve(entry, cfg.data, split)
         except DataError:
-            n = 0
-        if n is None:
+            continue
+        counts = [record_count(path) for path in source.files]
+        if None in counts:
             return None
-        total += n
+        total += min(sum(counts), source.max_samples or sum(counts))
     return total
 
 

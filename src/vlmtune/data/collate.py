@@ -1,17 +1,12 @@
-"""Chat template, label masking, an image-safe length limit, and batching.
+"""From a conversation to model inputs, for any family, and batching.
 
-Labels: only assistant turns carry labels (every assistant turn of a multi-turn conversation, its
-end-of-turn token included); system, user, template and image tokens are -100.
-
-The prompt is built by the processor's own chat template. The text is cut at assistant-turn
-boundaries (found by rendering each prefix of the conversation, which must be a prefix of the whole),
-each piece is tokenized on its own, and each image placeholder is expanded to as many image tokens
-as the processor makes features for that image.
+The prompt is built by the processor's own chat template; the answers carry the labels (``vlmtune.data.chat``). The
+text is cut at assistant-turn boundaries, each piece is tokenized on its own, and each image (or video) placeholder is
+expanded to as many tokens as the processor makes features for it.
 
 Two ways to expand the images, both through the family's real processor:
-    * counted (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the image processor says how many tokens an image of a given
-      size makes (``get_number_of_image_patches``), so lengths are known without decoding a pixel, and
-      ``image_min_pixels``/``image_max_pixels`` are the processor's own pixel bounds;
+    * counted (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; ``vlmtune.data.counted``): the token count of an image (and of a
+      Qwen2-VL / Qwen2.5-VL video) follows from its size, so lengths are known without decoding a pixel;
     * processor (every other family): each piece goes through ``processor(text=..., images=...)``, which
       expands its image placeholders in the family's own way (LLaVA's repeated ``<image>``, Idefics3's tiles
       with row/column tags, Gemma 3's ``<start_of_image>`` block, Pixtral's rows with ``[IMG_BREAK]``, ...);
@@ -19,173 +14,60 @@ Two ways to expand the images, both through the family's real processor:
       ``token_type_ids``) are the processor's, and ``image_max_pixels`` downscales the image before it.
       Pieces without an image are plain text and go through the processor's tokenizer. A processor that takes a
       ``suffix`` (PaliGemma, a prefix-LM) gets ``token_type_ids`` 1 from the first answer on (see ``marks_suffix``).
+      These families take no videos: a sample with one is refused by the checks (``counted.video_refusal``).
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
+from vlmtune.data.chat import IGNORE, Encoded, has_video, label_segments, to_chat
+from vlmtune.data.counted import (
+    counts_image_tokens,
+    encode_text,
+    grid_token_counts,
+    image_grid,
+    image_token_counts,
+    process_images,
+    process_videos,
+    video_refusal,
+)
+from vlmtune.data.media import load_image, load_images
 from vlmtune.data.rows import PACK_ROWS, plan_rows
-from vlmtune.data.sharegpt import IMAGE_PLACEHOLDER, Sample
+from vlmtune.data.video import Clip
 
-IGNORE = -100
-"""The label of a token the loss skips (torch cross-entropy's ignore_index): prompt, template, image, padding."""
+# The encoding API in one place: collate's own names and those of chat, counted and media that it builds on.
+__all__ = [
+    "CACHED",
+    "IGNORE",
+    "PER_TOKEN",
+    "TEXT_KEYS",
+    "Encoded",
+    "collate",
+    "counts_image_tokens",
+    "downscale",
+    "encode_example",
+    "encode_text",
+    "encode_with_processor",
+    "expanded_image_token",
+    "grid_token_counts",
+    "image_grid",
+    "image_runs",
+    "image_token_counts",
+    "label_segments",
+    "load_image",
+    "load_images",
+    "marks_suffix",
+    "pad_cat",
+    "process_images",
+    "to_chat",
+]
+
 CACHED = "cached_vision"
 """The item and batch key holding per-image cached vision features in place of pixel_values (vlmtune.train.vision_cache)."""
-
-
-@dataclass
-class Encoded:
-    """One tokenized sample."""
-
-    input_ids: list[int]
-    labels: list[int]
-    image_spans: list[tuple[int, int]]  # [start, end) token span of each image
-
-
-def to_chat(sample: Sample) -> list[dict]:
-    """Messages in the content-parts form that VLM chat templates take: ``<image>`` -> an image part."""
-    chat = []
-    for role, content in sample.messages:
-        parts: list[dict] = []
-        pieces = content.split(IMAGE_PLACEHOLDER)
-        for i, piece in enumerate(pieces):
-            if i > 0:
-                parts.append({"type": "image"})
-            if piece:
-                parts.append({"type": "text", "text": piece})
-        chat.append({"role": role, "content": parts})
-    return chat
-
-
-def label_segments(processor, chat: list[dict]) -> list[tuple[str, bool]]:
-    """Splits the rendered conversation into (text, is_answer) pieces.
-
-    Raises:
-        ValueError: the chat template renders a prefix of the conversation differently from the whole,
-            so answer boundaries cannot be located.
-    """
-    render = processor.apply_chat_template
-    full = render(chat, tokenize=False)
-    segments, pos = [], 0
-    for k, message in enumerate(chat):
-        if message["role"] != "assistant":
-            continue
-        prompt = render(chat[:k], tokenize=False, add_generation_prompt=True)
-        upto = render(chat[: k + 1], tokenize=False)
-        start = len(prompt)
-        if not (full.startswith(upto) and upto.startswith(prompt)) or start < pos:
-            raise ValueError(
-                "the chat template does not render conversation prefixes as prefixes of the whole; "
-                "vlmtune cannot locate the assistant answers for label masking"
-            )
-        segments.append((full[pos:start], False))
-        segments.append((full[start : len(upto)], True))
-        pos = len(upto)
-    if pos < len(full):
-        segments.append((full[pos:], False))
-    return [(t, a) for t, a in segments if t]
-
-
-def image_token_counts(
-    processor, sizes: list[tuple[int, int]], min_pixels: int | None, max_pixels: int | None
-) -> list[int]:
-    """Image tokens the processor makes for images of the given (height, width), without decoding them."""
-    ip = processor.image_processor
-    kwargs = {}
-    if min_pixels:
-        kwargs["min_pixels"] = min_pixels
-    if max_pixels:
-        kwargs["max_pixels"] = max_pixels
-    merge = getattr(ip, "merge_size", 1)
-    return [ip.get_number_of_image_patches(h, w, kwargs) // merge**2 for h, w in sizes]
-
-
-def image_grid(
-    processor, height: int, width: int, min_pixels: int | None, max_pixels: int | None
-) -> tuple[int, int, int]:
-    """The (temporal, height, width) patch grid a Qwen-VL image processor makes for an image of this size, without
-    decoding it (the same ``smart_resize`` the processor runs; one temporal patch for a still image)."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    ip = processor.image_processor
-    patch = ip.patch_size
-    h, w = smart_resize(
-        height,
-        width,
-        patch * ip.merge_size,
-        min_pixels=min_pixels or ip.size["shortest_edge"],
-        max_pixels=max_pixels or ip.size["longest_edge"],
-    )
-    return 1, h // patch, w // patch
-
-
-def encode_text(processor, chat: list[dict], counts: list[int]) -> Encoded:
-    """Token ids and labels of a conversation whose i-th image becomes ``counts[i]`` image tokens."""
-    tok = processor.tokenizer
-    image_token = processor.image_token
-    image_id = tok.convert_tokens_to_ids(image_token)
-    ids: list[int] = []
-    labels: list[int] = []
-    spans: list[tuple[int, int]] = []
-    remaining = list(counts)
-    for text, is_answer in label_segments(processor, chat):
-        pieces = text.split(image_token)
-        for i, piece in enumerate(pieces):
-            if i > 0:
-                if not remaining:
-                    raise ValueError("the chat template produced more image tokens than the sample has images")
-                n = remaining.pop(0)
-                spans.append((len(ids), len(ids) + n))
-                ids += [image_id] * n
-                labels += [IGNORE] * n
-            if piece:
-                piece_ids = tok(piece, add_special_tokens=False)["input_ids"]
-                ids += piece_ids
-                labels += piece_ids if is_answer else [IGNORE] * len(piece_ids)
-    if remaining:
-        raise ValueError(
-            f"the chat template rendered {len(counts) - len(remaining)} image placeholder(s) for {len(counts)} image(s)"
-        )
-    return Encoded(input_ids=ids, labels=labels, image_spans=spans)
-
-
-def load_images(sample: Sample) -> list[Image.Image]:
-    """Decodes a sample's images as RGB.
-
-    Raises:
-        ValueError: an image cannot be opened or decoded; names the sample and the path.
-    """
-    return [load_image(path, sample.where) for path in sample.images]
-
-
-def load_image(path, where: str) -> Image.Image:
-    """Decodes one image as RGB; ``where`` (a sample's file:line) names it in the error."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises several types for corrupt files
-        raise ValueError(f"{where}: image '{path}' cannot be decoded: {e}") from e
-
-
-def process_images(processor, images: list[Image.Image], min_pixels: int | None, max_pixels: int | None) -> dict:
-    """Pixel inputs for a sample's images, within the configured pixel bounds."""
-    if not images:
-        return {}
-    ip = processor.image_processor
-    kwargs = {}
-    if min_pixels or max_pixels:
-        size = dict(ip.size) if getattr(ip, "size", None) else {}
-        if min_pixels:
-            size["shortest_edge"] = min_pixels
-        if max_pixels:
-            size["longest_edge"] = max_pixels
-        kwargs["size"] = size
-    return dict(ip(images=images, return_tensors="pt", **kwargs))
 
 
 PER_TOKEN = "per_token"
@@ -194,12 +76,6 @@ PER_TOKEN = "per_token"
 
 TEXT_KEYS = ("input_ids", "attention_mask", "labels")
 """Processor outputs that vlmtune makes itself: PaliGemma's processor also returns ``labels`` (prefix -100)."""
-
-
-def counts_image_tokens(processor) -> bool:
-    """True where image tokens are counted from image sizes alone (the Qwen-VL image processors)."""
-    ip = getattr(processor, "image_processor", None)
-    return hasattr(ip, "merge_size") and hasattr(ip, "get_number_of_image_patches")
 
 
 def expanded_image_token(processor) -> str:
@@ -310,23 +186,38 @@ def encode_with_processor(processor, chat: list[dict], images: list[Image.Image]
     return Encoded(input_ids=ids, labels=labels, image_spans=image_runs(ids, image_id)), per_token, pixels
 
 
-def grid_token_counts(processor, pixels: dict) -> list[int]:
-    """Image tokens of each processed image of a counted (Qwen-VL) family: its grid's patches / merge_size^2."""
-    merge = getattr(processor.image_processor, "merge_size", 1)
-    return [int(g.prod()) // merge**2 for g in pixels.get("image_grid_thw", [])]
-
-
 def encode_example(
-    processor, chat: list[dict], images: list[Image.Image], min_pixels: int | None, max_pixels: int | None
+    processor,
+    chat: list[dict],
+    images: list[Image.Image],
+    min_pixels: int | None,
+    max_pixels: int | None,
+    videos: list[Clip] | None = None,
+    video_pixels: tuple[int | None, int | None] = (None, None),
 ) -> tuple[Encoded, dict | None, dict]:
-    """Token ids, labels and model inputs of a conversation with its (decoded) images, for any family.
+    """Token ids, labels and model inputs of a conversation with its (decoded) images and videos, for any family.
+
+    Args:
+        videos: the decoded videos, in placeholder order (``vlmtune.data.media.load_videos``).
+        video_pixels: (min, max) pixels of each video frame after resizing; None: the video processor's own.
 
     Returns:
-        (encoded, per-token inputs or None for the counted Qwen-VL families, pixel inputs).
+        (encoded, per-token inputs or None for the counted Qwen-VL families, pixel inputs: ``pixel_values`` and
+        ``image_grid_thw``, and ``pixel_values_videos`` and ``video_grid_thw`` for videos).
+
+    Raises:
+        ValueError: the placeholders do not match the images or videos, or the family takes no videos.
     """
+    if videos or has_video(chat):
+        why = video_refusal(processor)
+        if why is not None:
+            raise ValueError(why)
     if counts_image_tokens(processor):
         pixels = process_images(processor, images, min_pixels, max_pixels)
-        return encode_text(processor, chat, grid_token_counts(processor, pixels)), None, pixels
+        pixels.update(process_videos(processor, videos or [], *video_pixels))
+        counts = grid_token_counts(processor, pixels)
+        video_counts = grid_token_counts(processor, pixels, "video_grid_thw")
+        return encode_text(processor, chat, counts, video_counts), None, pixels
     return encode_with_processor(processor, chat, downscale(images, max_pixels))
 
 

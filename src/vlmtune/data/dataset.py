@@ -3,7 +3,8 @@
 Sources: a JSON/JSONL file, a name in ``dataset_dir/dataset_info.json`` (LLaMA-Factory's registry of
 datasets), or ``builtin:shapes:TASK`` (generated on demand). Every sample goes through ``check_sample``, the
 same checks ``vlmtune data check`` reports: its images are opened and decoded, compared with the
-processor's minimum size, and its length (image tokens included) is held against ``data.max_length``. Bad
+processor's minimum size, its videos opened and decoded (and refused for a family whose processor takes none), and
+its length (image and video tokens included) is held against ``data.max_length``. Bad
 samples stop the run with every problem listed (``data.on_bad_sample: error``) or are skipped and counted
 (``skip``); over-long ones are dropped, downscaled or text-truncated as configured. All of it is in the report.
 """
@@ -19,24 +20,24 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlmtune.config.schema import DataConfig
+from vlmtune.config.data import DataConfig
 from vlmtune.data.augment import Augmenter
-from vlmtune.data.collate import (
-    CACHED,
-    IGNORE,
-    PER_TOKEN,
+from vlmtune.data.chat import IGNORE, to_chat
+from vlmtune.data.collate import CACHED, PER_TOKEN, downscale, encode_example, encode_with_processor
+from vlmtune.data.counted import (
     counts_image_tokens,
-    downscale,
-    encode_example,
     encode_text,
-    encode_with_processor,
     image_grid,
     image_token_counts,
-    load_images,
-    to_chat,
+    process_videos,
+    temporal_patch,
+    video_refusal,
+    video_token_counts,
 )
+from vlmtune.data.media import inspect_images, inspect_videos, load_images, load_videos
 from vlmtune.data.sharegpt import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, DataError, Problem, Sample
 from vlmtune.data.sources import iter_split
+from vlmtune.data.video import VideoInfo
 
 
 @dataclass
@@ -102,6 +103,8 @@ class _Item:
     truncate_at: int | None
     length: int
     sizes: list[tuple[int, int]]  # (height, width) of each image, from the checks
+    videos: list[VideoInfo] = field(default_factory=list)  # each video's metadata, from the checks
+    video_max_pixels: int | None = None  # the per-frame bound its video tokens were counted at
 
 
 @dataclass
@@ -112,47 +115,9 @@ class Checked:
     problems: list[Problem]  # errors (image unreadable or too small), or the "too long" warning
     item: _Item | None  # what the dataset keeps; None when the sample is bad or dropped
     outcome: str  # "kept", "downscaled", "truncated", "dropped" or "bad"
-    length: int | None = None  # tokens at the configured pixel bounds, image tokens included
+    length: int | None = None  # tokens at the configured pixel bounds, image and video tokens included
     image_tokens: int = 0
-
-
-def min_image_size(processor) -> tuple[int, int]:
-    """(shortest side, pixels) below which the processor has to invent detail: one merged patch per side,
-    and its own ``min_pixels`` (Qwen2-VL's ``size["shortest_edge"]`` is a pixel count)."""
-    ip = processor.image_processor
-    side = (getattr(ip, "patch_size", None) or 1) * (getattr(ip, "merge_size", None) or 1)
-    size = getattr(ip, "size", None) or {}
-    return side, int(size.get("shortest_edge") or 0) if "longest_edge" in size else 0
-
-
-def inspect_images(sample: Sample, processor, decode: bool = True) -> tuple[list[tuple[int, int]], list[Problem]]:
-    """(height, width) of each image, opening one at a time, and the problems found.
-
-    With ``decode`` every pixel is read, which finds truncated and corrupt files that open fine.
-    """
-    min_side, min_pixels = min_image_size(processor)
-    sizes, problems = [], []
-    for p in sample.images:
-        try:
-            with Image.open(p) as im:
-                size = (im.height, im.width)
-                if decode:
-                    im.load()
-        except Exception as e:  # PIL raises several types for corrupt files
-            problems.append(Problem(sample.where, "image unreadable", f"image '{p}' cannot be opened: {e}"))
-            continue
-        sizes.append(size)
-        h, w = size
-        if min(h, w) < min_side or h * w < min_pixels:
-            problems.append(
-                Problem(
-                    sample.where,
-                    "image too small",
-                    f"image '{p}' is {w}x{h}, smaller than the processor's "
-                    f"minimum ({min_side} px a side, {min_pixels} pixels); it would be upscaled",
-                )
-            )
-    return sizes, problems
+    video_tokens: int = 0
 
 
 def control_tokens(processor) -> tuple[str, ...]:
@@ -180,9 +145,15 @@ _CONTROL_TOKENS: weakref.WeakKeyDictionary = (
 
 
 def check_sample(sample: Sample, processor, data: DataConfig) -> Checked:
-    """Images opened (and decoded), sizes checked, no control token typed as text, length with image tokens against
-    ``data.max_length``."""
+    """Images opened (and decoded), sizes checked, videos opened (and decoded) for a family that takes them, no
+    control token typed as text, length with image and video tokens against ``data.max_length``."""
     sizes, problems = inspect_images(sample, processor, data.decode_images)
+    videos: list[VideoInfo] = []
+    if sample.videos and (why := video_refusal(processor)) is not None:
+        problems.append(Problem(sample.where, "video unsupported", f"{len(sample.videos)} video(s), but {why}"))
+    elif sample.videos:
+        videos, found = inspect_videos(sample, data)
+        problems += found
     controls = control_tokens(processor)
     for i, (role, content) in enumerate(sample.messages):
         typed = [c for c in controls if c in content]
@@ -198,50 +169,74 @@ def check_sample(sample: Sample, processor, data: DataConfig) -> Checked:
     if problems:
         return Checked(sample, problems, None, "bad")
     limit, policy = data.max_length, data.too_long
+    video_pixels = data.video_max_pixels
     try:
-        enc = _encode(processor, data, sample, sizes, data.image_max_pixels)
-    except ValueError as e:  # the chat template cannot place the answers or the images
+        enc = _encode(processor, data, sample, sizes, data.image_max_pixels, videos, video_pixels)
+    except ValueError as e:  # the chat template cannot place the answers, the images or the videos
         return Checked(sample, [Problem(sample.where, "bad sample", str(e))], None, "bad")
     length = len(enc.input_ids)
     image_tokens = sum(e - s for s, e in enc.image_spans)
-    done = Checked(sample, [], None, "kept", length, image_tokens)
+    video_tokens = sum(e - s for s, e in enc.video_spans)
+    done = Checked(sample, [], None, "kept", length, image_tokens, video_tokens)
     if length <= limit:
-        done.item = _Item(sample, data.image_max_pixels, None, length, sizes)
+        done.item = _Item(sample, data.image_max_pixels, None, length, sizes, videos, video_pixels)
         return done
-    if policy == "downscale" and sample.images:
+    if policy == "downscale" and (sample.images or videos):
         if counts_image_tokens(processor):
             max_pixels = data.image_max_pixels or processor.image_processor.size.get("longest_edge")
             floor = data.image_min_pixels or processor.image_processor.size.get("shortest_edge") or 1
         else:  # the image itself is shrunk before the processor sees it
-            max_pixels = data.image_max_pixels or max(h * w for h, w in sizes)
+            max_pixels = data.image_max_pixels or max((h * w for h, w in sizes), default=1)
             floor = data.image_min_pixels or 1
+        if videos:  # each frame's bound halves with the images' (videos: counted families only)
+            video_pixels = video_pixels or processor.video_processor.size["longest_edge"]
+            video_floor = data.video_min_pixels or processor.video_processor.size["shortest_edge"] or 1
         small = enc
-        while len(small.input_ids) > limit and max_pixels // 2 >= floor:
-            max_pixels //= 2
-            small = _encode(processor, data, sample, sizes, max_pixels)
+        while len(small.input_ids) > limit:
+            shrink_images = bool(sample.images) and max_pixels // 2 >= floor
+            shrink_videos = bool(videos) and video_pixels // 2 >= video_floor
+            if not (shrink_images or shrink_videos):
+                break
+            if shrink_images:
+                max_pixels //= 2
+            if shrink_videos:
+                video_pixels //= 2
+            small = _encode(processor, data, sample, sizes, max_pixels, videos, video_pixels)
         if len(small.input_ids) <= limit:
-            done.item, done.outcome = _Item(sample, max_pixels, None, len(small.input_ids), sizes), "downscaled"
+            kept = _Item(sample, max_pixels, None, len(small.input_ids), sizes, videos, video_pixels)
+            done.item, done.outcome = kept, "downscaled"
     if policy == "truncate" and done.item is None:
-        image_end = max((e for _, e in enc.image_spans), default=0)
-        if image_end <= limit and any(lab != IGNORE for lab in enc.labels[:limit]):
-            done.item, done.outcome = _Item(sample, data.image_max_pixels, limit, limit, sizes), "truncated"
+        if enc.vision_end <= limit and any(lab != IGNORE for lab in enc.labels[:limit]):
+            kept = _Item(sample, data.image_max_pixels, limit, limit, sizes, videos, data.video_max_pixels)
+            done.item, done.outcome = kept, "truncated"
     if done.item is None:
         done.outcome = "dropped"
+    of_videos = f", {video_tokens} video tokens for {len(videos)} video(s)" if videos else ""
     done.problems.append(
         Problem(
             sample.where,
             "too long",
-            f"{length} tokens ({image_tokens} of them image tokens for "
-            f"{len(sample.images)} image(s)) > data.max_length={limit}; data.too_long={policy}: {done.outcome}",
+            f"{length} tokens ({image_tokens} of them image tokens for {len(sample.images)} image(s){of_videos}) "
+            f"> data.max_length={limit}; data.too_long={policy}: {done.outcome}",
         )
     )
     return done
 
 
-def _encode(processor, data: DataConfig, sample: Sample, sizes: list[tuple[int, int]], max_pixels: int | None):
+def _encode(
+    processor,
+    data: DataConfig,
+    sample: Sample,
+    sizes: list[tuple[int, int]],
+    max_pixels: int | None,
+    videos: list[VideoInfo] | None = None,
+    video_max_pixels: int | None = None,
+):
     if counts_image_tokens(processor):
         counts = image_token_counts(processor, sizes, data.image_min_pixels, max_pixels)
-        return encode_text(processor, to_chat(sample), counts)
+        fps, frames, low = data.video_fps, data.video_max_frames, data.video_min_pixels
+        video_counts = video_token_counts(processor, videos or [], fps, frames, low, video_max_pixels)
+        return encode_text(processor, to_chat(sample), counts, video_counts)
     # Token counts depend on image sizes only: blank images of the real sizes stand in for the decoded ones.
     blanks = downscale([Image.new("RGB", (w, h)) for h, w in sizes], max_pixels)
     return encode_with_processor(processor, to_chat(sample), blanks)[0]
@@ -306,36 +301,65 @@ class VLMDataset(Dataset):
     def lengths(self) -> list[int]:
         return [it.length for it in self.items]
 
+    def source_ids(self) -> list[int]:
+        """The source (index into the split's list of sources) of each item, for weighted mixing."""
+        return [it.sample.source for it in self.items]
+
     def use_vision_cache(self, keys, cache) -> None:
         """From now on, items carry each image's patch grid and its features read from ``cache`` (a
         ``vision_cache.VisionCache``, under its key in ``keys``, an ``ImageKeys``) instead of pixel inputs: images
-        are neither decoded nor preprocessed. Only for a counted (Qwen-VL) family without augmentation; the cache
-        must hold every image before items are read (``vision_cache.missing_images`` lists what it lacks)."""
+        are neither decoded nor preprocessed. Videos are not cached: they are decoded and go through the (frozen)
+        tower at every step. Only for a counted (Qwen-VL) family without augmentation; the cache must hold every
+        image before items are read (``vision_cache.missing_images`` lists what it lacks)."""
         if self.augment is not None or not counts_image_tokens(self.processor):
             raise ValueError("the vision cache needs a Qwen-VL image processor and no augmentation")
         self.vision_keys, self.vision_cache = keys, cache.reader()
 
     def __getitem__(self, index: int) -> dict:
-        item = self.items[index]
+        return self.encode(self.items[index], index)
+
+    def encode(self, item: _Item, index: int) -> dict:
+        """A checked sample's model inputs; ``index`` (with the epoch) seeds its augmentation."""
         if self.vision_keys is not None:
             return self._cached_item(item)
         images = load_images(item.sample)
         if self.augment is not None:
             images = [self.augment(im, index, self.epoch, k) for k, im in enumerate(images)]
         extra = {}
+        videos = self._videos(item)
+        video_pixels = (self.data.video_min_pixels, item.video_max_pixels)
         enc, per_token, pixels = encode_example(
-            self.processor, to_chat(item.sample), images, self.data.image_min_pixels, item.max_pixels
+            self.processor,
+            to_chat(item.sample),
+            images,
+            self.data.image_min_pixels,
+            item.max_pixels,
+            videos,
+            video_pixels,
         )
         if per_token is not None:
             extra[PER_TOKEN] = {k: v[: item.truncate_at] for k, v in per_token.items()}
         return {**_cut(item, enc), **extra, **pixels}
 
-    def _cached_item(self, item: _Item) -> dict:
+    def _videos(self, item: _Item) -> list:
+        """The item's videos decoded (none decoded for a sample without videos); not augmented."""
+        return load_videos(item.sample, self.data, temporal_patch(self.processor)) if item.sample.videos else []
 
-        min_pixels, merge = self.data.image_min_pixels, self.processor.image_processor.merge_size
+    def _cached_item(self, item: _Item) -> dict:
+        data, merge = self.data, self.processor.image_processor.merge_size
+        min_pixels = data.image_min_pixels
         grids = [image_grid(self.processor, h, w, min_pixels, item.max_pixels) for h, w in item.sizes]
-        enc = encode_text(self.processor, to_chat(item.sample), [t * h * w // merge**2 for t, h, w in grids])
-        out = _cut(item, enc)
+        video_counts = video_token_counts(
+            self.processor,
+            item.videos,
+            data.video_fps,
+            data.video_max_frames,
+            data.video_min_pixels,
+            item.video_max_pixels,
+        )
+        counts = [t * h * w // merge**2 for t, h, w in grids]
+        out = _cut(item, encode_text(self.processor, to_chat(item.sample), counts, video_counts))
+        out.update(process_videos(self.processor, self._videos(item), data.video_min_pixels, item.video_max_pixels))
         if grids:
             out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
             out[CACHED] = [

@@ -3,7 +3,11 @@
 Everything is generated on demand and is fully determined by its arguments, so tests,
 examples and benchmarks never need a download and two runs produce byte-identical
 files. The output is LLaMA-Factory's multimodal ShareGPT layout (``messages`` +
-``images``), with image paths relative to the JSONL file so a folder can be moved.
+``images``, or ``videos`` for the video task), with paths relative to the JSONL file so a folder can be moved.
+
+The video task, ``motion``, writes short mp4 files (H.264, a few frames) of a shape moving toward one side. It is not
+part of the builtin base's pre-training (neither its mixture nor its tokenizer's corpus): its answers are words the
+corpus has (the positions' ``left``, ``right``, ``top``, ``bottom``), its question is new text.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ QUESTIONS: dict[str, str] = {
     "position": "Where is the shape?",
 }
 COMPARE_QUESTION = "Do the two shapes have the same color?"
+MOTION_QUESTION = "Which side does the shape move to?"
+DIRECTIONS: tuple[str, ...] = ("left", "right", "top", "bottom")  # words of the corpus (the positions')
+MOTION_FRAMES = 4
+MOTION_FPS = 2  # 4 frames at 2 fps: 2 seconds, all taken at the default data.video_fps (2 temporal patches)
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 SYSTEM_PROMPTS: tuple[str, ...] = (
     DEFAULT_SYSTEM_PROMPT,
@@ -47,7 +55,7 @@ SYSTEM_PROMPTS: tuple[str, ...] = (
 # attributes answer: an output token a base never emits keeps its random lm_head row, and
 # no adapter that leaves lm_head frozen can make it likely.
 PRETRAIN_TASKS: tuple[str, ...] = ("caption", "attributes", "shape", "size", "position")
-TASKS: tuple[str, ...] = (*QUESTIONS, "compare", "pretrain")
+TASKS: tuple[str, ...] = (*QUESTIONS, "compare", "pretrain", "motion")
 
 _TWO_TURN_RATE = 0.1
 _SYSTEM_RATE = 0.1
@@ -101,6 +109,11 @@ def render_scene(scene: Scene, image_size: int = 64) -> Image.Image:
     top = scene.position.startswith("top")
     cx = (half / 2 if left else 1.5 * half) + (2 * scene.jitter[0] - 1) * room
     cy = (half / 2 if top else 1.5 * half) + (2 * scene.jitter[1] - 1) * room
+    _draw(img, scene, cx, cy, radius)
+    return img
+
+
+def _draw(img: Image.Image, scene: Scene, cx: float, cy: float, radius: float) -> None:
     fill = COLORS[scene.color]
     draw = ImageDraw.Draw(img)
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
@@ -110,7 +123,35 @@ def render_scene(scene: Scene, image_size: int = 64) -> Image.Image:
         draw.rectangle(box, fill=fill)
     else:
         draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
-    return img
+
+
+def render_motion(scene: Scene, direction: str, image_size: int = 64, frames: int = MOTION_FRAMES) -> list[Image.Image]:
+    """Frames of ``scene``'s shape moving in a straight line from a quarter of the image to three quarters, toward
+    ``direction`` (one of ``DIRECTIONS``); the other coordinate comes from the scene's jitter."""
+    radius = image_size * (0.09 if scene.size == "small" else 0.15)
+    toward = direction in ("right", "bottom")
+    across = image_size * (0.3 + 0.4 * scene.jitter[0])
+    out = []
+    for k in range(frames):
+        along = image_size * (0.25 + 0.5 * (k / (frames - 1) if toward else 1 - k / (frames - 1)))
+        cx, cy = (along, across) if direction in ("left", "right") else (across, along)
+        img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+        _draw(img, scene, cx, cy, radius)
+        out.append(img)
+    return out
+
+
+def write_video(path: Path, frames: list[Image.Image], fps: int = MOTION_FPS) -> None:
+    """Writes frames as an H.264 mp4 with PyAV (one encoder thread: the same frames give the same bytes)."""
+    import av
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"threads": "1"})
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        container.mux(stream.encode())
 
 
 def _single(scene: Scene, task: str) -> list[dict[str, str]]:
@@ -156,11 +197,11 @@ def generate_shapes(
     """Writes a shapes dataset in LLaMA-Factory's multimodal ShareGPT format.
 
     Args:
-        out_dir: Folder to write into; created if missing. Images go to ``out_dir/images``.
+        out_dir: Folder to write into; created if missing. Images go to ``out_dir/images``, videos to ``out_dir/videos``.
         num_samples: Number of samples (JSONL lines).
         task: One of ``TASKS``.
         seed: Random seed; together with ``task`` it fixes every scene.
-        image_size: Width and height of each image in pixels.
+        image_size: Width and height of each image (or video frame) in pixels.
         name: Base name of the JSONL file and prefix of its image files, so several splits
             can share one folder.
 
@@ -178,6 +219,8 @@ def generate_shapes(
     if not name or Path(name).name != name:
         raise ValueError(f"name must be a plain file name, got {name!r}")
     out = Path(out_dir)
+    if task == "motion":
+        return _generate_motion(out, num_samples, seed, image_size, name)
     (out / "images").mkdir(parents=True, exist_ok=True)
     # A string seed is hashed with SHA-512 by random.Random, so it is stable across
     # processes; mixing in the task keeps different tasks from sharing the same images.
@@ -198,6 +241,25 @@ def generate_shapes(
             render_scene(scene, image_size).save(out / rel, format="PNG")
             images.append(rel)
         lines.append(json.dumps({"messages": messages, "images": images}))
+    path = out / f"{name}.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def _generate_motion(out: Path, num_samples: int, seed: int, image_size: int, name: str) -> Path:
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"shapes/motion/{seed}")
+    directions = [DIRECTIONS[i % len(DIRECTIONS)] for i in range(num_samples)]  # each answer equally often
+    rng.shuffle(directions)
+    lines = []
+    for i, direction in enumerate(directions):
+        rel = f"videos/{name}_{i:06d}.mp4"
+        write_video(out / rel, render_motion(random_scene(rng), direction, image_size))
+        messages = [
+            {"role": "user", "content": "<video>" + MOTION_QUESTION},
+            {"role": "assistant", "content": direction},
+        ]
+        lines.append(json.dumps({"messages": messages, "videos": [rel]}))
     path = out / f"{name}.jsonl"
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path

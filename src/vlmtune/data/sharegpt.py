@@ -3,7 +3,8 @@
 Two spellings are accepted, in JSON (a list) or JSONL (an object per line):
 ``{"messages": [{"role": "user", "content": "<image>..."}, ...], "images": ["a.png"]}`` and
 ``{"conversations": [{"from": "human", "value": "<image>..."}, {"from": "gpt", ...}], "images": [...]}``.
-Image paths are relative to the data file's folder (absolute paths are kept).
+Image paths are relative to the data file's folder (absolute paths are kept). Videos likewise: ``"videos": ["a.mp4"]``
+with a ``<video>`` placeholder each, a path being a video file or a folder of frame images. Audio is refused.
 
 Reading streams: ``read_file`` yields each sample or problem in file order (JSONL a line at a time), so a
 100k-sample file is checked without holding it; ``read_samples`` collects a file and raises once with every problem.
@@ -18,8 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_PLACEHOLDER = "<image>"
-VIDEO_PLACEHOLDER = "<video>"
+from vlmtune.data.formats import IMAGE_PLACEHOLDER, Format, RecordError, canonical
+from vlmtune.data.formats import VIDEO_PLACEHOLDER as VIDEO_PLACEHOLDER  # re-exported: readers name both here
 
 ROLE_ALIASES = {
     "user": "user",
@@ -34,6 +35,7 @@ ROLE_ALIASES = {
 KINDS: dict[str, str] = {
     "file missing": "a data file (or dataset name) that does not exist",
     "bad JSON": "a JSON file or JSONL line that does not parse, or a file that is not a list of samples",
+    "unreadable dataset": "a Parquet / Arrow file or datasets folder that cannot be read as a dataset",
     "not UTF-8": "bytes that are not UTF-8 text",
     "no samples": "a data file without a single sample",
     "bad sample": "a record that is not a conversation (not an object, no turns, a turn without text)",
@@ -41,12 +43,17 @@ KINDS: dict[str, str] = {
     "roles out of order": "turns not alternating user, assistant (system first only, ending with an answer)",
     "empty answer": "an assistant turn with no text",
     "image in answer": "an '<image>' placeholder in an assistant turn (images belong to user turns)",
+    "video in answer": "a '<video>' placeholder in an assistant turn (videos belong to user turns)",
     "control token": "a chat template's control token typed as text (<|im_end|>, an image pad, ...)",
     "image count": "'<image>' placeholders not matching the number of images",
     "image missing": "an image file that does not exist",
     "image unreadable": "an image that cannot be opened or fully decoded (corrupt or truncated)",
     "image too small": "an image smaller than the processor's minimum",
-    "too long": "a sample over data.max_length, image tokens included (handled by data.too_long)",
+    "video count": "'<video>' placeholders not matching the number of videos",
+    "video missing": "a video file or frames folder that does not exist",
+    "video unreadable": "a video that cannot be opened or fully decoded, or a folder without frame images",
+    "video unsupported": "a video for a model whose processor takes none (videos train Qwen2-VL and Qwen2.5-VL)",
+    "too long": "a sample over data.max_length, image and video tokens included (handled by data.too_long)",
     "duplicate": "the same messages and images as an earlier sample",
 }
 # Kinds that a run survives without data.on_bad_sample: too-long samples follow data.too_long, duplicates train twice.
@@ -86,25 +93,13 @@ class DataError(ValueError):
 
 @dataclass
 class Sample:
-    """One conversation: messages as (role, content) and the images its placeholders refer to."""
+    """One conversation: messages as (role, content) and the images and videos its placeholders refer to."""
 
     messages: list[tuple[str, str]]
     images: list[Path] = field(default_factory=list)
     where: str = ""  # "file:line" or "file[index]", used in every message about this sample
-
-
-@dataclass
-class Format:
-    """Column and tag names (dataset_info.json's ``columns`` and ``tags``)."""
-
-    messages: str | None = None  # None: whichever of messages / conversations is present
-    images: str = "images"
-    system: str | None = None
-    role_tag: str | None = None
-    content_tag: str | None = None
-    user_tag: str | None = None
-    assistant_tag: str | None = None
-    system_tag: str | None = None
+    source: int = 0  # which source of its split it came from (data.train's order), for weighted mixing
+    videos: list[Path] = field(default_factory=list)  # video files or folders of frames, in placeholder order
 
 
 def is_json_list(path: Path) -> bool:
@@ -186,6 +181,10 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
 
     if not isinstance(obj, dict):
         return None, [problem("bad sample", f"a sample must be a JSON object, found {type(obj).__name__}")]
+    try:
+        obj, fmt = canonical(obj, fmt)
+    except RecordError as e:
+        return None, [problem("bad sample", str(e))]
     key = fmt.messages or ("messages" if "messages" in obj else "conversations")
     turns = obj.get(key)
     if not isinstance(turns, list) or not turns:
@@ -255,31 +254,64 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
                     "in text, it would be trained to write the image's tokens)",
                 )
             )
-    raw_images = obj.get(fmt.images) or []
-    if isinstance(raw_images, str):
-        raw_images = [raw_images]
-    if not isinstance(raw_images, list) or not all(isinstance(p, str) and p for p in raw_images):
-        problems.append(
-            problem("bad sample", f"'{fmt.images}' must be a list of image paths (strings), got {raw_images!r:.80}")
-        )
-        return None, problems
-    images = [Path(p) if Path(p).is_absolute() else base / p for p in raw_images]
-    n_placeholders = sum(c.count(IMAGE_PLACEHOLDER) for _, c in messages)
-    if n_placeholders != len(images):
+        if role == "assistant" and VIDEO_PLACEHOLDER in content and roles_ok:
+            problems.append(
+                problem(
+                    "video in answer",
+                    f"assistant turn {turn} holds '{VIDEO_PLACEHOLDER}'; videos go in user turns (a model answers "
+                    "in text, it would be trained to write the video's tokens)",
+                )
+            )
+    if obj.get(fmt.audios):
         problems.append(
             problem(
-                "image count",
-                f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {len(images)} image(s); each image needs one placeholder where it appears",
+                "bad sample",
+                f"'{fmt.audios}' holds audio, which is not supported (vlmtune trains on images and videos only); "
+                "remove the audio or the sample",
             )
         )
+    images = _media_paths(obj, fmt.images, "image", IMAGE_PLACEHOLDER, messages, base, problem, problems)
+    videos = _media_paths(obj, fmt.videos, "video", VIDEO_PLACEHOLDER, messages, base, problem, problems)
+    if images is None or videos is None:
+        return None, problems
     for p in images:
         if p.is_dir():
             problems.append(problem("image missing", f"image '{p}' is a folder, not an image file"))
         elif not p.is_file():
             problems.append(problem("image missing", f"image '{p}' does not exist"))
+    for p in videos:
+        if not p.exists():
+            problems.append(
+                problem("video missing", f"video '{p}' does not exist (a video is a video file or a folder of frames)")
+            )
     if problems:
         return None, problems
-    return Sample(messages=messages, images=images, where=where), []
+    return Sample(messages=messages, images=images, where=where, videos=videos), []
+
+
+def _media_paths(obj, column, medium, placeholder, messages, base, problem, problems) -> list[Path] | None:
+    """A record's image or video paths (relative to ``base``), checked against its placeholders; None when the
+    column is not a list of paths (a problem is added either way)."""
+    raw = obj.get(column) or []
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(p, str) and p for p in raw):
+        what = (
+            "image paths (strings)" if medium == "image" else "video paths (strings: video files or folders of frames)"
+        )
+        problems.append(problem("bad sample", f"'{column}' must be a list of {what}, got {raw!r:.80}"))
+        return None
+    paths = [Path(p) if Path(p).is_absolute() else base / p for p in raw]
+    n_placeholders = sum(c.count(placeholder) for _, c in messages)
+    if n_placeholders != len(paths):
+        problems.append(
+            problem(
+                f"{medium} count",
+                f"{n_placeholders} '{placeholder}' placeholder(s) but {len(paths)} {medium}(s); each {medium} needs "
+                "one placeholder where it appears",
+            )
+        )
+    return paths
 
 
 def read_file(path: str | Path, fmt: Format | None = None) -> Iterator[Sample | Problem]:
@@ -319,7 +351,7 @@ def read_samples(path: str | Path, fmt: Format | None = None) -> list[Sample]:
 
 
 class DuplicateFinder:
-    """Remembers a 16-byte digest per sample (messages and image paths), so 100k samples cost ~2 MB."""
+    """Remembers a 16-byte digest per sample (messages, image and video paths), so 100k samples cost ~2 MB."""
 
     def __init__(self):
         self.first: dict[bytes, str] = {}
@@ -327,7 +359,8 @@ class DuplicateFinder:
     @staticmethod
     def key(sample: Sample) -> bytes:
         images = [os.path.normpath(os.path.abspath(p)) for p in sample.images]
-        text = json.dumps([sample.messages, images], ensure_ascii=False)
+        videos = [os.path.normpath(os.path.abspath(p)) for p in sample.videos]
+        text = json.dumps([sample.messages, images, videos], ensure_ascii=False)
         return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
     def check(self, sample: Sample, remember: bool = True) -> Problem | None:

@@ -10,22 +10,27 @@ that a model ignoring the image would show:
 - projector alignment: cosine similarity of an image's pooled projector output with the input embedding of
   its own answer, against other samples' answers.
 
-Alignment uses single-image samples; an ablated or foreign image is resized to the true image's size, so the
-token layout stays identical and only the pixels differ.
+Alignment uses single-image samples without videos; an ablated or foreign image is resized to the true image's size,
+so the token layout stays identical and only the pixels differ.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 from torch import nn
 
-from vlmtune.data.collate import IGNORE, PER_TOKEN, collate, encode_example, load_images, to_chat
+from vlmtune.config.data import DataConfig
+from vlmtune.data.chat import IGNORE, to_chat
+from vlmtune.data.collate import PER_TOKEN, collate, encode_example
+from vlmtune.data.counted import temporal_patch
+from vlmtune.data.media import load_images, load_videos
 from vlmtune.data.sharegpt import Sample
+from vlmtune.data.video import Clip
 from vlmtune.model.archs import ArchSpec
 from vlmtune.model.groups import assign_groups, pattern_match_length, strip_peft_prefix
 
@@ -34,12 +39,14 @@ BLANK_RGB = (255, 255, 255)  # the "blank image": white, the same size as the tr
 
 @dataclass
 class EvalItem:
-    """One eval sample with its decoded images and its reference (the last assistant turn)."""
+    """One eval sample with its decoded images and videos and its reference (the last assistant turn)."""
 
     sample: Sample
     images: list[Image.Image]
     min_pixels: int | None = None
     max_pixels: int | None = None
+    videos: list[Clip] = field(default_factory=list)
+    video_pixels: tuple[int | None, int | None] = (None, None)  # (min, max) pixels of each frame
 
     @property
     def answer(self) -> str:
@@ -60,13 +67,18 @@ def eval_items(data, limit: int | None = None) -> list[EvalItem]:
     """A VLMDataset (its length-checked samples and pixel bounds) or a list of Samples -> EvalItems.
 
     Raises:
-        ValueError: an image cannot be decoded; names the sample and the path.
+        ValueError: an image or video cannot be decoded; names the sample and the path.
     """
     if hasattr(data, "items") and hasattr(data, "data"):
-        pairs = [(it.sample, data.data.image_min_pixels, it.max_pixels) for it in data.items]
+        cfg, multiple = data.data, temporal_patch(data.processor)
+        rows = [(it.sample, cfg.image_min_pixels, it.max_pixels, it.video_max_pixels) for it in data.items]
     else:
-        pairs = [(s, None, None) for s in data]
-    return [EvalItem(s, load_images(s), lo, hi) for s, lo, hi in pairs[:limit]]
+        cfg, multiple = DataConfig(), 2
+        rows = [(s, None, None, None) for s in data]
+    return [
+        EvalItem(s, load_images(s), lo, hi, load_videos(s, cfg, multiple), (cfg.video_min_pixels, video_hi))
+        for s, lo, hi, video_hi in rows[:limit]
+    ]
 
 
 def encode(processor, item: EvalItem, images: list[Image.Image] | None = None, answer: str | None = None) -> dict:
@@ -80,7 +92,9 @@ def encode(processor, item: EvalItem, images: list[Image.Image] | None = None, a
         messages[last] = ("assistant", answer)
     images = item.images if images is None else images
     chat = to_chat(Sample(messages, item.sample.images, item.sample.where))
-    enc, per_token, pixels = encode_example(processor, chat, images, item.min_pixels, item.max_pixels)
+    enc, per_token, pixels = encode_example(
+        processor, chat, images, item.min_pixels, item.max_pixels, item.videos, item.video_pixels
+    )
     extra = {PER_TOKEN: per_token} if per_token is not None else {}
     return {"input_ids": enc.input_ids, "labels": enc.labels, **extra, **pixels}
 
@@ -90,6 +104,12 @@ def token_ids(processor) -> tuple[int, int]:
     tok = processor.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return pad, tok.convert_tokens_to_ids(processor.image_token)
+
+
+def video_token_id(processor) -> int | None:
+    """The video token's id, or None for a processor without one."""
+    token = getattr(processor, "video_token", None)
+    return processor.tokenizer.convert_tokens_to_ids(token) if token else None
 
 
 def projector_module(model: nn.Module, arch: ArchSpec) -> nn.Module:
@@ -139,7 +159,7 @@ def score(model, processor, features: list[dict], batch_size: int, projector: nn
     device = next(model.parameters()).device
     scores: list[Score] = []
     for start in range(0, len(features), batch_size):
-        batch = collate(features[start : start + batch_size], pad_id=pad, image_token_id=image_id)
+        batch = collate(features[start : start + batch_size], pad, image_id, video_token_id(processor))
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")[:, 1:]
         with capture_outputs(projector) as captured:
@@ -148,8 +168,10 @@ def score(model, processor, features: list[dict], batch_size: int, projector: nn
         logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         right = (logits.argmax(-1) == labels) & mask
         pooled = [None] * len(labels)
-        if captured:
-            pooled = _pool(torch.cat(captured), (batch["input_ids"] == image_id).sum(1).tolist())
+        if captured and ("pixel_values" in batch or "pixel_values_videos" not in batch):
+            # with videos too, the images' projector output comes first and the videos' after it
+            out = captured[0] if "pixel_values_videos" in batch else torch.cat(captured)
+            pooled = _pool(out, (batch["input_ids"] == image_id).sum(1).tolist())
         for i in range(len(labels)):
             scores.append(Score(float((logp[i] * mask[i]).sum()), int(mask[i].sum()), int(right[i].sum()), pooled[i]))
     return scores

@@ -108,7 +108,7 @@ def eval_metrics(
         raise ValueError("no eval samples to evaluate")
     was_training = model.training
     model.eval()
-    single = [i for i, it in enumerate(items) if len(it.images) == 1]
+    single = [i for i, it in enumerate(items) if len(it.images) == 1 and not it.videos]
     projector = projector_module(model, arch or find_arch(model.config.model_type)) if cfg.alignment else None
     true = score(model, processor, [encode(processor, it) for it in items], cfg.batch_size, projector)
     loss = mean_loss(true)
@@ -129,7 +129,9 @@ def eval_metrics(
         metrics.update(text_metrics(result.predictions, result.references))
     if cfg.alignment:
         if len(single) < len(items):
-            result.notes.append(f"alignment measured on the {len(single)} single-image samples of {len(items)}")
+            result.notes.append(
+                f"alignment measured on the {len(single)} single-image samples (without videos) of {len(items)}"
+            )
         one = [items[i] for i in single]
         if one:
             metrics["alignment_samples"] = float(len(one))

@@ -1,13 +1,14 @@
 """Batched answer generation (``vlmtune predict``, the generated-answer metrics) and the ``vlmtune chat`` loop.
 
 Prompts are built by the processor's own chat template with ``add_generation_prompt``, so the model sees
-exactly the text it was trained to continue; each image placeholder becomes as many image tokens as the
-processor makes features for the image. Batches are left-padded, as decoder-only generation requires.
+exactly the text it was trained to continue; each image (or video) placeholder becomes as many image (video) tokens
+as the processor makes features for it. Batches are left-padded, as decoder-only generation requires.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,19 +16,21 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vlmtune.data.collate import (
-    PER_TOKEN,
-    TEXT_KEYS,
+from vlmtune.config.data import DataConfig
+from vlmtune.data.chat import has_video, to_chat
+from vlmtune.data.collate import PER_TOKEN, TEXT_KEYS, downscale, pad_cat
+from vlmtune.data.counted import (
     counts_image_tokens,
-    downscale,
     grid_token_counts,
-    load_images,
-    pad_cat,
     process_images,
-    to_chat,
+    process_videos,
+    temporal_patch,
+    video_refusal,
 )
-from vlmtune.data.sharegpt import IMAGE_PLACEHOLDER, Sample
-from vlmtune.eval.alignment import EvalItem, token_ids
+from vlmtune.data.media import load_images, load_videos
+from vlmtune.data.sharegpt import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Sample
+from vlmtune.data.video import Clip
+from vlmtune.eval.alignment import EvalItem, token_ids, video_token_id
 
 
 @dataclass
@@ -59,15 +62,20 @@ def prompt_features(
     images: list[Image.Image],
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    videos: list[Clip] | None = None,
+    video_pixels: tuple[int | None, int | None] = (None, None),
 ) -> dict:
     """Token ids (and pixel inputs) of ``messages`` followed by the template's assistant-turn opening.
 
     Raises:
-        ValueError: the number of ``<image>`` placeholders differs from the number of images.
+        ValueError: the number of ``<image>`` (``<video>``) placeholders differs from the number of images
+            (videos), or the model's processor takes no videos.
     """
     tok = processor.tokenizer
-    _, image_id = token_ids(processor)
-    text = processor.apply_chat_template(to_chat(Sample(messages)), tokenize=False, add_generation_prompt=True)
+    chat = to_chat(Sample(messages))
+    if (videos or has_video(chat)) and (why := video_refusal(processor)) is not None:
+        raise ValueError(why)
+    text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     if not counts_image_tokens(processor):  # the family's processor expands the placeholders itself
         if text.count(processor.image_token) != len(images):
             raise ValueError(
@@ -88,27 +96,34 @@ def prompt_features(
         pixels = {k: v for k, v in out.items() if k not in per_token and k not in TEXT_KEYS}
         return {"input_ids": ids, PER_TOKEN: per_token, **pixels}
     pixels = process_images(processor, images, min_pixels, max_pixels)
-    counts = grid_token_counts(processor, pixels)
-    pieces = text.split(processor.image_token)
-    if len(pieces) - 1 != len(counts):
-        raise ValueError(
-            f"the prompt has {len(pieces) - 1} '{IMAGE_PLACEHOLDER}' placeholder(s) for {len(counts)} image(s)"
-        )
+    pixels.update(process_videos(processor, videos or [], *video_pixels))
+    counts = {processor.image_token: grid_token_counts(processor, pixels)}
+    if getattr(processor, "video_token", None):
+        counts[processor.video_token] = grid_token_counts(processor, pixels, "video_grid_thw")
+    for (token, n), placeholder in zip(counts.items(), (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)):
+        if text.count(token) != len(n):
+            what = "image" if placeholder == IMAGE_PLACEHOLDER else "video"
+            raise ValueError(
+                f"the prompt has {text.count(token)} '{placeholder}' placeholder(s) for {len(n)} {what}(s)"
+            )
     ids: list[int] = []
-    for i, piece in enumerate(pieces):
-        if i > 0:
-            ids += [image_id] * counts[i - 1]
-        if piece:
+    for piece in re.split("(" + "|".join(re.escape(t) for t in counts) + ")", text):
+        if piece in counts:
+            ids += [tok.convert_tokens_to_ids(piece)] * counts[piece].pop(0)
+        elif piece:
             ids += tok(piece, add_special_tokens=False)["input_ids"]
     return {"input_ids": ids, **pixels}
 
 
 def item_prompt(processor, item: EvalItem) -> dict:
-    """The generation prompt of an eval item (its images are all in turns before the answer)."""
-    return prompt_features(processor, prompt_messages(item.sample), item.images, item.min_pixels, item.max_pixels)
+    """The generation prompt of an eval item (its images and videos are all in turns before the answer)."""
+    messages = prompt_messages(item.sample)
+    return prompt_features(
+        processor, messages, item.images, item.min_pixels, item.max_pixels, item.videos, item.video_pixels
+    )
 
 
-def left_padded(features: list[dict], pad_id: int, image_id: int) -> dict:
+def left_padded(features: list[dict], pad_id: int, image_id: int, video_id: int | None = None) -> dict:
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
@@ -125,8 +140,10 @@ def left_padded(features: list[dict], pad_id: int, image_id: int) -> dict:
                 if row is not None:
                     values[i, width - len(row) :] = torch.as_tensor(row)
             out[key] = values
-    else:  # Qwen-VL M-RoPE: which tokens are image tokens
+    else:  # Qwen-VL M-RoPE: which tokens are image (1) or video (2) tokens
         out["mm_token_type_ids"] = (ids == image_id).long()
+        if video_id is not None:
+            out["mm_token_type_ids"][ids == video_id] = 2
     for key in sorted({k for f in features for k in f} - {"input_ids", PER_TOKEN}):
         out[key] = pad_cat([f[key] for f in features if key in f])
     return out
@@ -148,7 +165,8 @@ def generate(
     answers: list[str] = []
     starts = range(0, len(features), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, dynamic_ncols=True):
-        batch = {k: v.to(device) for k, v in left_padded(features[start : start + batch_size], pad, image_id).items()}
+        padded = left_padded(features[start : start + batch_size], pad, image_id, video_token_id(processor))
+        batch = {k: v.to(device) for k, v in padded.items()}
         out = model.generate(**batch, **settings.kwargs(), pad_token_id=pad, eos_token_id=eos)
         new = out[:, batch["input_ids"].shape[1] :]
         answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
@@ -174,6 +192,7 @@ def predict(
             {
                 "sample": it.sample.where,
                 "images": [str(p) for p in it.sample.images],
+                **({"videos": [str(p) for p in it.sample.videos]} if it.sample.videos else {}),
                 "prompt": prompt[-1][1] if prompt else "",
                 "history": [list(m) for m in prompt[:-1]],
                 "reference": it.answer,
@@ -186,8 +205,8 @@ def predict(
 
 
 CHAT_HELP = (
-    "type a question and press enter; '/image PATH' attaches an image file to your next question; "
-    "'/reset' starts a new conversation; '/quit' (or end of input) ends"
+    "type a question and press enter; '/image PATH' attaches an image file to your next question, '/video PATH' a "
+    "video (a file or a folder of frames); '/reset' starts a new conversation; '/quit' (or end of input) ends"
 )
 
 
@@ -197,11 +216,17 @@ def chat(
     settings: GenerationSettings,
     read: Callable[[str], str] = input,
     write: Callable[[str], None] = print,
+    data: DataConfig | None = None,
 ) -> list[tuple[str, str]]:
-    """An interactive multi-turn session; returns the last conversation as (role, text) pairs."""
+    """An interactive multi-turn session; returns the last conversation as (role, text) pairs. ``data`` (the
+    checkpoint's data settings) says how videos are sampled and sized."""
+    data = data or DataConfig()
+    video_pixels = (data.video_min_pixels, data.video_max_pixels)
     history: list[tuple[str, str]] = []
     images: list[Image.Image] = []
+    videos: list[Clip] = []
     pending: list[Image.Image] = []
+    pending_videos: list[Clip] = []
     write(CHAT_HELP)
     while True:
         try:
@@ -211,7 +236,7 @@ def chat(
         if line in ("/quit", "/exit"):
             break
         if line == "/reset":
-            history, images, pending = [], [], []
+            history, images, pending, videos, pending_videos = [], [], [], [], []
             write("(new conversation)")
         elif line.startswith("/image"):
             path = Path(line[len("/image") :].strip()).expanduser()
@@ -220,10 +245,22 @@ def chat(
                 write(f"(attached {path}; it goes with your next question)")
             except ValueError as e:
                 write(f"cannot use '{path}': {e}. Name an existing image file, e.g. /image photo.png")
+        elif line.startswith("/video"):
+            path = Path(line[len("/video") :].strip()).expanduser()
+            try:
+                if (why := video_refusal(processor)) is not None:
+                    raise ValueError(why)
+                pending_videos += load_videos(Sample([], where="chat", videos=[path]), data, temporal_patch(processor))
+                write(f"(attached {path}; it goes with your next question)")
+            except ValueError as e:
+                write(
+                    f"cannot use '{path}': {e}. Name an existing video file or folder of frames, e.g. /video clip.mp4"
+                )
         elif line:
-            history.append(("user", IMAGE_PLACEHOLDER * len(pending) + line))
+            history.append(("user", IMAGE_PLACEHOLDER * len(pending) + VIDEO_PLACEHOLDER * len(pending_videos) + line))
             images, pending = images + pending, []
-            feats = prompt_features(processor, history, images)
+            videos, pending_videos = videos + pending_videos, []
+            feats = prompt_features(processor, history, images, None, None, videos, video_pixels)
             answer = generate(model, processor, [feats], settings, batch_size=1)[0]
             history.append(("assistant", answer))
             write(f"assistant> {answer}")

@@ -30,10 +30,19 @@ from vlmtune.tracking import MetricsLog, echo, plot_loss
 from vlmtune.train.checkpoint import adapter_size
 from vlmtune.train.distributed import all_finite, any_process, make_accelerator
 from vlmtune.train.evaluation import evaluate_stage
-from vlmtune.train.loader import StageData, load_stage_data, loader_workers, make_loader, write_data_report
+from vlmtune.train.loader import (
+    StageData,
+    load_stage_data,
+    loader_workers,
+    make_loader,
+    realised_mix,
+    train_mix,
+    write_data_report,
+)
 from vlmtune.train.optim import build_optimizer, build_scheduler, param_groups
 from vlmtune.train.output_dir import OutputLock, clear_earlier_run, find_resume_point
 from vlmtune.train.packing import rope_index_of
+from vlmtune.train.reading import take_notes, vision_cache_applies
 from vlmtune.train.report import announce, fingerprints, report_changes
 from vlmtune.train.resume import Progress, TrainerState, load_trainable, read_state, restore_rng
 from vlmtune.train.run import Run, RunResult, StageRun
@@ -171,8 +180,11 @@ def run_stage(
         sr.sampler.start = progress.batch_in_epoch * t.batch_size * acc.num_processes
         sr.loader.set_epoch(progress.epoch)
         sr.train_ds.set_epoch(progress.epoch)  # augmentation draws depend on (seed, sample, epoch)
+        announce_mix(run, sr)
         for batch in sr.loader:
             progress.batch_in_epoch += 1
+            if not take_notes(batch, sr.train_ds, acc):
+                continue  # every sample of it was left out when read (a lazily read split)
             with acc.accumulate(sr.model):
                 train_step(run, sr, batch, window)
             if not acc.sync_gradients:
@@ -191,6 +203,17 @@ def run_stage(
     return sr.model
 
 
+def announce_mix(run: Run, sr: StageRun) -> None:
+    """At an epoch's start, with weighted sources: what this epoch draws from each, printed and in metrics.jsonl."""
+    mix = realised_mix(sr.sampler, sr.stage.cfg.data)
+    if mix is None or run.progress.batch_in_epoch:
+        return
+    echo(f"epoch {run.progress.epoch} mix (data.train weights):")
+    for path, r in mix.items():
+        echo(f"  {path}: {r['drawn']} drawn ({r['distinct']} distinct of {r['held']}, weight {r['weight']})")
+    run.metrics.log({"step": run.progress.global_step, "epoch": run.progress.epoch, "mix": mix})
+
+
 def prepare_stage(
     run: Run, model, stage: Stage, plans: list[GroupPlan], data: StageData, state: TrainerState | None
 ) -> StageRun:
@@ -205,16 +228,25 @@ def prepare_stage(
         run.metrics.log({"step": progress.global_step, "stage_start": stage.name})
     progress.stage_name = stage.name
 
-    # Data (checked before the run started): samples that fit max_length, never cut inside an image.
+    # Data (checked before the run started, or when read for a lazy split): samples that fit, images never cut.
     train_ds, eval_ds = data.train, data.eval
     write_data_report(run.out, acc, stage, data)
     workers = loader_workers(cfg.data.num_workers, acc.num_processes)
     loader = make_loader(
-        train_ds, run.processor, t.batch_size, True, t.seed, workers, t.group_by_length, t.packing, t.packing_length
+        train_ds,
+        run.processor,
+        t.batch_size,
+        True,
+        t.seed,
+        workers,
+        t.group_by_length,
+        t.packing,
+        t.packing_length,
+        train_mix(train_ds, cfg.data),
     )
     sampler = loader.sampler  # before accelerate wraps the loader
     eval_loader = make_loader(eval_ds, run.processor, t.batch_size, False, t.seed, 0) if eval_ds else None
-    if run.cache is not None:
+    if run.cache is not None and vision_cache_applies(train_ds):
         train_ds.use_vision_cache(run.image_keys, run.cache)  # batches carry cached features and grids, no pixels
         fill_cache(run.cache, run.image_keys, acc, unwrapped, train_ds, t.batch_size, t.progress_bar)
 
@@ -263,9 +295,8 @@ def train_step(run: Run, sr: StageRun, batch: dict, window: Window) -> None:
     step (after the first step's gradient-flow check and the gradient clipping). Non-finite values skip or stop."""
     acc, t = run.accelerator, sr.stage.cfg.train
     step = run.objective.loss(sr.model, batch, acc, packing=t.packing)
-    window.add_batch(
-        step.counts, batch["input_ids"].shape[0], "pixel_values" in batch or CACHED in batch, acc.num_processes
-    )
+    vision = any(k in batch for k in ("pixel_values", "pixel_values_videos", CACHED))
+    window.add_batch(step.counts, batch["input_ids"].shape[0], vision, acc.num_processes)
     if all_finite(step.value, acc):
         acc.backward(step.loss)
         window.add_loss(step.logged.item())
@@ -331,6 +362,7 @@ def after_step(run: Run, sr: StageRun, window: Window, bar, signals: StopSignals
 def finish_stage(run: Run, sr: StageRun) -> None:
     """The stage's last eval, what it changed per group, and its folder (for a named stage)."""
     stage, progress = sr.stage, run.progress
+    write_data_report(run.out, run.accelerator, stage, StageData(sr.train_ds, sr.eval_ds), final=True)
     if sr.eval_loader is not None:
         run.last_eval = evaluate_stage(run, sr, show=True)
         echo(

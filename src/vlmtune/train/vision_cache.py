@@ -14,6 +14,9 @@ Supported families: those whose projector maps the tower's output to the image e
 Qwen2.5-VL, whose tower works in window order (the cached features are in that order; the hook puts the
 projector's output back in image order, as the tower's own forward does). Not Qwen3-VL: its language model also
 takes features from inside the tower (deepstack).
+
+Videos are not cached: a batch's videos are decoded and go through the frozen tower at every step (the same hook hands
+their features to the model with the cached images' ones, since the model takes either pixels or encoder outputs).
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmtune.checks import inner_model
-from vlmtune.data.collate import CACHED, image_grid, load_image, process_images
+from vlmtune.data.collate import CACHED
+from vlmtune.data.counted import image_grid, process_images
+from vlmtune.data.media import load_image
 from vlmtune.model.archs import REGISTRY, ArchSpec
 from vlmtune.paths import cache_dir
 from vlmtune.tracking import echo
@@ -242,7 +247,11 @@ def feed_cached_features(inner: nn.Module, projector: nn.Module, arch: ArchSpec)
         embeds = [projector(f) for f in cached]
         if order is not None:
             embeds = [e[order(grid).to(e.device)] for e, grid in zip(embeds, kwargs["image_grid_thw"])]
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(embeds))}
+        outputs = {"image": BaseModelOutputWithPooling(pooler_output=tuple(embeds))}
+        videos = kwargs.pop("pixel_values_videos", None)
+        if videos is not None:  # not cached: the tower (frozen) and the projector run on them now
+            outputs["video"] = inner.get_video_features(videos, kwargs["video_grid_thw"], return_dict=True)
+        kwargs["mm_encoder_outputs"] = outputs
         return args, kwargs
 
     return inner.register_forward_pre_hook(hook, with_kwargs=True)
