@@ -149,6 +149,13 @@ def left_padded(features: list[dict], pad_id: int, image_id: int, video_id: int 
     return out
 
 
+def eos_token_ids(model, processor) -> list[int]:
+    """Every token that ends an answer: the generation config's end-of-sequence tokens and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos = [*(eos if isinstance(eos, list) else [eos] if eos is not None else []), processor.tokenizer.eos_token_id]
+    return [t for t in dict.fromkeys(eos) if t is not None]
+
+
 @torch.no_grad()
 def generate(
     model, processor, features: list[dict], settings: GenerationSettings, batch_size: int, progress: bool = False
@@ -158,8 +165,7 @@ def generate(
 
     tok = processor.tokenizer
     pad, image_id = token_ids(processor)
-    eos = model.generation_config.eos_token_id
-    eos = list(dict.fromkeys([*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tok.eos_token_id]))
+    eos = eos_token_ids(model, processor)
     device = next(model.parameters()).device
     torch.manual_seed(settings.seed)
     answers: list[str] = []
