@@ -15,9 +15,10 @@ from vlmtune.config.schema import Config
 PROCESSOR = ("tokenizer_config.json", "tokenizer.json", "processor_config.json", "chat_template.jinja")
 
 
-def lora_checkpoint(tiny_dir: Path, out: Path, projector_full: bool = False):
-    """A checkpoint as vlmtune train writes it (LoRA on attention, projector LoRA or full), with every adapter
-    weight moved away from its initial value so that merging and loading matter. Returns (peft model, processor)."""
+def lora_checkpoint(tiny_dir: Path, out: Path, projector_full: bool = False, groups: dict | None = None):
+    """A checkpoint as vlmtune train writes it (LoRA on attention, projector LoRA or full; ``groups`` overrides the
+    groups' settings), with every adapter weight moved away from its initial value so that merging and loading
+    matter. Returns (peft model, processor)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vlmtune.config.overrides import deep_merge
@@ -27,7 +28,7 @@ def lora_checkpoint(tiny_dir: Path, out: Path, projector_full: bool = False):
     from vlmtune.model.tuning import apply_plan, build_plan
     from vlmtune.train.checkpoint import save_checkpoint
 
-    groups = deep_merge(DEFAULT_GROUPS, {"projector": {"mode": "full" if projector_full else "lora"}})
+    groups = deep_merge(DEFAULT_GROUPS, {"projector": {"mode": "full" if projector_full else "lora"}, **(groups or {})})
     cfg = Config.model_validate({"model": {"path": str(tiny_dir)}, "groups": groups})
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
     processor = AutoProcessor.from_pretrained(tiny_dir)
