@@ -1,5 +1,5 @@
 """Command line: ``vlmtune train CONFIG.yaml [key.path=value ...]``, ``eval``, ``predict``, ``chat``, ``export``,
-``data check``, ``data preview``, ``doctor``, ``bench``.
+``data check``, ``data preview``, ``doctor``, ``serve``, ``report``, ``bench``.
 
 argparse only: each command calls one function in ``vlmtune.commands`` (``bench`` in ``vlmtune.bench``)."""
 
@@ -13,6 +13,8 @@ from vlmtune.bench import command as bench
 from vlmtune.commands import data as data_command
 from vlmtune.commands import doctor, export, predict
 from vlmtune.commands import eval as eval_command
+from vlmtune.commands import report as report_command
+from vlmtune.commands import serve as serve_command
 from vlmtune.commands import train as train_command
 from vlmtune.commands.loading import CheckpointError
 from vlmtune.config.errors import ConfigError
@@ -73,21 +75,36 @@ def _add_commands(sub) -> None:
     _add_generation_args(p)
     p.set_defaults(func=predict.chat_command)
 
-    p = sub.add_parser("export", help="write the adapter, or the model with LoRA merged in (logits checked)")
+    p = sub.add_parser(
+        "export", help="write the adapter, the model with LoRA merged in, or a base + adapter for vLLM (logits checked)"
+    )
     p.add_argument("--checkpoint", required=True, help=ck)
     _add_trust_arg(p)
     p.add_argument("--out", required=True, help="export folder")
-    p.add_argument("--merge", action="store_true", help="merge LoRA and the fully trained groups into the base weights")
+    p.add_argument(
+        "--format",
+        choices=["adapter", "merged", "vllm"],
+        help="adapter: the peft adapter (default); merged: LoRA and the fully trained groups merged into the base "
+        "weights; vllm: base/ with everything but the language model's LoRA merged in, and adapter/ with that LoRA",
+    )
+    p.add_argument("--merge", action="store_true", help="the same as --format merged")
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
-        help="saved dtype of a merged export (default: the base's)",
+        help="saved dtype of a merged export or of a vllm export's base/ (default: the base's)",
     )
     p.add_argument(
-        "--atol", type=float, help="allowed max abs logit difference, merged vs. unmerged (default: per dtype)"
+        "--atol", type=float, help="allowed max abs logit difference, export vs. unmerged (default: per dtype)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=export.command)
+
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page of a run, or of several runs compared (also written at a run's end)",
+    )
+    report_command.add_arguments(p)
+    p.set_defaults(func=report_command.command)
 
 
 def _add_bench_command(sub) -> None:
@@ -162,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_commands(sub)
     _add_check_commands(sub)
     _add_bench_command(sub)
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible chat completions API over a checkpoint (images as data: URIs, streaming)",
+        description="POST /v1/chat/completions, GET /v1/models, GET /health; requests arriving together share a "
+        "generate call. Binds to 127.0.0.1 unless --host says otherwise.",
+    )
+    serve_command.add_arguments(p)
+    p.set_defaults(func=serve_command.command)
     return parser
 
 

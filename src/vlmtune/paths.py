@@ -17,6 +17,12 @@ TMP_SUFFIX = ".tmp"
 
 
 OLD_SUFFIX = ".old"
+PLAN_FILE = "plan.json"
+"""Each stage's plan table (group, mode, modules, LoRA settings, parameters, rate) in a run folder."""
+GALLERY_FILE = "gallery.jsonl"
+"""The first eval samples of a run with the answers generated before training and after each stage."""
+REPORT_FILE = "report.html"
+"""The run report (``vlmtune report``), written at the end of every run."""
 
 
 def begin(out: Path) -> Path:
@@ -56,6 +62,15 @@ def commit(tmp: Path, out: Path) -> Path:
     if old.exists():
         shutil.rmtree(old)
     return out
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``: a reader sees the old
+    file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def recover(run_dir: Path) -> list[str]:

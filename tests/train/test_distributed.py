@@ -91,7 +91,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(base_dir, tmp_path):
     # One process writes: each step logged once, the loss is the mean over both processes' batches.
     _assert_same_steps(one, two, 6)
     assert _max_rel_diff(one / "final", two / "final") <= WEIGHTS_RTOL
-    assert done.stdout.count("wrote ") == 1
+    assert done.stdout.count("wrote ") == 2  # loss.png and report.html, by the main process only
+    assert done.stdout.count(f"wrote {two / 'report.html'}") == 1
 
 
 @pytest.mark.slow

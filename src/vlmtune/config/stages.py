@@ -15,9 +15,19 @@ from vlmtune.config.checks import semantic_problems
 from vlmtune.config.errors import format_validation_error
 from vlmtune.config.overrides import deep_merge
 from vlmtune.config.schema import GROUPS, Config, StageConfig
-from vlmtune.paths import LOCK_NAME, OLD_SUFFIX, TMP_SUFFIX
+from vlmtune.paths import GALLERY_FILE, LOCK_NAME, OLD_SUFFIX, PLAN_FILE, REPORT_FILE, TMP_SUFFIX
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "metrics.png", "data_report.json", LOCK_NAME)
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "loss.png",
+    "metrics.png",
+    "data_report.json",
+    PLAN_FILE,
+    GALLERY_FILE,
+    REPORT_FILE,
+    LOCK_NAME,
+)
 """Files a run folder holds beside its checkpoint folders (``data_report-STAGE.json`` too, one per stage)."""
 RESERVED_NAMES = ("final", "trainer_state", "vlmtune", *RUN_FILES)
 """Names a stage folder cannot take: run outputs, resume state, the tensorboard folder (``vlmtune``), run files."""

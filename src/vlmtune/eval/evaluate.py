@@ -166,8 +166,8 @@ def eval_record(
     return {f"eval/{k}": float(v) for k, v in result.metrics.items()}
 
 
-# name, label, chance/baseline key or text, format
-_ROWS = [
+# name, label, chance/baseline key or text, format: the text table here and the run report (vlmtune.report)
+METRIC_ROWS = [
     ("loss", "answer loss (nats per answer token)", None, ".4f"),
     ("perplexity", "perplexity", None, ".3f"),
     ("token_accuracy", "token accuracy (teacher-forced)", None, ".3f"),
@@ -192,7 +192,7 @@ def report_table(metrics: dict[str, float]) -> str:
     """The metrics as a text table: metric, value, chance or baseline level."""
     m = {k.removeprefix("eval/"): v for k, v in metrics.items()}
     rows = [("metric", "value", "chance / baseline")]
-    for key, label, base, fmt in _ROWS:
+    for key, label, base, fmt in METRIC_ROWS:
         if key not in m:
             continue
         if key == "retrieval_r1":

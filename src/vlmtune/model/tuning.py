@@ -215,17 +215,22 @@ def union_plans(stage_plans: list[list[GroupPlan]]) -> list[GroupPlan]:
     return union
 
 
-def plan_table(plans: list[GroupPlan]) -> str:
-    """The resolved plan as a text table: group, mode, modules wrapped, trainable parameters, learning rate."""
-    header = ("group", "mode", "modules", "rank/alpha/dropout", "trainable", "of total", "lr", "wd")
-    rows = [header]
+def plan_rows(plans: list[GroupPlan]) -> list[tuple[str, ...]]:
+    """The resolved plan as rows of text, header first: group, mode, modules wrapped, LoRA settings, trainable
+    parameters, learning rate, weight decay."""
+    rows = [("group", "mode", "modules", "rank/alpha/dropout", "trainable", "of total", "lr", "wd")]
     for p in plans:
         mods = f"{len(p.modules)}: {_summarise(p.modules)}" if p.modules else "-"
         lra = f"{p.rank}/{p.alpha:g}/{p.dropout:g}" if p.mode == "lora" else "-"
         lr = f"{p.lr:.2e}" if p.mode != "frozen" else "-"
         wd = f"{p.weight_decay:g}" if p.mode != "frozen" else "-"
         rows.append((p.group, p.mode, mods, lra, f"{p.trainable_params:,}", f"{p.total_params:,}", lr, wd))
-    return "\n".join(text_table(rows))
+    return rows
+
+
+def plan_table(plans: list[GroupPlan]) -> str:
+    """The resolved plan as a text table (``plan_rows``)."""
+    return "\n".join(text_table(plan_rows(plans)))
 
 
 def _summarise(modules: list[str], limit: int = 60) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from vlmtune.config.errors import ConfigError
 from vlmtune.config.schema import Config
 from vlmtune.config.stages import Stage
-from vlmtune.paths import LOCK_NAME, recover
+from vlmtune.paths import GALLERY_FILE, LOCK_NAME, recover
 from vlmtune.tracking import echo
 from vlmtune.train.checkpoint import STEP_FOLDER
 from vlmtune.train.distributed import any_process
@@ -184,6 +184,7 @@ def clear_earlier_run(out: Path, stages: list[Stage], accelerator) -> None:
     if accelerator.is_main_process:
         for line in recover(out):
             echo(line)
+        (out / GALLERY_FILE).unlink(missing_ok=True)  # the new run's evaluations write their own answers
     names = {"final"} | {s.name for s in stages if s.named}
     stale = sorted(
         p

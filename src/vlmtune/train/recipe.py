@@ -26,6 +26,7 @@ from vlmtune.eval.evaluate import plot_metrics
 from vlmtune.model.build import BuiltModel, build_model
 from vlmtune.model.load import ModelFolder, local_folder
 from vlmtune.model.tuning import GroupPlan, activate
+from vlmtune.report.page import report_at_run_end
 from vlmtune.tracking import MetricsLog, echo, plot_loss
 from vlmtune.train.checkpoint import adapter_size
 from vlmtune.train.distributed import all_finite, any_process, make_accelerator
@@ -104,6 +105,7 @@ def train(cfg: Config, model_folder: ModelFolder = local_folder) -> RunResult:
             echo(
                 f"wrote {final} ({adapter_size(final) / 1e6:.2f} MB of weights), {out / 'metrics.jsonl'}, {out / 'loss.png'}"
             )
+            report_at_run_end(out)
     accelerator.end_training()
     stage_dirs = [out / s.name for s in stages if s.named]
     return RunResult(out, final, run.progress.global_step, run.first_eval, run.last_eval, run.last_loss, stage_dirs)
@@ -282,7 +284,7 @@ def prepare_stage(
     announce(run, sr)
 
     if eval_loader is not None and progress.global_step == 0:
-        run.first_eval = run.last_eval = evaluate_stage(run, sr, show=True)
+        run.first_eval = run.last_eval = evaluate_stage(run, sr, show=True, gallery="before")
         echo(f"eval loss before training: {run.first_eval:.4f}")
     sr.before = fingerprints(unwrapped, run.trained_params)
     # The random streams (dropout) continue from the checkpoint, or start from the seed at a stage's start.
@@ -364,7 +366,7 @@ def finish_stage(run: Run, sr: StageRun) -> None:
     stage, progress = sr.stage, run.progress
     write_data_report(run.out, run.accelerator, stage, StageData(sr.train_ds, sr.eval_ds), final=True)
     if sr.eval_loader is not None:
-        run.last_eval = evaluate_stage(run, sr, show=True)
+        run.last_eval = evaluate_stage(run, sr, show=True, gallery="after")
         echo(
             f"eval loss after stage '{stage.name}': {run.last_eval:.4f}"
             + (f" (before training: {run.first_eval:.4f})" if run.first_eval is not None else "")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
-from vlmtune.model.tuning import GroupPlan, plan_table
+from vlmtune.model.tuning import GroupPlan, plan_rows, plan_table
+from vlmtune.paths import PLAN_FILE, write_atomic
 from vlmtune.tracking import echo
 from vlmtune.train.optim import describe
 from vlmtune.train.run import Run, StageRun
@@ -22,6 +25,16 @@ def announce(run: Run, sr: StageRun) -> None:
     echo(plan_table(plans))
     for line in describe(sr.param_groups):
         echo(line)
+    if run.accelerator.is_main_process:
+        save_plan(run, sr)
+
+
+def save_plan(run: Run, sr: StageRun) -> None:
+    """Adds the stage's plan table (rows of text) to the run folder's ``plan.json``, stages in run order."""
+    path = run.out / PLAN_FILE
+    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and sr.stage.index > 0 else {}
+    saved[sr.stage.name] = [list(row) for row in plan_rows(sr.plans)]
+    write_atomic(path, json.dumps(saved, indent=1) + "\n")
 
 
 @torch.no_grad()
