@@ -138,3 +138,57 @@ def test_example_accelerate_configs_load(name, kind):
     assert str(cfg.distributed_type).endswith(kind)
     if kind == "DEEPSPEED":
         assert cfg.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+def _lazy_data(shapes_dir: Path, tmp_path: Path) -> Path:
+    """12 good samples, a line that is not JSON (line 5) and a sample whose image is missing (line 10)."""
+    records = [json.loads(line) for line in (shapes_dir / "train.jsonl").read_text().splitlines()[:12]]
+    lines = []
+    for record in records:
+        record["images"] = [str(shapes_dir / p) for p in record["images"]]
+        lines.append(json.dumps(record))
+    lines.insert(4, "{not json")
+    missing = dict(records[0], images=[str(tmp_path / "nope.png")])
+    lines.insert(9, json.dumps(missing))
+    path = tmp_path / "lazy.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+def test_two_processes_reading_lazily_skip_and_count_bad_samples_once(base_dir, shapes_dir, tmp_path):
+    data = _lazy_data(shapes_dir, tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG.replace("builtin:shapes:color", str(data)), encoding="utf-8")
+    two = tmp_path / "two"
+    done = _run(
+        [str(config), f"train.output_dir={two}", "data.load=lazy", "data.on_bad_sample=skip", "train.batch_size=2"],
+        2,
+    )
+    # one epoch of 14 records at a global batch of 4: every record read once, by one process or the other
+    report = json.loads((two / "data_report.json").read_text())["train"]
+    assert report["skipped_by_kind"] == {"bad JSON": 1, "image missing": 1}, report
+    assert report["kept"] == 12, report
+    # each named once as it is found (by the main process, whichever process read it), then counted at the end
+    for line in (5, 10):
+        assert done.stdout.count(f"skipped (data.on_bad_sample: skip) {data}:{line}:") == 1, done.stdout
+    assert "2 bad sample(s) skipped (data.on_bad_sample: skip): bad JSON 1, image missing 1" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_bad_sample_read_by_one_process_stops_both_naming_its_line(base_dir, shapes_dir, tmp_path):
+    data = _lazy_data(shapes_dir, tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG.replace("builtin:shapes:color", str(data)), encoding="utf-8")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [*launcher, "-m", "vlmtune", "train", str(config), f"train.output_dir={tmp_path / 'run'}"]
+    cmd += ["data.load=lazy", "train.batch_size=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("a bad sample on one process left the other waiting (hung)")
+    assert proc.returncode != 0
+    assert f"{data}:5" in out + err or f"{data}:10" in out + err, (out + err)[-3000:]
