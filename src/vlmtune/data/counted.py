@@ -67,6 +67,20 @@ def image_token_counts(
     return [ip.get_number_of_image_patches(h, w, kwargs) // merge**2 for h, w in sizes]
 
 
+def _patches(part, smart_resize, height: int, width: int, min_pixels, max_pixels) -> tuple[int, int]:
+    """(height, width) in patches after ``part`` (an image or video processor) resizes a picture within its pixel
+    bounds with its own ``smart_resize``."""
+    patch = part.patch_size
+    h, w = smart_resize(
+        height,
+        width,
+        patch * part.merge_size,
+        min_pixels=min_pixels or part.size["shortest_edge"],
+        max_pixels=max_pixels or part.size["longest_edge"],
+    )
+    return h // patch, w // patch
+
+
 def image_grid(
     processor, height: int, width: int, min_pixels: int | None, max_pixels: int | None
 ) -> tuple[int, int, int]:
@@ -74,16 +88,7 @@ def image_grid(
     decoding it (the same ``smart_resize`` the processor runs; one temporal patch for a still image)."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-    ip = processor.image_processor
-    patch = ip.patch_size
-    h, w = smart_resize(
-        height,
-        width,
-        patch * ip.merge_size,
-        min_pixels=min_pixels or ip.size["shortest_edge"],
-        max_pixels=max_pixels or ip.size["longest_edge"],
-    )
-    return 1, h // patch, w // patch
+    return 1, *_patches(processor.image_processor, smart_resize, height, width, min_pixels, max_pixels)
 
 
 def video_grid(
@@ -94,15 +99,7 @@ def video_grid(
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
 
     vp = processor.video_processor
-    patch = vp.patch_size
-    h, w = smart_resize(
-        height,
-        width,
-        patch * vp.merge_size,
-        min_pixels=min_pixels or vp.size["shortest_edge"],
-        max_pixels=max_pixels or vp.size["longest_edge"],
-    )
-    return -(-frames // vp.temporal_patch_size), h // patch, w // patch
+    return -(-frames // vp.temporal_patch_size), *_patches(vp, smart_resize, height, width, min_pixels, max_pixels)
 
 
 def video_token_counts(

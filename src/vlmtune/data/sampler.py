@@ -122,11 +122,15 @@ class EpochSampler(Sampler[int]):
         if self.mix is None:
             return None
         order = self.order()
-        out = []
-        for k, held in enumerate(self.mix.counts()):
-            mine = [i for i in order if self.mix.sources[i] == k]
-            out.append({"source": k, "drawn": len(mine), "distinct": len(set(mine)), "held": held})
-        return out
+        drawn, distinct = [0] * len(self.mix.weights), [0] * len(self.mix.weights)
+        for i in order:  # one pass over the epoch, not one per source
+            drawn[self.mix.sources[i]] += 1
+        for i in set(order):
+            distinct[self.mix.sources[i]] += 1
+        return [
+            {"source": k, "drawn": drawn[k], "distinct": distinct[k], "held": held}
+            for k, held in enumerate(self.mix.counts())
+        ]
 
     def __iter__(self):
         return iter(self.order()[self.start :])

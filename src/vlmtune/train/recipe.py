@@ -207,8 +207,10 @@ def run_stage(
 
 def announce_mix(run: Run, sr: StageRun) -> None:
     """At an epoch's start, with weighted sources: what this epoch draws from each, printed and in metrics.jsonl."""
+    if run.progress.batch_in_epoch:  # a run resumed mid-epoch said this epoch's mix already
+        return
     mix = realised_mix(sr.sampler, sr.stage.cfg.data)
-    if mix is None or run.progress.batch_in_epoch:
+    if mix is None:
         return
     echo(f"epoch {run.progress.epoch} mix (data.train weights):")
     for path, r in mix.items():
