@@ -357,8 +357,15 @@ ERRORS = [
         {"lora_target": "q_proj", "additional_target": "embed_tokens"},
         "'additional_target: embed_tokens' does not name a component group",
     ),
-    ("stage-rm", {"stage": "rm"}, "'stage: rm' is not supported; vlmtune trains supervised fine-tuning (stage: sft)"),
-    ("stage-dpo", {"stage": "dpo"}, "'stage: dpo' is not supported"),
+    ("stage-rm", {"stage": "rm"}, "'stage: rm' is not supported; vlmtune trains stage: sft, dpo, kto"),
+    ("stage-ppo", {"stage": "ppo"}, "and grpo (train.method: grpo, rewards in train.grpo.rewards) in place of ppo"),
+    ("stage-pt", {"stage": "pt"}, "it has no pre-training (pt) or reward-model (rm) stage"),
+    ("pref_loss-kto_pair", {"pref_loss": "kto_pair"}, "'pref_loss: kto_pair' is not supported; for KTO use stage: kto"),
+    (
+        "pref_loss-bco",
+        {"pref_loss": "bco"},
+        "'pref_loss: bco' is not supported; valid: sigmoid, hinge, ipo, orpo, simpo",
+    ),
     (
         "finetuning-freeze",
         {"finetuning_type": "freeze"},
@@ -392,10 +399,11 @@ def test_translation_and_schema_problems_reported_together(tmp_path):
 
 def test_llama_factory_keys_are_all_known_to_the_translator():
     # every key listed as accepted is handled somewhere (rename, tuning or noted)
-    from vlmtune.config.llamafactory import NOTED_KEYS, RENAMES, TUNING_KEYS
+    from vlmtune.config.llamafactory import METHOD_KEYS, NOTED_KEYS, RENAMES, TUNING_KEYS
 
-    assert LLAMA_FACTORY_KEYS == set(RENAMES) | TUNING_KEYS | NOTED_KEYS
-    assert not (set(RENAMES) & TUNING_KEYS) and not (set(RENAMES) & NOTED_KEYS)
+    assert LLAMA_FACTORY_KEYS == set(RENAMES) | TUNING_KEYS | METHOD_KEYS | NOTED_KEYS
+    groups = [set(RENAMES), TUNING_KEYS, METHOD_KEYS, NOTED_KEYS]
+    assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1 :])
 
 
 @pytest.mark.parametrize(
@@ -426,3 +434,89 @@ def test_streaming_reads_lazily(tmp_path):
     cfg, lines = _load(tmp_path, {"streaming": True})
     assert cfg.data.load == "lazy"
     assert "streaming: True -> data.load=lazy (JSONL read by a byte-offset index)" in lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference methods: stage, pref_* and kto_* keys
+# ---------------------------------------------------------------------------------------------
+
+# (id, LLaMA-Factory keys, expected {vlmtune key: value})
+METHOD_KEYS_CASES = [
+    ("stage-sft", {"stage": "sft"}, {"train.method": "sft"}),
+    ("stage-dpo", {"stage": "dpo"}, {"train.method": "dpo", "train.dpo.loss": "sigmoid"}),
+    ("stage-kto", {"stage": "kto"}, {"train.method": "kto"}),
+    ("pref_beta", {"stage": "dpo", "pref_beta": 0.25}, {"train.dpo.beta": 0.25, "train.kto.beta": 0.25}),
+    ("pref_beta-kto", {"stage": "kto", "pref_beta": 0.3}, {"train.method": "kto", "train.kto.beta": 0.3}),
+    ("pref_loss-ipo", {"stage": "dpo", "pref_loss": "ipo"}, {"train.dpo.loss": "ipo"}),
+    ("pref_loss-hinge", {"pref_loss": "hinge"}, {"train.dpo.loss": "hinge"}),
+    ("pref_loss-orpo", {"stage": "dpo", "pref_loss": "orpo"}, {"train.dpo.loss": "orpo"}),
+    (
+        "pref_loss-simpo",
+        {"stage": "dpo", "pref_loss": "simpo", "simpo_gamma": 1.5},
+        {"train.dpo.loss": "simpo", "train.dpo.simpo_gamma": 1.5},
+    ),
+    ("pref_ftx", {"stage": "dpo", "pref_ftx": 0.5}, {"train.dpo.sft_weight": 0.5}),
+    ("dpo_label_smoothing", {"dpo_label_smoothing": 0.1}, {"train.dpo.label_smoothing": 0.1}),
+    (
+        "kto-weights",
+        {"stage": "kto", "kto_chosen_weight": 1.0, "kto_rejected_weight": 1.33},
+        {"train.kto.desirable_weight": 1.0, "train.kto.undesirable_weight": 1.33},
+    ),
+]
+
+
+@pytest.mark.parametrize("raw, expected", [c[1:] for c in METHOD_KEYS_CASES], ids=[c[0] for c in METHOD_KEYS_CASES])
+def test_method_keys_are_translated_and_echoed(tmp_path, raw, expected):
+    cfg, lines = _load(tmp_path, raw)
+    assert {path: _get(cfg, path) for path in expected} == expected
+    for key in raw:
+        assert any(line.startswith(f"{key}: ") for line in lines), (key, lines)
+
+
+def test_a_llama_factory_dpo_file(tmp_path, model_dir):
+    raw = {
+        "model_name_or_path": str(model_dir),
+        "stage": "dpo",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "pref_beta": 0.1,
+        "pref_loss": "sigmoid",
+        "pref_ftx": 0.2,
+        "dataset": "rlhf_v",
+        "cutoff_len": 2048,
+        "output_dir": "saves/dpo",
+    }
+    cfg, lines = _load(tmp_path, raw)
+    assert cfg.train.method == "dpo"
+    assert (cfg.train.dpo.beta, cfg.train.dpo.loss, cfg.train.dpo.sft_weight) == (0.1, "sigmoid", 0.2)
+    assert "stage: dpo -> train.method=dpo" in lines
+    assert "pref_ftx: 0.2 -> train.dpo.sft_weight" in lines
+
+
+def test_native_method_keys_win_over_translated_ones(tmp_path):
+    cfg, _ = _load(tmp_path, {"stage": "dpo", "pref_beta": 0.3, "train": {"method": "kto", "kto": {"beta": 0.5}}})
+    assert cfg.train.method == "kto" and cfg.train.kto.beta == 0.5 and cfg.train.dpo.beta == 0.3
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"pref_beta": 0}, "'train.dpo.beta': Input should be greater than 0"),
+        ({"dpo_label_smoothing": 0.5}, "'train.dpo.label_smoothing': Input should be less than 0.5"),
+        ({"kto_rejected_weight": -1}, "'train.kto.undesirable_weight': Input should be greater than 0"),
+    ],
+    ids=["pref_beta-zero", "label_smoothing-half", "kto-negative-weight"],
+)
+def test_translated_method_values_are_checked_by_the_schema(tmp_path, raw, fragment):
+    problems = _problems(tmp_path, raw)
+    assert any(fragment in p for p in problems), problems
+
+
+def test_packing_with_a_preference_stage_is_refused_naming_the_key(tmp_path):
+    problems = _problems(tmp_path, {"stage": "dpo", "train": {"packing": True}})
+    assert problems == [
+        "'train.packing' is true but train.method is dpo: packing lays samples end to end in shared rows; "
+        "preference pairs and labelled answers are not packed (each answer is scored on its own); set "
+        "train.packing: false"
+    ]

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from vlmtune.config.data import AugmentConfig, DataConfig, DataSource
 from vlmtune.config.errors import ConfigError
 from vlmtune.config.load import config_to_yaml, load_config, reference
+from vlmtune.config.methods import DPOConfig, GRPOConfig, KTOConfig, RewardSpec
 from vlmtune.config.schema import (
     BUILTIN_MODEL,
     DEFAULT_GROUPS,
@@ -371,6 +372,10 @@ NAMED_MODELS = (
     EvalConfig,
     Groups,
     GroupConfig,
+    DPOConfig,
+    KTOConfig,
+    GRPOConfig,
+    RewardSpec,
 )
 
 
@@ -383,6 +388,9 @@ def test_every_field_of_every_model_has_a_description():
         "GroupConfigOverrides",
         "DataOverrides",
         "AugmentConfigOverrides",
+        "DPOOverrides",
+        "KTOOverrides",
+        "GRPOOverrides",
     }
     missing = [
         f"{m.__name__}.{name}"
@@ -416,10 +424,14 @@ def test_reference_lists_every_field_with_its_description_and_default():
     lines = reference()
     text = "\n".join(lines)
     leaves = _leaf_keys(Config)
-    nested = {"augment"}  # DataConfig.augment is a section of its own
+    # sections of their own: DataConfig.augment, and the methods' settings (at the top level and in a stage)
+    nested = {"augment", "dpo", "kto", "grpo"}
+    methods = (DPOConfig, KTOConfig, GRPOConfig)
     assert len(leaves) == sum(
         len(set(m.model_fields) - nested)
         for m in (ModelConfig, DataConfig, AugmentConfig, TrainConfig, EvalConfig, GroupConfig, StageConfig)
+        + methods
+        + methods
     )
     for key, field in leaves:
         entry = [line for line in lines if line.startswith(f"  {key} = ")]

@@ -41,11 +41,39 @@ def semantic_problems(cfg: Config) -> list[str]:
         problems.append(
             "'train.packing_length' is set but train.packing is false: set train.packing: true or drop packing_length"
         )
+    problems += _method_problems(cfg)
     if cfg.data.load == "lazy" and cfg.train.group_by_length:
         problems.append(
             "'train.group_by_length' sorts batches by every sample's length before training, but 'data.load' is lazy "
             "(a sample's length is known only when it is read): set train.group_by_length: false, or data.load: "
             "upfront (every sample read and measured before the first step)"
+        )
+    return problems
+
+
+def _method_problems(cfg: Config) -> list[str]:
+    """What a preference or RL method cannot run with: packed rows and lazily read data."""
+    method = cfg.train.method
+    if method == "sft":
+        return []
+    problems = []
+    what = "rollouts (a prompt's sampled answers)" if method == "grpo" else "preference pairs and labelled answers"
+    if cfg.train.packing:
+        problems.append(
+            f"'train.packing' is true but train.method is {method}: packing lays samples end to end in shared rows; "
+            f"{what} are not packed (each answer is scored on its own); set train.packing: false"
+        )
+    if cfg.data.load == "lazy":
+        problems.append(
+            f"'data.load' is lazy but train.method is {method}: {method} reads its training data upfront (every "
+            "sample checked and paired with what the method needs before the first step); set data.load: upfront "
+            "(or auto)"
+        )
+    dpo = cfg.train.dpo
+    if method == "dpo" and dpo.label_smoothing > 0 and dpo.loss not in ("sigmoid", "robust"):
+        problems.append(
+            f"'train.dpo.label_smoothing' is {dpo.label_smoothing} but train.dpo.loss is {dpo.loss}: label "
+            "smoothing is defined for the sigmoid (cDPO) and robust losses only; set it to 0 or choose one of those"
         )
     return problems
 

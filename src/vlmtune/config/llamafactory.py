@@ -58,6 +58,11 @@ RENAMES: dict[str, str] = {
     "logging_steps": "train.logging_steps",
     "save_steps": "train.save_steps",
     "eval_steps": "train.eval_steps",
+    "pref_ftx": "train.dpo.sft_weight",
+    "simpo_gamma": "train.dpo.simpo_gamma",
+    "dpo_label_smoothing": "train.dpo.label_smoothing",
+    "kto_chosen_weight": "train.kto.desirable_weight",
+    "kto_rejected_weight": "train.kto.undesirable_weight",
 }
 
 TUNING_KEYS = {
@@ -89,8 +94,11 @@ NO_EFFECT: dict[str, str] = {
     "deepspeed": "sharding is chosen at launch: accelerate launch --config_file examples/accelerate/deepspeed_zero3.yaml "
     "-m vlmtune train CONFIG",
 }
+# stage -> train.method; pref_beta -> train.dpo.beta and train.kto.beta; pref_loss -> train.dpo.loss.
+METHOD_KEYS = {"stage", "pref_beta", "pref_loss"}
+STAGES = ("sft", "dpo", "kto")
+PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 NOTED_KEYS = {
-    "stage",
     "bf16",
     "fp16",
     "report_to",
@@ -101,7 +109,7 @@ NOTED_KEYS = {
     *NO_EFFECT,
 }
 
-LLAMA_FACTORY_KEYS = set(RENAMES) | TUNING_KEYS | NOTED_KEYS
+LLAMA_FACTORY_KEYS = set(RENAMES) | TUNING_KEYS | METHOD_KEYS | NOTED_KEYS
 
 
 def _split_list(value: Any) -> list[str]:
@@ -257,13 +265,8 @@ def translate(raw: dict) -> tuple[dict, list[str], list[str]]:
             lines.append(f"{key}: {flat[key]} -> {path}")
     if TUNING_KEYS & set(flat):
         out["groups"] = _tuning(flat, lines, problems)
-    if "stage" in flat:
-        if flat["stage"] != "sft":
-            problems.append(
-                f"'stage: {flat['stage']}' is not supported; vlmtune trains supervised fine-tuning (stage: sft)"
-            )
-        else:
-            lines.append("stage: sft -> not needed (vlmtune train is supervised fine-tuning)")
+    if METHOD_KEYS & set(flat):
+        _method(flat, out, lines, problems)
     if "finetuning_type" in flat and flat["finetuning_type"] == "lora":
         lines.append("finetuning_type: lora -> LoRA per group, as lora_target says")
     _precision(flat, out, lines)
@@ -286,6 +289,40 @@ def translate(raw: dict) -> tuple[dict, list[str], list[str]]:
         if key in flat:
             lines.append(f"{key}: {flat[key]} -> no effect ({why})")
     return deep_merge(out, native), lines, problems
+
+
+def _method(flat: dict, out: dict, lines: list[str], problems: list[str]) -> None:
+    """stage -> train.method; pref_beta -> the beta of dpo and kto (whichever runs); pref_loss -> train.dpo.loss."""
+    if "stage" in flat:
+        stage = flat["stage"]
+        if stage in STAGES:
+            _set(out, "train.method", stage)
+            lines.append(f"stage: {stage} -> train.method={stage}")
+        else:
+            problems.append(
+                f"'stage: {stage}' is not supported; vlmtune trains stage: {', '.join(STAGES)} (train.method: "
+                "sft, dpo, kto), and grpo (train.method: grpo, rewards in train.grpo.rewards) in place of ppo; "
+                "it has no pre-training (pt) or reward-model (rm) stage"
+            )
+    if "pref_beta" in flat:
+        _set(out, "train.dpo.beta", flat["pref_beta"])
+        _set(out, "train.kto.beta", flat["pref_beta"])
+        lines.append(f"pref_beta: {flat['pref_beta']} -> train.dpo.beta and train.kto.beta")
+    if "pref_loss" in flat:
+        loss = flat["pref_loss"]
+        if loss in PREF_LOSSES:
+            _set(out, "train.dpo.loss", loss)
+            lines.append(f"pref_loss: {loss} -> train.dpo.loss={loss}")
+        elif loss == "kto_pair":
+            problems.append(
+                "'pref_loss: kto_pair' is not supported; for KTO use stage: kto (train.method: kto) with answers "
+                "labelled desirable or undesirable (a kto_tag column)"
+            )
+        else:
+            problems.append(
+                f"'pref_loss: {loss}' is not supported; valid: {', '.join(PREF_LOSSES)} "
+                "(and vlmtune's own train.dpo.loss: robust)"
+            )
 
 
 def _precision(flat: dict, out: dict, lines: list[str]) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from vlmtune.config.data import DataConfig
+from vlmtune.config.methods import DPOConfig, GRPOConfig, KTOConfig, Method
 from vlmtune.config.strict import StrictModel, partial
 
 GROUPS: tuple[str, ...] = ("vision_tower", "projector", "language_model", "lm_head")
@@ -104,6 +105,15 @@ class ModelConfig(StrictModel):
 class TrainConfig(StrictModel):
     """The optimisation loop."""
 
+    method: Method = Field(
+        "sft",
+        description="the objective: sft, cross-entropy on the answers; dpo, preference pairs (chosen / rejected); "
+        "kto, answers labelled desirable or undesirable; grpo, sampled answers scored by train.grpo.rewards",
+    )
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="settings of method dpo (the DPO family)")
+    kto: KTOConfig = Field(default_factory=KTOConfig, description="settings of method kto")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="settings of method grpo: rollouts and rewards")
+
     output_dir: str = Field(
         "runs/quickstart", description="where config.yaml, metrics.jsonl, loss.png, checkpoints and final/ are written"
     )
@@ -189,6 +199,9 @@ class TrainConfig(StrictModel):
 
 GroupsOverrides = partial(Groups, "GroupsOverrides")
 DataOverrides = partial(DataConfig, "DataOverrides")
+DPOOverrides = partial(DPOConfig, "DPOOverrides")
+KTOOverrides = partial(KTOConfig, "KTOOverrides")
+GRPOOverrides = partial(GRPOConfig, "GRPOOverrides")
 
 
 class StageConfig(StrictModel):
@@ -221,6 +234,18 @@ class StageConfig(StrictModel):
     data: DataOverrides = Field(
         default_factory=lambda: DataOverrides(),
         description="data settings that differ in this stage, e.g. {train: file.jsonl, eval: other.jsonl}",
+    )
+    method: Method | None = Field(
+        None, description="the objective of this stage (sft, dpo, kto, grpo); empty means train.method"
+    )
+    dpo: DPOOverrides = Field(
+        default_factory=lambda: DPOOverrides(), description="train.dpo settings that differ in this stage"
+    )
+    kto: KTOOverrides = Field(
+        default_factory=lambda: KTOOverrides(), description="train.kto settings that differ in this stage"
+    )
+    grpo: GRPOOverrides = Field(
+        default_factory=lambda: GRPOOverrides(), description="train.grpo settings that differ in this stage"
     )
 
 

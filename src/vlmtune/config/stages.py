@@ -61,6 +61,10 @@ def _overrides(stage: StageConfig) -> dict:
         train["warmup_steps"] = stage.warmup_steps
     if stage.scheduler is not None:
         train["scheduler"] = stage.scheduler
+    if stage.method is not None:
+        train["method"] = stage.method
+    for method in ("dpo", "kto", "grpo"):
+        train[method] = getattr(stage, method).model_dump(exclude_none=True)
     # The stage's typed overrides, without the keys it leaves empty (those come from the top level).
     return {
         "groups": stage.groups.model_dump(exclude_none=True),
