@@ -115,11 +115,13 @@ VIDEO_KINDS = {"video in answer", "video count", "video missing", "video unreada
 
 # Exercised in tests/data/test_formats.py (a Parquet file that is not one).
 FORMAT_KINDS = {"unreadable dataset"}
+# Exercised in tests/data/test_preference_data.py (a sample against each method).
+METHOD_KINDS = {"not a pair", "no label", "labelled data", "pair data", "same answers"}
 
 
 def test_every_kind_is_exercised():
     exercised = {k for k, _ in EXPECTED.values()} | {"file missing", "no samples", "bad sample"} | TEMPLATE_KINDS
-    assert exercised | VIDEO_KINDS | FORMAT_KINDS == set(KINDS)
+    assert exercised | VIDEO_KINDS | FORMAT_KINDS | METHOD_KINDS == set(KINDS)
 
 
 def test_text_that_would_teach_the_template_wrong_is_an_error(tiny_dir, tmp_path, capsys):

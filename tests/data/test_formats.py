@@ -196,8 +196,8 @@ def test_data_check_reads_a_parquet_file(folder, tiny_dir, capsys):
     assert "train  2        2       0       0" in printed and "no errors" in printed, printed
 
 
-def test_preference_records_are_refused_as_sft_data(folder):
+def test_preference_records_are_read_as_pairs(folder):
     path = write_jsonl(folder / "pref.jsonl", [{"prompt": "Q", "chosen": "good", "rejected": "bad"}])
-    samples, (problem,) = _read(path)
-    assert samples == [] and "a preference record (chosen / rejected answers)" in str(problem)
+    (sample,), problems = _read(path)
+    assert problems == [] and sample.messages == [("user", "Q"), ("assistant", "good")] and sample.rejected == "bad"
     assert json.loads(path.read_text())["chosen"] == "good"

@@ -251,16 +251,26 @@ def test_max_samples_reads_the_first_records_of_each_source(lf_data):
             "llamafactory/alpaca_en) / the ModelScope hub (ms_hub_url: llamafactory/alpaca_en); vlmtune reads local data "
             "only: download it and give the entry a file_name",
         ),
-        ("kto_en_demo", "dataset 'kto_en_demo': columns.kto_tag: preference data"),
-        ("dpo_en_demo", "dataset 'dpo_en_demo': columns.chosen, columns.rejected, ranking: true: preference data"),
     ],
-    ids=["hub-only", "kto", "ranking"],
+    ids=["hub-only"],
 )
-def test_entries_vlmtune_cannot_train_as_sft_are_refused_by_name(lf_data, name, expected):
+def test_entries_vlmtune_cannot_read_are_refused_by_name(lf_data, name, expected):
     with pytest.raises(DataError) as info:
         resolve(name, DataConfig(dataset_dir=str(lf_data)), "train")
     (problem,) = info.value.problems
     assert problem.startswith(f"{lf_data / 'dataset_info.json'} '{name}': {expected}"), problem
+
+
+def test_ranking_and_kto_entries_are_read_as_pairs_and_labelled_answers(lf_data):
+    (pair,), problems = _read("dpo_en_demo", lf_data)
+    assert problems == [] and pair.messages == [("user", "Q"), ("assistant", "good")] and pair.rejected == "bad"
+    good, bad = _read("kto_en_demo", lf_data)[0]
+    assert (good.kto_label, good.messages[-1], bad.kto_label, bad.messages[-1]) == (
+        True,
+        ("assistant", "good"),
+        False,
+        ("assistant", "bad"),
+    )
 
 
 def test_the_example_yaml_loads_with_every_key_translated_or_noted(lf_data, tiny_dir, tmp_path):

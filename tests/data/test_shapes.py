@@ -10,7 +10,16 @@ import pytest
 from PIL import Image
 
 from vlmtune.data import shapes
-from vlmtune.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, TASKS, corpus_texts, generate_shapes
+from vlmtune.data.shapes import (
+    COLORS,
+    POSITIONS,
+    PREFERENCE_TASKS,
+    SHAPES,
+    SIZES,
+    TASKS,
+    corpus_texts,
+    generate_shapes,
+)
 
 CAPTIONS = {f"a {z} {c} {s} at the {p}" for s in SHAPES for c in COLORS for z in SIZES for p in POSITIONS}
 ANSWERS = {
@@ -40,12 +49,31 @@ def _shape_pixels(img: Image.Image) -> list[tuple[int, int, tuple[int, int, int]
     return [(x, y, px[x, y]) for y in range(h) for x in range(w) if px[x, y] != shapes.BACKGROUND]
 
 
+def _dominant(img: Image.Image) -> str:
+    """The colour name of the shape in an image."""
+    counts = collections.Counter(rgb for _, _, rgb in _shape_pixels(img.convert("RGB")))
+    rgb = counts.most_common(1)[0][0]
+    return next(name for name, value in COLORS.items() if value == rgb)
+
+
 def _folder_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_tasks_constant():
-    assert TASKS == ("caption", "attributes", "color", "shape", "size", "position", "compare", "pretrain", "motion")
+    assert TASKS == (
+        "caption",
+        "attributes",
+        "color",
+        "shape",
+        "size",
+        "position",
+        "compare",
+        "pretrain",
+        "motion",
+        "color-pairs",
+        "color-kto",
+    )
 
 
 def test_same_arguments_give_identical_bytes(tmp_path):
@@ -64,7 +92,7 @@ def test_different_seed_gives_different_data(tmp_path):
     assert a.read_bytes() != b.read_bytes()
 
 
-IMAGE_TASKS = [t for t in TASKS if t != "motion"]  # motion writes videos: tests/data/test_video.py
+IMAGE_TASKS = [t for t in TASKS if t not in ("motion", *PREFERENCE_TASKS)]  # motion: tests/data/test_video.py
 
 
 @pytest.mark.parametrize("task", IMAGE_TASKS)
@@ -92,6 +120,23 @@ def test_format_paths_and_answer_vocabulary(tmp_path, task):
     # Small answer sets must be fully covered by 60 samples (position: 4, compare: 2, ...).
     if task not in ("caption", "attributes", "pretrain"):
         assert seen == ANSWERS[task]
+
+
+def test_preference_tasks_pair_the_right_colour_with_a_wrong_one(tmp_path):
+    pairs = _rows(generate_shapes(tmp_path, 40, "color-pairs", seed=2, name="pairs"))
+    for pair in pairs:
+        assert set(pair) == {"messages", "chosen", "rejected", "images"}
+        assert [m["role"] for m in pair["messages"]] == ["user"]
+        assert pair["chosen"]["content"] in COLORS and pair["rejected"]["content"] in COLORS
+        assert pair["chosen"]["content"] != pair["rejected"]["content"]
+        with Image.open(tmp_path / pair["images"][0]) as img:
+            assert _dominant(img) == pair["chosen"]["content"]
+    assert len(pairs) == 40
+    kto = _rows(generate_shapes(tmp_path, 40, "color-kto", seed=2, name="kto"))
+    assert sum(r["kto_tag"] for r in kto) == 20  # an exact half desirable
+    for row in kto:
+        with Image.open(tmp_path / row["images"][0]) as img:
+            assert (_dominant(img) == row["messages"][-1]["content"]) == row["kto_tag"]
 
 
 @pytest.mark.parametrize("task", ["color", "shape", "size", "position", "caption", "attributes"])

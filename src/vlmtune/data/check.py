@@ -1,7 +1,8 @@
 """`vlmtune data check`: reads every sample, reports every problem by place, then a summary table.
 
-It runs the checks training runs (``dataset.check_sample``), streamed: one record and one image at a time,
-so 100k samples cost their token lengths in memory, never their images.
+It runs the checks training runs (``dataset.check_sample``, and ``kinds.method_problems`` for each stage's method:
+a DPO stage needs pairs, a KTO stage labelled answers), streamed: one record and one image at a time, so 100k
+samples cost their token lengths in memory, never their images.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from vlmtune.config.schema import Config
 from vlmtune.config.stages import resolve_stages
 from vlmtune.data.dataset import check_sample
 from vlmtune.data.index import record_count
+from vlmtune.data.kinds import SAMPLE_KINDS, method_problems, sample_kind
 from vlmtune.data.sharegpt import KINDS, WARNING_KINDS, DataError, DuplicateFinder, Problem
 from vlmtune.data.sources import entries, iter_split, resolve
 from vlmtune.tracking import text_table
@@ -33,6 +35,8 @@ class SplitCheck:
     )  # tokens of each measurable sample, image tokens included
     image_tokens: array = field(default_factory=lambda: array("l"))
     over: Counter = field(default_factory=Counter)  # over max_length, by what data.too_long does to them
+    kinds: Counter = field(default_factory=Counter)  # samples read by kind: sft, pair, labelled (kinds.sample_kind)
+    method: str = "sft"  # the method the split was checked for
 
     @property
     def errors(self) -> list[Problem]:
@@ -71,7 +75,7 @@ def check_split(
     images are opened one at a time and never kept."""
     from tqdm.auto import tqdm
 
-    out = SplitCheck(label or split)
+    out = SplitCheck(label or split, method=cfg.train.method)
     bar = tqdm(
         total=_total(specs, cfg, split),
         desc=f"check {label or split}",
@@ -90,6 +94,8 @@ def check_split(
             out.problems.append(got)
             continue
         out.images += len(got.images)
+        out.kinds[sample_kind(got)] += 1
+        out.problems += method_problems(got, cfg.train.method)
         checked = check_sample(got, processor, cfg.data)
         out.problems += checked.problems
         if checked.length is not None:
@@ -103,12 +109,13 @@ def check_split(
 
 def check_data(cfg: Config, processor, progress: bool = True) -> list[SplitCheck]:
     """Checks the train split and, if set, the eval split (an eval sample repeating a train one is a duplicate), of
-    the top level and of every stage whose data settings differ (the splits are then named ``STAGE:train``)."""
+    the top level and of every stage whose data settings or method differ (the splits are then named
+    ``STAGE:train``), each sample against its stage's method."""
     checks, seen = [], set()
     stages = resolve_stages(cfg)
     for stage in stages:
         scfg = stage.cfg
-        key = json.dumps(scfg.data.model_dump(mode="json"), sort_keys=True)
+        key = json.dumps([scfg.data.model_dump(mode="json"), scfg.train.method], sort_keys=True)
         if key in seen:
             continue
         seen.add(key)
@@ -137,6 +144,12 @@ def summary_lines(checks: list[SplitCheck], cfg: Config) -> list[str]:
         lines += text_table(
             [("kind", *(c.split for c in checks), "severity")]
             + [(k, *(c.by_kind()[k] for c in checks), "warning" if k in WARNING_KINDS else "error") for k in kinds]
+        )
+    if any(set(c.kinds) - {"sft"} or c.method != "sft" for c in checks):
+        lines += ["", "samples by kind (sft: one answer; pair: chosen and rejected; labelled: a KTO label)"]
+        lines += text_table(
+            [("split", "method", *SAMPLE_KINDS)]
+            + [(c.split, c.method, *(c.kinds[k] for k in SAMPLE_KINDS)) for c in checks]
         )
     limit = cfg.data.max_length
     lines += ["", f"token length, image tokens included (samples without errors), against data.max_length={limit}"]

@@ -12,7 +12,6 @@ samples stop the run with every problem listed (``data.on_bad_sample: error``) o
 from __future__ import annotations
 
 import weakref
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -27,6 +26,7 @@ from vlmtune.data.collate import CACHED, PER_TOKEN, downscale, encode_example, e
 from vlmtune.data.counted import (
     counts_image_tokens,
     encode_text,
+    grid_token_counts,
     image_grid,
     image_token_counts,
     process_videos,
@@ -34,66 +34,13 @@ from vlmtune.data.counted import (
     video_refusal,
     video_token_counts,
 )
+from vlmtune.data.kept import LengthReport
+from vlmtune.data.kinds import method_problems
 from vlmtune.data.media import inspect_images, inspect_videos, load_images, load_videos
+from vlmtune.data.pairs import method_item, rejected_variant
 from vlmtune.data.sharegpt import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, DataError, Problem, Sample
 from vlmtune.data.sources import iter_split
 from vlmtune.data.video import VideoInfo
-
-
-@dataclass
-class LengthReport:
-    """What the checks and the length limit did to a split: kept, over-long, skipped and duplicate samples."""
-
-    kept: int = 0
-    dropped: list[str] = field(default_factory=list)
-    downscaled: list[str] = field(default_factory=list)
-    truncated: list[str] = field(default_factory=list)
-    skipped: list[Problem] = field(default_factory=list)  # every problem of every skipped sample
-    duplicates: list[Problem] = field(default_factory=list)  # kept: a repeated sample trains twice
-
-    def skipped_samples(self) -> list[str]:
-        """Places of the skipped samples, each once, in order."""
-        return list(dict.fromkeys(p.where or str(p) for p in self.skipped))
-
-    def skipped_by_kind(self) -> dict[str, int]:
-        """Problem count per kind among skipped samples."""
-        return dict(Counter(p.kind for p in self.skipped))
-
-    def lines(self, max_length: int) -> list[str]:
-        out = []
-        if self.skipped:
-            kinds = ", ".join(f"{kind} {n}" for kind, n in self.skipped_by_kind().items())
-            out.append(f"{len(self.skipped_samples())} bad sample(s) skipped (data.on_bad_sample: skip): {kinds}")
-            out += [f"  skipped {p}" for p in self.skipped[:10]]
-            if len(self.skipped) > 10:
-                out.append(f"  ... and {len(self.skipped) - 10} more problem(s), all in the run folder's data report")
-        for what, items in (
-            ("dropped", self.dropped),
-            ("downscaled", self.downscaled),
-            ("text-truncated", self.truncated),
-        ):
-            if items:
-                first = ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
-                out.append(
-                    f"{len(items)} sample(s) over max_length={max_length} {what} (image tokens are never cut): {first}"
-                )
-        if self.duplicates:
-            first = ", ".join(str(p) for p in self.duplicates[:3]) + (" ..." if len(self.duplicates) > 3 else "")
-            out.append(f"{len(self.duplicates)} duplicate sample(s) kept (each trains as often as it appears): {first}")
-        return out
-
-    def to_dict(self) -> dict:
-        """Everything as plain JSON data, for the run folder."""
-        return {
-            "kept": self.kept,
-            "dropped": self.dropped,
-            "downscaled": self.downscaled,
-            "truncated": self.truncated,
-            "skipped_samples": len(self.skipped_samples()),
-            "skipped_by_kind": self.skipped_by_kind(),
-            "skipped": [p.to_dict() for p in self.skipped],
-            "duplicates": [p.to_dict() for p in self.duplicates],
-        }
 
 
 @dataclass
@@ -155,7 +102,8 @@ def check_sample(sample: Sample, processor, data: DataConfig) -> Checked:
         videos, found = inspect_videos(sample, data)
         problems += found
     controls = control_tokens(processor)
-    for i, (role, content) in enumerate(sample.messages):
+    turns = list(sample.messages) + ([("rejected answer", sample.rejected)] if sample.rejected else [])
+    for i, (role, content) in enumerate(turns):
         typed = [c for c in controls if c in content]
         if typed:
             problems.append(
@@ -247,12 +195,21 @@ class VLMDataset(Dataset):
     returns token ids, labels and pixel inputs, or, with ``use_vision_cache``, each image's patch grid and cached
     vision features in place of its pixels (nothing decoded)."""
 
-    def __init__(self, samples: Iterable[Sample | Problem], processor, data: DataConfig, split: str = "train"):
-        """Checks every sample (see ``check_sample``).
+    def __init__(
+        self,
+        samples: Iterable[Sample | Problem],
+        processor,
+        data: DataConfig,
+        split: str = "train",
+        method: str = "sft",
+    ):
+        """Checks every sample (see ``check_sample``, and ``kinds.method_problems`` for what ``method`` needs).
 
         Args:
             samples: samples, with the problems found while reading them at their places (``iter_split``).
             split: "train" or "eval"; only the train split is augmented (``data.augment``).
+            method: the training method the items are encoded for (``vlmtune.data.pairs.method_item``); a DPO
+                pair whose rejected answer is over ``data.max_length`` is dropped (a pair is never cut).
 
         Raises:
             DataError: with ``data.on_bad_sample: error``, every error found; with ``skip``, the problems
@@ -261,6 +218,7 @@ class VLMDataset(Dataset):
         self.processor = processor
         self.data = data
         self.split = split
+        self.method = method
         self.epoch = 0
         self.augment = Augmenter(data.augment) if split == "train" and data.augment.enabled else None
         self.vision_keys = self.vision_cache = None  # set by use_vision_cache
@@ -272,7 +230,9 @@ class VLMDataset(Dataset):
                 problems = [got]
             else:
                 checked = check_sample(got, processor, data)
-                problems = checked.problems
+                problems = checked.problems + method_problems(got, method)
+                if method == "dpo" and checked.item is not None and got.rejected is not None:
+                    problems += _pair_fits(checked, processor, data)
                 if checked.item is not None and not any(p.is_error for p in problems):
                     self.items.append(checked.item)
                 {
@@ -318,10 +278,14 @@ class VLMDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         return self.encode(self.items[index], index)
 
+    def samples(self) -> list[Sample]:
+        """The kept samples, in item order."""
+        return [it.sample for it in self.items]
+
     def encode(self, item: _Item, index: int) -> dict:
         """A checked sample's model inputs; ``index`` (with the epoch) seeds its augmentation."""
         if self.vision_keys is not None:
-            return self._cached_item(item)
+            return self._cached_item(item, index)
         images = load_images(item.sample)
         if self.augment is not None:
             images = [self.augment(im, index, self.epoch, k) for k, im in enumerate(images)]
@@ -339,13 +303,19 @@ class VLMDataset(Dataset):
         )
         if per_token is not None:
             extra[PER_TOKEN] = {k: v[: item.truncate_at] for k, v in per_token.items()}
-        return {**_cut(item, enc), **extra, **pixels}
+        out = {**_cut(item, enc), **extra, **pixels}
+        if self.method == "sft":
+            return out
+        counts = grid_token_counts(self.processor, pixels) if counts_image_tokens(self.processor) else None
+        video_counts = grid_token_counts(self.processor, pixels, "video_grid_thw") if counts is not None else None
+        shown = downscale(images, item.max_pixels)
+        return method_item(out, self.method, item.sample, index, self.processor, counts, video_counts, shown)
 
     def _videos(self, item: _Item) -> list:
         """The item's videos decoded (none decoded for a sample without videos); not augmented."""
         return load_videos(item.sample, self.data, temporal_patch(self.processor)) if item.sample.videos else []
 
-    def _cached_item(self, item: _Item) -> dict:
+    def _cached_item(self, item: _Item, index: int) -> dict:
         data, merge = self.data, self.processor.image_processor.merge_size
         min_pixels = data.image_min_pixels
         grids = [image_grid(self.processor, h, w, min_pixels, item.max_pixels) for h, w in item.sizes]
@@ -366,7 +336,9 @@ class VLMDataset(Dataset):
                 self.vision_cache.get(self.vision_keys.key(path, min_pixels, item.max_pixels), image=str(path))
                 for path in item.sample.images
             ]
-        return out
+        if self.method == "sft":
+            return out
+        return method_item(out, self.method, item.sample, index, self.processor, counts, video_counts, None)
 
 
 def _cut(item: _Item, enc) -> dict:
@@ -379,10 +351,31 @@ def _cut(item: _Item, enc) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-def build_dataset(specs: str | list[str], data: DataConfig, processor, split: str) -> VLMDataset:
-    """Reads every source of a split, checks every sample and applies the length limit.
+def _pair_fits(checked: Checked, processor, data: DataConfig) -> list[Problem]:
+    """A DPO pair is kept whole: when its rejected answer makes it longer than ``data.max_length`` (or the chosen
+    one needed cutting), it is dropped, with a "too long" problem saying so."""
+    item, sample = checked.item, checked.sample
+    rejected = _encode(
+        processor, data, rejected_variant(sample), item.sizes, item.max_pixels, item.videos, item.video_max_pixels
+    )
+    n = len(rejected.input_ids)
+    if n <= data.max_length and item.truncate_at is None:
+        return []
+    checked.item, checked.outcome = None, "dropped"
+    return [
+        Problem(
+            sample.where,
+            "too long",
+            f"a preference pair whose answers take {item.length} (chosen) and {n} (rejected) tokens with "
+            f"data.max_length={data.max_length}: dropped (the two answers of a pair are never cut)",
+        )
+    ]
+
+
+def build_dataset(specs: str | list[str], data: DataConfig, processor, split: str, method: str = "sft") -> VLMDataset:
+    """Reads every source of a split, checks every sample (for ``method``) and applies the length limit.
 
     Raises:
         DataError: see ``VLMDataset``; every problem is listed, each naming its file and line.
     """
-    return VLMDataset(iter_split(specs, data, split), processor, data, split=split)
+    return VLMDataset(iter_split(specs, data, split), processor, data, split=split, method=method)

@@ -59,7 +59,9 @@ class EpochSampler(Sampler[int]):
     With ``lengths`` and ``batch_size``, each run of ``batch_size * 50`` shuffled samples is sorted by length
     (longest first), so consecutive batches hold similar lengths while the epoch stays a random order of
     mixed-length groups. With ``mix``, an epoch draws each source's share: a source short of its share is
-    repeated (whole shuffled passes, then a part), a larger one is subsampled afresh each epoch.
+    repeated (whole shuffled passes, then a part), a larger one is subsampled afresh each epoch. With ``repeat``
+    = (window, times), each run of ``window`` indices comes ``times`` times in a row (GRPO's several optimizer
+    steps on one batch of rollouts: the window is one optimizer step's samples over every process).
     """
 
     def __init__(
@@ -70,8 +72,10 @@ class EpochSampler(Sampler[int]):
         lengths: list[int] | None = None,
         batch_size: int = 1,
         mix: Mix | None = None,
+        repeat: tuple[int, int] | None = None,
     ):
         self.size = size
+        self.repeat = repeat
         self.seed = seed
         self.shuffle = shuffle
         self.lengths = lengths
@@ -132,8 +136,14 @@ class EpochSampler(Sampler[int]):
             for k, held in enumerate(self.mix.counts())
         ]
 
+    def _repeated(self, order: list[int]) -> list[int]:
+        if self.repeat is None:
+            return order
+        window, times = self.repeat
+        return [i for k in range(0, len(order), window) for _ in range(times) for i in order[k : k + window]]
+
     def __iter__(self):
-        return iter(self.order()[self.start :])
+        return iter(self._repeated(self.order())[self.start :])
 
     def __len__(self) -> int:
-        return self.epoch_size() - self.start
+        return self.epoch_size() * (self.repeat[1] if self.repeat else 1) - self.start

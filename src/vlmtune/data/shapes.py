@@ -55,7 +55,11 @@ SYSTEM_PROMPTS: tuple[str, ...] = (
 # attributes answer: an output token a base never emits keeps its random lm_head row, and
 # no adapter that leaves lm_head frozen can make it likely.
 PRETRAIN_TASKS: tuple[str, ...] = ("caption", "attributes", "shape", "size", "position")
-TASKS: tuple[str, ...] = (*QUESTIONS, "compare", "pretrain", "motion")
+# Preference data on the held-out colour question: ``color-pairs`` (DPO: the right colour chosen, another one
+# rejected, in LLaMA-Factory's ranking layout) and ``color-kto`` (KTO: half the answers right and labelled
+# desirable, half wrong and labelled undesirable, in LLaMA-Factory's kto_tag layout).
+PREFERENCE_TASKS: tuple[str, ...] = ("color-pairs", "color-kto")
+TASKS: tuple[str, ...] = (*QUESTIONS, "compare", "pretrain", "motion", *PREFERENCE_TASKS)
 
 _TWO_TURN_RATE = 0.1
 _SYSTEM_RATE = 0.1
@@ -230,8 +234,12 @@ def generate_shapes(
     rng.shuffle(same_flags)
     lines = []
     for i in range(num_samples):
+        extra: dict = {}
         if task == "compare":
             scenes, messages = _compare(rng, same_flags[i])
+        elif task in PREFERENCE_TASKS:
+            scenes = [random_scene(rng)]
+            messages, extra = _preference(scenes[0], rng, task, same_flags[i])
         else:
             scenes = [random_scene(rng)]
             messages = _pretrain(scenes[0], rng) if task == "pretrain" else _single(scenes[0], task)
@@ -240,10 +248,24 @@ def generate_shapes(
             rel = f"images/{name}_{i:06d}_{j}.png"
             render_scene(scene, image_size).save(out / rel, format="PNG")
             images.append(rel)
-        lines.append(json.dumps({"messages": messages, "images": images}))
+        lines.append(json.dumps({"messages": messages, **extra, "images": images}))
     path = out / f"{name}.jsonl"
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
+
+
+def _preference(scene: Scene, rng: random.Random, task: str, desirable: bool) -> tuple[list[dict], dict]:
+    """The colour question with a right and a wrong answer: a pair (``color-pairs``), or one of them with its
+    label (``color-kto``: right and labelled desirable for an exact half of the samples)."""
+    wrong = rng.choice([c for c in COLORS if c != scene.color])
+    question = [{"role": "user", "content": "<image>" + QUESTIONS["color"]}]
+    if task == "color-pairs":
+        return question, {
+            "chosen": {"role": "assistant", "content": scene.color},
+            "rejected": {"role": "assistant", "content": wrong},
+        }
+    answer = scene.color if desirable else wrong
+    return [*question, {"role": "assistant", "content": answer}], {"kto_tag": desirable}
 
 
 def _generate_motion(out: Path, num_samples: int, seed: int, image_size: int, name: str) -> Path:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmtune.data.formats import IMAGE_PLACEHOLDER, Format, RecordError, canonical
+from vlmtune.data.formats import IMAGE_PLACEHOLDER, KTO_LABEL, REJECTED, Format, RecordError, canonical
 from vlmtune.data.formats import VIDEO_PLACEHOLDER as VIDEO_PLACEHOLDER  # re-exported: readers name both here
 
 ROLE_ALIASES = {
@@ -53,11 +53,17 @@ KINDS: dict[str, str] = {
     "video missing": "a video file or frames folder that does not exist",
     "video unreadable": "a video that cannot be opened or fully decoded, or a folder without frame images",
     "video unsupported": "a video for a model whose processor takes none (videos train Qwen2-VL and Qwen2.5-VL)",
+    "not a pair": "a sample without a rejected answer where the method (dpo) trains preference pairs",
+    "no label": "a sample without a desirable / undesirable label (kto_tag) where the method (kto) needs one",
+    "labelled data": "a KTO-labelled answer (kto_tag) for a method that does not read labels (sft, grpo)",
+    "pair data": "a preference pair for a method that would ignore its rejected answer (grpo)",
+    "same answers": "a preference pair whose chosen and rejected answers are the same text (it teaches nothing)",
     "too long": "a sample over data.max_length, image and video tokens included (handled by data.too_long)",
     "duplicate": "the same messages and images as an earlier sample",
 }
-# Kinds that a run survives without data.on_bad_sample: too-long samples follow data.too_long, duplicates train twice.
-WARNING_KINDS = frozenset({"too long", "duplicate"})
+# Kinds that a run survives without data.on_bad_sample: too-long samples follow data.too_long, duplicates train twice,
+# a pair of equal answers adds nothing to the preference loss.
+WARNING_KINDS = frozenset({"too long", "duplicate", "same answers"})
 
 
 @dataclass(frozen=True)
@@ -93,13 +99,18 @@ class DataError(ValueError):
 
 @dataclass
 class Sample:
-    """One conversation: messages as (role, content) and the images and videos its placeholders refer to."""
+    """One conversation: messages as (role, content) ending with an answer, the images and videos its placeholders
+    refer to, and for preference data the rejected alternative to that answer or the answer's KTO label."""
 
     messages: list[tuple[str, str]]
     images: list[Path] = field(default_factory=list)
     where: str = ""  # "file:line" or "file[index]", used in every message about this sample
     source: int = 0  # which source of its split it came from (data.train's order), for weighted mixing
     videos: list[Path] = field(default_factory=list)  # video files or folders of frames, in placeholder order
+    # A preference pair: the rejected answer's text, the alternative to the last assistant turn (the chosen answer).
+    rejected: str | None = None
+    # KTO: True when the last assistant turn is a desirable answer, False when undesirable; None: not labelled.
+    kto_label: bool | None = None
 
 
 def is_json_list(path: Path) -> bool:
@@ -243,7 +254,11 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
             )
         )
     roles_ok = not problems  # an image in an answer is named only in a conversation whose roles are right
-    for turn, (role, content) in zip(turn_of, messages):
+    rejected = obj.get(REJECTED)
+    answers = list(zip(turn_of, messages))
+    if rejected is not None:
+        answers.append((f"'{REJECTED}' (the rejected answer)", ("assistant", rejected)))
+    for turn, (role, content) in answers:
         if role == "assistant" and not content.strip():
             problems.append(problem("empty answer", f"assistant turn {turn} is empty"))
         if role == "assistant" and IMAGE_PLACEHOLDER in content and roles_ok:
@@ -286,7 +301,8 @@ def parse_record(obj: object, where: str, base: Path, fmt: Format) -> tuple[Samp
             )
     if problems:
         return None, problems
-    return Sample(messages=messages, images=images, where=where, videos=videos), []
+    sample = Sample(messages, images, where, videos=videos, rejected=rejected, kto_label=obj.get(KTO_LABEL))
+    return sample, []
 
 
 def _media_paths(obj, column, medium, placeholder, messages, base, problem, problems) -> list[Path] | None:
@@ -351,7 +367,8 @@ def read_samples(path: str | Path, fmt: Format | None = None) -> list[Sample]:
 
 
 class DuplicateFinder:
-    """Remembers a 16-byte digest per sample (messages, image and video paths), so 100k samples cost ~2 MB."""
+    """Remembers a 16-byte digest per sample (messages, image and video paths, rejected answer and KTO label), so 100k
+    samples cost ~2 MB."""
 
     def __init__(self):
         self.first: dict[bytes, str] = {}
@@ -360,7 +377,7 @@ class DuplicateFinder:
     def key(sample: Sample) -> bytes:
         images = [os.path.normpath(os.path.abspath(p)) for p in sample.images]
         videos = [os.path.normpath(os.path.abspath(p)) for p in sample.videos]
-        text = json.dumps([sample.messages, images, videos], ensure_ascii=False)
+        text = json.dumps([sample.messages, images, videos, sample.rejected, sample.kto_label], ensure_ascii=False)
         return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
     def check(self, sample: Sample, remember: bool = True) -> Problem | None:

@@ -1,7 +1,8 @@
-"""Where samples come from: JSON/JSONL files (ShareGPT, alpaca or OpenAI messages), Hugging Face datasets on disk,
-names in ``dataset_dir/dataset_info.json`` (LLaMA-Factory's registry, with its ``formatting``, ``columns`` and
-``tags``), or ``builtin:shapes:TASK`` (generated on demand); every source read as ``Sample``s in order, each sample
-knowing which source of the split it came from (``Sample.source``), for weighted mixing."""
+"""Where samples come from: JSON/JSONL files (ShareGPT, alpaca, OpenAI messages, TRL's prompt / completion and
+preference records), Hugging Face datasets on disk, names in ``dataset_dir/dataset_info.json`` (LLaMA-Factory's
+registry, with its ``formatting``, ``columns``, ``tags``, ``ranking``), or ``builtin:shapes:TASK`` (generated on
+demand); every source read as ``Sample``s in order, each sample knowing which source of the split it came from
+(``Sample.source``), for weighted mixing."""
 
 from __future__ import annotations
 
@@ -25,9 +26,21 @@ HUB_KEYS = {
     "script_url": "a loading script",
     "cloud_file_name": "cloud storage",
 }
-# dataset_info.json "columns" and "tags" keys vlmtune reads, and those that name data it cannot train on (by SFT).
-COLUMNS = ("prompt", "query", "response", "history", "messages", "system", "images", "videos", "audios")
-PREFERENCE_COLUMNS = ("chosen", "rejected", "kto_tag")
+# dataset_info.json "columns" and "tags" keys vlmtune reads.
+COLUMNS = (
+    "prompt",
+    "query",
+    "response",
+    "history",
+    "messages",
+    "system",
+    "images",
+    "videos",
+    "audios",
+    "chosen",
+    "rejected",
+    "kto_tag",
+)
 TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag")
 
 
@@ -133,16 +146,15 @@ def _registered(name: str, dataset_dir: Path, weight: float | None, max_samples:
     problems = []
     if formatting not in ("alpaca", "sharegpt"):
         problems.append(f"formatting '{formatting}' is not one vlmtune reads (alpaca, sharegpt)")
-    preference = [f"columns.{c}" for c in PREFERENCE_COLUMNS if c in cols] + (
-        ["ranking: true"] if entry.get("ranking") else []
-    )
-    if preference:
+    ranking = entry.get("ranking", False)
+    if not isinstance(ranking, bool):
+        problems.append(f"ranking must be true (every record a chosen / rejected pair) or false, got {ranking!r}")
+    elif ranking and "kto_tag" in cols:
         problems.append(
-            f"{', '.join(preference)}: preference data (chosen / rejected answers, or answers labelled desirable and "
-            "undesirable); supervised fine-tuning would train every answer as a target, the undesirable ones "
-            "included, so vlmtune does not read it as SFT data"
+            "ranking: true and columns.kto_tag: a dataset holds preference pairs (ranking, method dpo) or answers "
+            "labelled desirable / undesirable (kto_tag, method kto), not both"
         )
-    unknown = sorted(set(cols) - set(COLUMNS) - set(PREFERENCE_COLUMNS) - {"tools"}) + sorted(
+    unknown = sorted(set(cols) - set(COLUMNS) - {"tools"}) + sorted(
         set(tags) - set(TAGS) - {"observation_tag", "function_tag"}
     )
     if unknown:
@@ -162,6 +174,10 @@ def _registered(name: str, dataset_dir: Path, weight: float | None, max_samples:
         query=cols.get("query", defaults.query),
         response=cols.get("response", defaults.response),
         history=cols.get("history"),
+        chosen=cols.get("chosen", defaults.chosen),
+        rejected=cols.get("rejected", defaults.rejected),
+        kto_tag=cols.get("kto_tag"),
+        ranking=ranking is True,
         # LLaMA-Factory's ShareGPT defaults are from/value/human/gpt; the ROLE_ALIASES of the reader cover them.
         **{t: tags.get(t) for t in TAGS},
     )
