@@ -155,6 +155,19 @@ def test_a_report_that_cannot_be_written_warns_and_the_run_goes_on(tmp_path, cap
     assert "warning: the run report was not written" in capsys.readouterr().out
 
 
+def test_a_methods_chart_appears_only_where_the_method_logged(tmp_path):
+    dpo, sft = tmp_path / "dpo", tmp_path / "sft"
+    for run, extra in ((dpo, {"rewards/margin": 0.2, "rewards/accuracy": 0.75}), (sft, {})):
+        run.mkdir()
+        (run / "config.yaml").write_text("model: {}\n")
+        lines = [{"step": s, "stage": "train", "loss": 1.0 / s, **extra} for s in (1, 2, 3)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        assert main(["report", str(run)]) == 0
+    assert "preferences (DPO, KTO)" in (dpo / "report.html").read_text()
+    page = (sft / "report.html").read_text()
+    assert "preferences (DPO, KTO)" not in page and "rewards (GRPO)" not in page
+
+
 @pytest.mark.parametrize(
     "lo, hi, expected",
     [

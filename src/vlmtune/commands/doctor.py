@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -155,11 +156,13 @@ def environment_lines(device: torch.device, dtype: torch.dtype) -> list[str]:
 
 
 def first_items(cfg, processor, n: int) -> tuple[list[dict], list[str]]:
-    """Up to ``n`` checked, processed samples from the start of the train split (not augmented), and their places."""
+    """Up to ``n`` checked, processed samples from the start of the train split (not augmented), and their places.
+    Whatever the method, each is read as a conversation (a pair's chosen answer, a labelled answer as it is): the
+    checks here are about shapes and gradients, which the answers' text does not change."""
     samples = []
     for got in iter_split(cfg.data.train, cfg.data, "train"):
         if isinstance(got, Sample):
-            samples.append(got)
+            samples.append(replace(got, rejected=None, kto_label=None))
             if len(samples) == n:
                 break
     ds = VLMDataset(samples, processor, cfg.data.model_copy(update={"on_bad_sample": "skip"}), split="eval")

@@ -27,6 +27,7 @@ class Chart:
     title: str
     series: list[Series]
     zero: str | None = None  # a dashed line at 0, with this label (the level of "no effect")
+    optional: bool = False  # a method's own chart (DPO, KTO, GRPO): left out when nothing of it was logged
 
 
 def _per_group(runs: list[RunData], prefix: str) -> list[Series]:
@@ -74,6 +75,27 @@ def chart_list(runs: list[RunData]) -> list[Chart]:
                 Series("mismatched (baseline)", "eval/projector_cos_mismatched", reference=True),
             ],
         ),
+        Chart(
+            "preferences (DPO, KTO): chosen over rejected, rewards against the reference",
+            [
+                Series("preference accuracy (eval)", "eval/preference_accuracy", dots=True),
+                Series("reward accuracy (eval)", "eval/rewards/accuracy", dots=True),
+                Series("reward accuracy (train)", "rewards/accuracy"),
+                Series("reward margin (train)", "rewards/margin"),
+            ],
+            zero="0",
+            optional=True,
+        ),
+        Chart(
+            "rewards (GRPO): sampled completions (train) and greedy answers (eval)",
+            [
+                Series("mean reward (train)", "reward"),
+                Series("mean reward (eval)", "eval/reward", dots=True),
+                Series("KL to the reference", "kl"),
+                Series("share of step time sampling", "time/rollout_share"),
+            ],
+            optional=True,
+        ),
         Chart("throughput (samples per second)", [Series("samples/s", "samples_per_s")]),
     ]
 
@@ -110,4 +132,7 @@ def _marks(runs: list[RunData]) -> list[Mark]:
 def charts_html(runs: list[RunData]) -> str:
     """Every chart as HTML figures with inline SVG."""
     marks = _marks(runs)
-    return "\n".join(line_chart(c.title, _lines(c, runs), marks) for c in chart_list(runs))
+    drawn = [(c, _lines(c, runs)) for c in chart_list(runs)]
+    return "\n".join(
+        line_chart(c.title, lines, marks) for c, lines in drawn if not c.optional or any(ln.points for ln in lines)
+    )

@@ -26,13 +26,16 @@ def evaluate_stage(
         gallery: record the gallery's answers as those before training or after this stage; None records none.
     """
     acc, cfg = run.accelerator, sr.stage.cfg
-    loss = run.objective.eval_loss(sr.model, sr.eval_loader, acc)
-    record = {"step": run.progress.global_step, "stage": sr.stage.name, "eval_loss": loss}
+    found = run.objective.evaluate(sr.model, sr.eval_loader, acc)
+    loss = found["eval_loss"]
+    record = {"step": run.progress.global_step, "stage": sr.stage.name, **found}
     if acc.is_main_process:
         model = acc.unwrap_model(sr.model)
         items = eval_items(sr.eval_ds, cfg.eval.samples)
         result = eval_metrics(model, run.processor, items, cfg.eval, cfg.eval.generate_in_training, run.gmap.arch)
         record.update({f"eval/{k}": float(v) for k, v in result.metrics.items()})
+        if hasattr(run.objective, "evaluate_rewards") and cfg.eval.generate_in_training:  # GRPO's rewards
+            record.update(run.objective.evaluate_rewards(model, items, cfg.eval.max_new_tokens))
         if gallery is not None:
             first = items[:GALLERY_SAMPLES]
             answers = gallery_answers(model, run.processor, first, result.predictions, cfg.eval)

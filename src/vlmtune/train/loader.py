@@ -6,19 +6,18 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch.utils.data import DataLoader
 
 from vlmtune.config.stages import Stage
-from vlmtune.data.collate import collate
 from vlmtune.data.dataset import VLMDataset, build_dataset
 from vlmtune.data.lazy import LazyDataset, LeaveOut
 from vlmtune.data.sampler import EpochSampler, Mix
 from vlmtune.data.sharegpt import DataError
 from vlmtune.data.sources import entries
 from vlmtune.tracking import echo
+from vlmtune.train.objectives import collate_for, training_split
 from vlmtune.train.reading import read_lazily, split_report
 
 
@@ -43,23 +42,29 @@ def make_loader(
     packing: bool = False,
     pack_length: int | None = None,
     mix: Mix | None = None,
+    method: str = "sft",
+    share: bool = False,
+    repeat: tuple[int, int] | None = None,
 ) -> DataLoader:
-    """A DataLoader with the padding collator; its order depends only on (seed, epoch) (see EpochSampler).
+    """A DataLoader with the method's collator (``objectives.collate_for``: padded rows for SFT, pairs for DPO,
+    ...; ``share``: the images travel once per sample); its order depends only on (seed, epoch) (see
+    EpochSampler; ``repeat``: each optimizer step's samples come that many times in a row).
     With workers, batches are prepared ahead of the step (2 per worker) in pinned memory on a GPU machine.
     With ``packing`` each batch's samples come in packed-row order (see vlmtune.train.packing). A lazily read
     split's batches leave out the samples found bad or too long when read (``vlmtune.data.lazy.LeaveOut``)."""
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     video_token = getattr(processor, "video_token", None)
-    fn = partial(
-        collate,
-        pad_id=pad_id,
-        image_token_id=tok.convert_tokens_to_ids(processor.image_token),
-        video_token_id=tok.convert_tokens_to_ids(video_token) if video_token else None,
-        pack=packing,
-        pack_length=pack_length,
-    )
-    sampler = EpochSampler(len(ds), seed, shuffle, ds.lengths() if group_by_length else None, batch_size, mix)
+    args = {
+        "pad_id": pad_id,
+        "image_token_id": tok.convert_tokens_to_ids(processor.image_token),
+        "video_token_id": tok.convert_tokens_to_ids(video_token) if video_token else None,
+        "pack": packing,
+        "pack_length": pack_length,
+    }
+    fn = collate_for(method, ds.split if hasattr(ds, "split") else "train", share, args)
+    lengths = ds.lengths() if group_by_length else None
+    sampler = EpochSampler(len(ds), seed, shuffle, lengths, batch_size, mix, repeat)
     return DataLoader(
         ds,
         batch_size=batch_size,
@@ -93,9 +98,9 @@ def load_stage_data(stages: list[Stage], processor) -> list[StageData]:
     built: dict[str, StageData] = {}
     out = []
     for stage in stages:
-        data = stage.cfg.data
-        lazy, why = read_lazily(data, stage.cfg.train.group_by_length)
-        key = json.dumps([data.model_dump(mode="json"), lazy], sort_keys=True)
+        data, method = stage.cfg.data, stage.cfg.train.method
+        lazy, why = read_lazily(data, stage.cfg.train.group_by_length) if method == "sft" else (False, None)
+        key = json.dumps([data.model_dump(mode="json"), lazy, method], sort_keys=True)
         if key not in built:
             where = f"stage '{stage.name}' " if stage.named else ""
             if why:
@@ -103,8 +108,8 @@ def load_stage_data(stages: list[Stage], processor) -> list[StageData]:
             if lazy:
                 train_ds = LazyDataset(data.train, processor, data, "train")
             else:
-                train_ds = build_dataset(data.train, data, processor, "train")
-            eval_ds = build_dataset(data.eval, data, processor, "eval") if data.eval else None
+                train_ds = training_split(build_dataset(data.train, data, processor, "train", method), method)
+            eval_ds = build_dataset(data.eval, data, processor, "eval", method) if data.eval else None
             for name, ds in (("train", train_ds), ("eval", eval_ds)):
                 if ds is not None:
                     echo(f"{where}{name} data: {len(ds)} samples")

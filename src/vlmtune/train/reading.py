@@ -116,4 +116,10 @@ def vision_cache_applies(ds) -> bool:
             "as they are read; the frozen vision tower runs at every step"
         )
         return False
+    if not hasattr(ds, "use_vision_cache"):
+        echo(
+            "vision cache: not used in this stage: GRPO samples its completions with generate, which encodes the "
+            "images itself; each sample's images are encoded once for its whole group"
+        )
+        return False
     return True

@@ -21,7 +21,6 @@ from vlmtune.checks import group_grad_norms, inner_model
 from vlmtune.config.load import config_to_yaml
 from vlmtune.config.schema import Config
 from vlmtune.config.stages import Stage, resolve_stages
-from vlmtune.data.collate import CACHED
 from vlmtune.eval.evaluate import plot_metrics
 from vlmtune.model.build import BuiltModel, build_model
 from vlmtune.model.load import ModelFolder, local_folder
@@ -36,15 +35,16 @@ from vlmtune.train.loader import (
     load_stage_data,
     loader_workers,
     make_loader,
-    realised_mix,
     train_mix,
     write_data_report,
 )
+from vlmtune.train.logps import share_vision_rows
+from vlmtune.train.objectives import ROW_METHODS, batch_has_vision, batch_samples, make_objective
 from vlmtune.train.optim import build_optimizer, build_scheduler, param_groups
 from vlmtune.train.output_dir import OutputLock, clear_earlier_run, find_resume_point
 from vlmtune.train.packing import rope_index_of
 from vlmtune.train.reading import take_notes, vision_cache_applies
-from vlmtune.train.report import announce, fingerprints, report_changes
+from vlmtune.train.report import announce, announce_mix, fingerprints, report_changes
 from vlmtune.train.resume import Progress, TrainerState, load_trainable, read_state, restore_rng
 from vlmtune.train.run import Run, RunResult, StageRun
 from vlmtune.train.saving import save_final, save_resumable
@@ -123,7 +123,9 @@ def start_run(cfg: Config, stages: list[Stage], built: BuiltModel, state: Traine
     echo(f"model: {type(model).__name__} ({gmap.arch.name}, layout {gmap.layout.name})")
     cache = open_cache(cfg, stages, model, gmap, built.union)
     packing = any(s.cfg.train.packing for s in stages)  # the registry said the family packs (build_model)
-    objective = SFT(cfg.train.label_only_logits, rope_index_of(inner_model(model)) if packing else None)
+    share = gmap.arch.vision_cache and any(s.cfg.train.method in ROW_METHODS for s in stages)
+    if share:  # a pair's (a group's) rows encode their sample's images once
+        share_vision_rows(inner_model(model).model)
     if packing:
         echo(
             f"packing: on (samples end to end in rows, positions restarting per sample; "
@@ -148,12 +150,14 @@ def start_run(cfg: Config, stages: list[Stage], built: BuiltModel, state: Traine
         gmap,
         metrics,
         progress,
-        objective,
+        SFT(cfg.train.label_only_logits),  # each stage sets its own (prepare_stage)
         built.trained_params,
         n_stages=len(stages),
         last_checkpoint=state.folder if state is not None else None,
         cache=cache,
         image_keys=ImageKeys(built.processor) if cache is not None else None,
+        share_rows=share,
+        method=stages[progress.stage_index - 1].cfg.train.method if progress.stage_index > 0 else "",
     )
 
 
@@ -176,7 +180,7 @@ def run_stage(
         disable=not (t.progress_bar and acc.is_main_process),
         dynamic_ncols=True,
     )
-    window = Window()
+    window = Window(names=run.objective.metric_names)
     sr.model.train()
     while progress.stage_step < sr.total:
         sr.sampler.start = progress.batch_in_epoch * t.batch_size * acc.num_processes
@@ -205,19 +209,6 @@ def run_stage(
     return sr.model
 
 
-def announce_mix(run: Run, sr: StageRun) -> None:
-    """At an epoch's start, with weighted sources: what this epoch draws from each, printed and in metrics.jsonl."""
-    if run.progress.batch_in_epoch:  # a run resumed mid-epoch said this epoch's mix already
-        return
-    mix = realised_mix(sr.sampler, sr.stage.cfg.data)
-    if mix is None:
-        return
-    echo(f"epoch {run.progress.epoch} mix (data.train weights):")
-    for path, r in mix.items():
-        echo(f"  {path}: {r['drawn']} drawn ({r['distinct']} distinct of {r['held']}, weight {r['weight']})")
-    run.metrics.log({"step": run.progress.global_step, "epoch": run.progress.epoch, "mix": mix})
-
-
 def prepare_stage(
     run: Run, model, stage: Stage, plans: list[GroupPlan], data: StageData, state: TrainerState | None
 ) -> StageRun:
@@ -236,6 +227,8 @@ def prepare_stage(
     train_ds, eval_ds = data.train, data.eval
     write_data_report(run.out, acc, stage, data)
     workers = loader_workers(cfg.data.num_workers, acc.num_processes)
+    method, share = t.method, run.share_rows
+    repeat = (t.batch_size * t.grad_accum * acc.num_processes, t.grpo.num_iterations) if method == "grpo" else None
     loader = make_loader(
         train_ds,
         run.processor,
@@ -247,9 +240,14 @@ def prepare_stage(
         t.packing,
         t.packing_length,
         train_mix(train_ds, cfg.data),
+        method,
+        share,
+        repeat if repeat and repeat[1] > 1 else None,
     )
     sampler = loader.sampler  # before accelerate wraps the loader
-    eval_loader = make_loader(eval_ds, run.processor, t.batch_size, False, t.seed, 0) if eval_ds else None
+    eval_loader = None
+    if eval_ds:
+        eval_loader = make_loader(eval_ds, run.processor, t.batch_size, False, t.seed, 0, method=method, share=share)
     if run.cache is not None and vision_cache_applies(train_ds):
         train_ds.use_vision_cache(run.image_keys, run.cache)  # batches carry cached features and grids, no pixels
         fill_cache(run.cache, run.image_keys, acc, unwrapped, train_ds, t.batch_size, t.progress_bar)
@@ -267,6 +265,12 @@ def prepare_stage(
     if state is not None:
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
+    # The method: its objective, and what it keeps from the stage's start (the reference of DPO, KTO and GRPO).
+    run.objective = make_objective(cfg, run.processor, rope_index_of(inner_model(unwrapped)) if t.packing else None)
+    trained = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
+    run.objective.start(unwrapped, trained, state.objective if state is not None else None)
+    if getattr(run.objective, "reference", None) is not None:
+        echo(f"{t.method}: {run.objective.reference.describe()}")
     sr = StageRun(
         stage,
         plans,
@@ -288,6 +292,10 @@ def prepare_stage(
     if eval_loader is not None and progress.global_step == 0:
         run.first_eval = run.last_eval = evaluate_stage(run, sr, show=True, gallery="before")
         echo(f"eval loss before training: {run.first_eval:.4f}")
+    elif eval_loader is not None and progress.stage_step == 0 and run.method != t.method:
+        evaluate_stage(run, sr, show=True)  # another method measures other things: its figures before it trains
+        echo(f"stage '{stage.name}' ({t.method}) before training: the figures above")
+    run.method = t.method
     sr.before = fingerprints(unwrapped, run.trained_params)
     # The random streams (dropout) continue from the checkpoint, or start from the seed at a stage's start.
     restore_rng(state.rng_file) if state is not None else set_seed(t.seed + stage.index)
@@ -298,12 +306,13 @@ def train_step(run: Run, sr: StageRun, batch: dict, window: Window) -> None:
     """One micro-batch: the objective's loss, backward, and at the end of an accumulation window the optimizer
     step (after the first step's gradient-flow check and the gradient clipping). Non-finite values skip or stop."""
     acc, t = run.accelerator, sr.stage.cfg.train
+    run.objective.step = run.progress.global_step  # GRPO seeds its sampling with it
     step = run.objective.loss(sr.model, batch, acc, packing=t.packing)
-    vision = any(k in batch for k in ("pixel_values", "pixel_values_videos", CACHED))
-    window.add_batch(step.counts, batch["input_ids"].shape[0], vision, acc.num_processes)
+    window.add_batch(step.counts, batch_samples(batch), batch_has_vision(batch), acc.num_processes, step.signal)
     if all_finite(step.value, acc):
         acc.backward(step.loss)
         window.add_loss(step.logged.item())
+        window.add_metrics(step.metrics)
     elif not window.step_bad:  # one count per optimizer step, however many micro-batches are bad
         stop_for_nonfinite(run, sr.stage, f"loss {step.value.item()}")
         window.step_bad = True

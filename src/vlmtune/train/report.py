@@ -1,4 +1,5 @@
-"""What a stage did, in the user's terms: which groups it trained and how many of their tensors it changed."""
+"""What a stage does and did, in the user's terms: which groups it trains, what each epoch draws from weighted
+sources, and how many of the groups' tensors it changed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from vlmtune.model.tuning import GroupPlan, plan_rows, plan_table
 from vlmtune.paths import PLAN_FILE, write_atomic
 from vlmtune.tracking import echo
+from vlmtune.train.loader import realised_mix
 from vlmtune.train.optim import describe
 from vlmtune.train.run import Run, StageRun
 
@@ -63,3 +65,16 @@ def report_changes(run: Run, sr: StageRun, plans: list[GroupPlan], after: dict) 
             f"({n_params:,} parameters)"
         )
     run.metrics.log(record)
+
+
+def announce_mix(run: Run, sr: StageRun) -> None:
+    """At an epoch's start, with weighted sources: what this epoch draws from each, printed and in metrics.jsonl."""
+    if run.progress.batch_in_epoch:  # a run resumed mid-epoch said this epoch's mix already
+        return
+    mix = realised_mix(sr.sampler, sr.stage.cfg.data)
+    if mix is None:
+        return
+    echo(f"epoch {run.progress.epoch} mix (data.train weights):")
+    for path, r in mix.items():
+        echo(f"  {path}: {r['drawn']} drawn ({r['distinct']} distinct of {r['held']}, weight {r['weight']})")
+    run.metrics.log({"step": run.progress.global_step, "epoch": run.progress.epoch, "mix": mix})

@@ -51,6 +51,7 @@ class TrainerState:
     optimizer: dict | None
     scheduler: dict | None
     rng_file: Path | None
+    objective: tuple[dict[str, torch.Tensor], dict] | None = None  # this process's objective state, if any
 
 
 def _optimizer_to_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -108,6 +109,31 @@ def write_rng(folder: Path, rank: int) -> None:
     save_file(tensors, str(state / f"rng-{rank}.safetensors"), metadata={"meta": json.dumps(meta)})
 
 
+def write_objective(folder: Path, rank: int, state: tuple[dict[str, torch.Tensor], dict]) -> None:
+    """This process's objective state (a reference's starting weights, cached reference log-probabilities,
+    buffered rollouts), when it has any."""
+    tensors, meta = state
+    if not tensors and not meta:
+        return
+    out = folder / STATE_DIR
+    out.mkdir(exist_ok=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        str(out / f"objective-{rank}.safetensors"),
+        metadata={k: str(v) for k, v in meta.items()},
+    )
+
+
+def _read_objective(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    return load_file(str(path)), meta
+
+
 def restore_rng(path: Path | None) -> None:
     if path is None or not path.is_file():
         return
@@ -156,6 +182,7 @@ def read_state(folder: Path, rank: int = 0) -> TrainerState:
         optimizer,
         scheduler,
         rng if rng.is_file() else None,
+        _read_objective(state / f"objective-{rank}.safetensors"),
     )
 
 

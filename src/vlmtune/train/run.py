@@ -42,7 +42,7 @@ class Run:
     gmap: GroupMap
     metrics: MetricsLog
     progress: Progress
-    objective: object  # the training method: builds the loss of a batch (vlmtune.train.sft.SFT)
+    objective: object  # the current stage's method: the loss of a batch (vlmtune.train.objectives)
     trained_params: set[str]  # parameters any stage trains: the weights a resume state holds
     n_stages: int = 1
     last_checkpoint: Path | None = None
@@ -51,6 +51,8 @@ class Run:
     last_loss: float | None = None
     cache: VisionCache | None = None  # frozen vision-tower features on disk, when valid for the run
     image_keys: ImageKeys | None = None  # the cache's keys of image files (with the cache)
+    share_rows: bool = False  # rows of one sample (a pair, a group) encode its images once
+    method: str = ""  # the method of the stage trained last (a stage of another method evaluates before it trains)
 
 
 @dataclass

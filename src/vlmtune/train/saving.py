@@ -9,7 +9,7 @@ from vlmtune.paths import TMP_SUFFIX, begin, commit
 from vlmtune.tracking import echo
 from vlmtune.train.checkpoint import prune, save_checkpoint, write_model
 from vlmtune.train.distributed import any_process, gathered_state_dict, sharded_engine
-from vlmtune.train.resume import write_rng, write_state
+from vlmtune.train.resume import write_objective, write_rng, write_state
 from vlmtune.train.run import Run
 from vlmtune.train.stopping import SaveFailed
 
@@ -31,7 +31,12 @@ def save_resumable(run: Run, model, folder: Path, optimizer=None, scheduler=None
         failed = _attempt(lambda: begin(folder), tmp)
     _stop_together(run, folder, failed)
     if not sharded:
-        failed = _attempt(lambda: write_rng(tmp, acc.process_index), tmp)
+
+        def write_own() -> None:
+            write_rng(tmp, acc.process_index)
+            write_objective(tmp, acc.process_index, run.objective.state())
+
+        failed = _attempt(write_own, tmp)
     state_dict = gathered_state_dict(acc, model)
     _stop_together(run, folder, failed)
     if acc.is_main_process:

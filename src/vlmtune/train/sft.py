@@ -8,33 +8,21 @@ tokens, so the gradient equals one process's over the whole batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from vlmtune.data.collate import IGNORE
 from vlmtune.train.distributed import token_share
 from vlmtune.train.loss import answer_loss, answer_tokens
+from vlmtune.train.objective import StepLoss
 from vlmtune.train.packing import pack
-
-
-@dataclass
-class StepLoss:
-    """One micro-batch's loss: ``loss`` to backpropagate, ``value`` (this process's mean, detached) to check,
-    ``logged`` to log (``value`` weighted by this process's share of the step's answer tokens, so that the mean over
-    processes is the mean over every answer token of the global batch, as one process would log it), ``counts``:
-    real, padded-to and answer tokens."""
-
-    loss: torch.Tensor
-    value: torch.Tensor
-    logged: torch.Tensor
-    counts: torch.Tensor
 
 
 class SFT:
     """Next-token cross-entropy on the answer tokens (labels), optionally on packed rows."""
 
     name = "sft"
+    metric_names: list[str] = []
 
     def __init__(self, label_only_logits: bool = True, rope_index: Callable[[dict], torch.Tensor] | None = None):
         self.label_only_logits = label_only_logits
@@ -56,6 +44,15 @@ class SFT:
             share = token_share(batch, accelerator)
             loss, logged = loss * share, value * share
         return StepLoss(loss, value, logged, counts)
+
+    def start(self, model, trained: list[str], state: tuple[dict, dict] | None = None) -> None:
+        """Nothing to prepare: SFT needs no reference."""
+
+    def state(self) -> tuple[dict, dict]:
+        return {}, {}
+
+    def evaluate(self, model, loader, accelerator) -> dict[str, float]:
+        return {"eval_loss": self.eval_loss(model, loader, accelerator)}
 
     @torch.no_grad()
     def eval_loss(self, model, loader, accelerator) -> float:
