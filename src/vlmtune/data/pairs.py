@@ -37,8 +37,6 @@ KTO_LABEL = "kto_label"
 """Item and batch key: True for a desirable answer, False for an undesirable one."""
 ANSWER_START = "answer_start"
 """Item key: where the last answer's tokens begin."""
-ROW_KEYS = (ROW_SOURCE, IMAGES_PER_SAMPLE, VIDEOS_PER_SAMPLE)
-"""The keys the model's row-sharing hook reads (and removes) in the forward."""
 
 
 def rejected_variant(sample: Sample) -> Sample:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmtune.data.collate import IGNORE
-from vlmtune.data.pairs import IMAGES_PER_SAMPLE, ROW_KEYS, ROW_SOURCE, VIDEOS_PER_SAMPLE
+from vlmtune.data.pairs import IMAGES_PER_SAMPLE, ROW_SOURCE, VIDEOS_PER_SAMPLE
 from vlmtune.train.loss import label_positions
 
 
@@ -56,29 +56,20 @@ def share_vision_rows(inner: nn.Module) -> torch.utils.hooks.RemovableHandle:
             return args, kwargs
         source = source.tolist()
         outputs = dict(kwargs.get("mm_encoder_outputs") or {})
-        pixels = kwargs.pop("pixel_values", None)
-        if "image" not in outputs and pixels is not None:
-            outputs["image"] = module.get_image_features(pixels, kwargs["image_grid_thw"], return_dict=True)
-        if "image" in outputs:
-            outputs["image"], kwargs["image_grid_thw"] = _expand(
-                outputs["image"], kwargs["image_grid_thw"], images.tolist(), source
-            )
-        frames = kwargs.pop("pixel_values_videos", None)
-        if "video" not in outputs and frames is not None:
-            outputs["video"] = module.get_video_features(frames, kwargs["video_grid_thw"], return_dict=True)
-        if "video" in outputs:
-            outputs["video"], kwargs["video_grid_thw"] = _expand(
-                outputs["video"], kwargs["video_grid_thw"], videos.tolist(), source
-            )
+        media = (
+            ("image", "pixel_values", "image_grid_thw", images, module.get_image_features),
+            ("video", "pixel_values_videos", "video_grid_thw", videos, module.get_video_features),
+        )
+        for kind, pixel_key, grid_key, counts, encode in media:
+            pixels = kwargs.pop(pixel_key, None)
+            if kind not in outputs and pixels is not None:
+                outputs[kind] = encode(pixels, kwargs[grid_key], return_dict=True)
+            if kind in outputs:
+                outputs[kind], kwargs[grid_key] = _expand(outputs[kind], kwargs[grid_key], counts.tolist(), source)
         kwargs["mm_encoder_outputs"] = outputs or None
         return args, kwargs
 
     return inner.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def without_rows(batch: dict) -> dict:
-    """The batch for a model that does not share images between rows (the keys the hook reads removed)."""
-    return {k: v for k, v in batch.items() if k not in ROW_KEYS}
 
 
 def token_logps(model, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
