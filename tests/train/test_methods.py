@@ -76,7 +76,7 @@ def test_the_reference_with_adapters_disabled_is_the_base_model(tiny_dir, tmp_pa
     before = _logits(model, compare_batch)  # fresh LoRA (B = 0): the base model's logits
     reference = Reference.at_stage_start(model, _trained(built))
     assert reference.disable_adapter
-    assert set(reference.saved) == {n for n in _trained(built) if ".lora_" not in n}  # only the full lm_head kept
+    assert reference.saved == {}  # nothing kept: disabled adapters and lm_head's original module are the start
     _perturb(model, 0)
     assert not torch.allclose(_logits(model, compare_batch), before)
     with reference.active():
@@ -98,6 +98,21 @@ def test_after_an_earlier_stage_the_reference_is_the_stage_start(tiny_dir, tmp_p
     tensors, meta = reference.state()
     again = Reference.from_state(model, tensors, {k: str(v) for k, v in meta.items()})
     with again.active():
+        assert torch.equal(_logits(model, compare_batch), start)
+
+
+def test_a_fully_trained_group_trained_earlier_is_part_of_the_reference(tiny_dir, tmp_path, compare_batch):
+    built = _built(tiny_dir, tmp_path)
+    model = built.model
+    with torch.no_grad():  # an earlier stage trained only the fully-trained lm_head (its LoRA B are still zero)
+        for name, p in model.named_parameters():
+            if ".modules_to_save." in name:
+                p.add_(0.05)
+    start = _logits(model, compare_batch)
+    reference = Reference.at_stage_start(model, _trained(built))
+    assert not reference.disable_adapter  # disabling would bring back lm_head's original weights
+    _perturb(model, 5)
+    with reference.active():
         assert torch.equal(_logits(model, compare_batch), start)
 
 

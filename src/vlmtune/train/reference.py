@@ -3,11 +3,12 @@
 The reference is the policy as the stage found it. Only the parameters the stage trains change during it, so the
 reference is the model with those parameters at their stage-start values:
 
-* while no LoRA weight of the model has been trained yet (every LoRA ``B`` is still zero, as peft initialises it),
-  the LoRA layers contribute nothing at the stage's start, and peft's ``disable_adapter`` gives their reference
-  without storing anything; only the fully-trained groups' starting weights are kept;
-* otherwise (an earlier stage trained LoRA weights, e.g. SFT then DPO), the stage's trained tensors are kept at
-  their starting values: adapter-sized for LoRA groups.
+* while nothing has been trained yet (every LoRA ``B`` still zero, as peft initialises it, and every fully-trained
+  group's copy, peft's ``modules_to_save``, still equal to the module it copies), peft's ``disable_adapter`` gives
+  the reference without storing anything: the LoRA layers drop out and the fully-trained groups' original modules
+  stand in for their copies;
+* otherwise (an earlier stage trained, e.g. SFT then DPO), the stage's trained tensors are kept at their starting
+  values: adapter-sized for LoRA groups, the group's size for a fully-trained one.
 
 The reference forward swaps the kept tensors in (no copy: the parameters' storage is exchanged and put back).
 The kept tensors travel in resume state, so a resumed stage compares against the same reference.
@@ -25,15 +26,21 @@ from torch import nn
 LORA_B = ".lora_B."
 
 
-def lora_untrained(model: nn.Module) -> bool:
-    """True while every LoRA B matrix of the model is zero (no adapter has learnt anything yet)."""
-    found = False
+def untrained(model: nn.Module) -> bool:
+    """True while the adapters have learnt nothing: every LoRA B matrix zero and every ``modules_to_save`` copy
+    equal to the module it copies (so the model with its adapters disabled is the model as it is)."""
     for name, p in model.named_parameters():
-        if LORA_B in name:
-            found = True
-            if bool(p.detach().any()):
-                return False
-    return found
+        if LORA_B in name and bool(p.detach().any()):
+            return False
+    for module in model.modules():
+        copies = getattr(module, "modules_to_save", None)
+        original = getattr(module, "original_module", None)
+        if isinstance(copies, nn.ModuleDict) and original is not None:
+            for copy in copies.values():
+                pairs = zip(original.parameters(), copy.parameters(), strict=True)
+                if not all(torch.equal(a.detach(), b.detach()) for a, b in pairs):
+                    return False
+    return True
 
 
 class Reference:
@@ -48,9 +55,9 @@ class Reference:
     @classmethod
     def at_stage_start(cls, model: nn.Module, trained: list[str]) -> Reference:
         """The reference of a stage about to train the parameters named ``trained`` (of the unwrapped model)."""
-        disable = lora_untrained(model) and hasattr(model, "disable_adapter")
+        disable = hasattr(model, "disable_adapter") and untrained(model)
         params = dict(model.named_parameters())
-        keep = [n for n in trained if not (disable and ".lora_" in n)]
+        keep = [] if disable else trained
         return cls(model, trained, disable, {n: params[n].detach().clone() for n in keep})
 
     def describe(self) -> str:
