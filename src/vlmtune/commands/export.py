@@ -181,7 +181,11 @@ def export_checkpoint(
 
     kind = _format(merge, kind)
     checkpoint, out = resolve_checkpoint(checkpoint)[0], Path(out)  # a run folder means its final/
-    model, processor, cfg = load_checkpoint(checkpoint, "cpu", dtype="float32", trust_remote_code=trust_remote_code)
+    # Every export works on the base in full precision, also after QLoRA (model.quantize): the quantized weights
+    # are the base's, rounded; merging into them would round LoRA's update too (and an adapter is the same either way).
+    model, processor, cfg = load_checkpoint(
+        checkpoint, "cpu", dtype="float32", trust_remote_code=trust_remote_code, quantized=False
+    )
     is_adapter = isinstance(model, PeftModel)
     if kind == "adapter" and not is_adapter:
         raise ExportError(
@@ -209,7 +213,13 @@ def export_checkpoint(
     diff, tol = _check_logits("merged", tmp, out, reloaded, probe, reference, target, atol)
     commit(tmp, out)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    return ExportReport(out, "merged", size, diff, tol, str(target).removeprefix("torch."))
+    notes = ()
+    if cfg is not None and cfg.model.quantize != "none":
+        notes = (
+            f"merged into the base's full-precision weights, saved as {str(target).removeprefix('torch.')} "
+            f"(the run trained on them quantized, model.quantize: {cfg.model.quantize})",
+        )
+    return ExportReport(out, "merged", size, diff, tol, str(target).removeprefix("torch."), notes=notes)
 
 
 def _language_model_lora(model, gmap: GroupMap) -> tuple[list[str], int, float, bool]:

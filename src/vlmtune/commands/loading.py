@@ -21,9 +21,11 @@ from vlmtune.builtin.base import model_folder
 from vlmtune.config.errors import ConfigError, format_validation_error
 from vlmtune.config.overrides import apply_overrides
 from vlmtune.config.schema import BUILTIN_MODEL, Config, ModelConfig
+from vlmtune.config.stages import resolve_stages
 from vlmtune.data.dataset import build_dataset
 from vlmtune.data.sharegpt import DataError
 from vlmtune.eval.alignment import eval_items
+from vlmtune.model.build import precise_modules
 from vlmtune.model.load import load_model
 from vlmtune.paths import damaged_weights
 from vlmtune.tracking import echo
@@ -114,7 +116,13 @@ def _warn_if_other_base(folder: Path, base: Path) -> None:
         )
 
 
-def load_checkpoint(folder: str | Path, device="cpu", dtype: str | None = None, trust_remote_code: bool = False):
+def load_checkpoint(
+    folder: str | Path,
+    device="cpu",
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    quantized: bool = True,
+):
     """Loads a checkpoint for inference: (model in eval mode, processor, the run's Config or None).
 
     An adapter is loaded onto its base (``config.yaml``'s ``model.path``) as a ``PeftModel``; a full model
@@ -128,6 +136,8 @@ def load_checkpoint(folder: str | Path, device="cpu", dtype: str | None = None, 
         device: where to put the model (a ``torch.device`` or its name).
         dtype: overrides the run's ``model.dtype`` (``float32``, ``bfloat16``, ...).
         trust_remote_code: the user's own opt-in to running the model folder's Python code.
+        quantized: load the base as the run trained on it (``model.quantize``); False loads it in full precision
+            (what a merged export merges into).
 
     Raises:
         CheckpointError: the folder is missing or incomplete (names the missing file), or its config asks to run
@@ -150,6 +160,8 @@ def load_checkpoint(folder: str | Path, device="cpu", dtype: str | None = None, 
     mcfg = mcfg.model_copy(update={"trust_remote_code": trust_remote_code})
     if dtype is not None:
         mcfg = mcfg.model_copy(update={"dtype": dtype})
+    if not quantized:
+        mcfg = mcfg.model_copy(update={"quantize": "none"})
     device = torch.device(device)
     if kind == "adapter":
         from peft import PeftModel
@@ -159,7 +171,9 @@ def load_checkpoint(folder: str | Path, device="cpu", dtype: str | None = None, 
                 f"the base model of '{folder}' ('model.path: {mcfg.path}' in "
                 f"{folder / 'config.yaml'}) is missing: no config.json there"
             )
-        base, _ = load_model(mcfg, device, model_folder(mcfg))
+        base_folder = model_folder(mcfg)
+        precise = precise_modules(cfg, [s.cfg for s in resolve_stages(cfg)], base_folder) if cfg and quantized else []
+        base, _ = load_model(mcfg, device, base_folder, precise)
         _warn_if_other_base(folder, Path(base.name_or_path))
         model = PeftModel.from_pretrained(base, folder, is_trainable=False)
     else:

@@ -42,6 +42,7 @@ def semantic_problems(cfg: Config) -> list[str]:
             "'train.packing_length' is set but train.packing is false: set train.packing: true or drop packing_length"
         )
     problems += _method_problems(cfg)
+    problems += _quantize_problems(cfg)
     if cfg.data.load == "lazy" and cfg.train.group_by_length:
         problems.append(
             "'train.group_by_length' sorts batches by every sample's length before training, but 'data.load' is lazy "
@@ -75,6 +76,23 @@ def _method_problems(cfg: Config) -> list[str]:
             f"'train.dpo.label_smoothing' is {dpo.label_smoothing} but train.dpo.loss is {dpo.loss}: label "
             "smoothing is defined for the sigmoid (cDPO) and robust losses only; set it to 0 or choose one of those"
         )
+    return problems
+
+
+def _quantize_problems(cfg: Config) -> list[str]:
+    """groups.<g>.quantize needs model.quantize, and a group that trains fully is never quantized."""
+    problems = []
+    for name, g in cfg.groups.items():
+        if g.quantize and cfg.model.quantize == "none":
+            problems.append(
+                f"'groups.{name}.quantize' is true but model.quantize is none: set model.quantize (nf4, fp4, int8) "
+                f"or drop groups.{name}.quantize"
+            )
+        elif g.quantize and g.mode == "full":
+            problems.append(
+                f"'groups.{name}.quantize' is true but the group trains fully: quantized weights do not train; "
+                "set its mode to lora (QLoRA) or its quantize to false"
+            )
     return problems
 
 

@@ -38,6 +38,10 @@ class GroupConfig(StrictModel):
     weight_decay: float | None = Field(
         None, ge=0, description="AdamW weight decay of this group; empty means train.weight_decay"
     )
+    quantize: bool | None = Field(
+        None,
+        description="with model.quantize: whether this group's linear layers are quantized; empty: yes for the vision tower and the language model (unless trained fully in some stage), no for the projector and lm_head",
+    )
 
     @property
     def lora_alpha(self) -> float:
@@ -99,6 +103,16 @@ class ModelConfig(StrictModel):
     )
     trust_remote_code: bool = Field(
         False, description="allow a model folder's own Python code to run (off unless you trust the folder)"
+    )
+    quantize: Literal["none", "nf4", "fp4", "int8"] = Field(
+        "none",
+        description="QLoRA: load the linear layers of the groups that do not train fully as 4-bit (nf4, fp4) or 8-bit (int8) weights through bitsandbytes (transformers' BitsAndBytesConfig); LoRA trains on top of them; the projector, lm_head and fully-trained groups stay in full precision unless groups.<group>.quantize says otherwise",
+    )
+    double_quant: bool = Field(
+        True, description="with nf4/fp4: quantize the quantization constants too (QLoRA's double quantization)"
+    )
+    quant_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype the 4-bit layers compute in; auto: model.dtype as resolved for the device"
     )
 
 

@@ -116,6 +116,12 @@ def stage_problems(cfg: Config) -> list[str]:
         problems += [f"{where}: {p}" for p in semantic_problems(scfg)]
         resolved.append((where, scfg))
     for group in GROUPS:
+        changed = [w for w, scfg in resolved if scfg.group(group).quantize != cfg.group(group).quantize]
+        if changed:
+            problems.append(
+                f"groups.{group}.quantize differs in {', '.join(changed)}: weights are quantized once, when the model "
+                "is loaded, for the whole run; set it at the top level only"
+            )
         modes = [(where, scfg.group(group)) for where, scfg in resolved if scfg.group(group).mode != "frozen"]
         kinds = {g.mode for _, g in modes}
         if len(kinds) > 1:

@@ -32,7 +32,7 @@ class StrictModel(BaseModel):
         kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
         if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
             raise ValueError(f"a number is expected here, not {str(value).lower()}")
-        if kinds == {bool} and not isinstance(value, bool):
+        if kinds == {bool} and not isinstance(value, bool) and value is not None:
             raise ValueError("true or false is expected here")
         return value
 

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from vlmtune.config.errors import ConfigError
-from vlmtune.config.schema import Config
+from vlmtune.config.schema import GROUPS, Config
 from vlmtune.config.stages import Stage
 from vlmtune.model.archs import family_problems
 from vlmtune.model.groups import GroupMap, assign_groups
-from vlmtune.model.load import arch_for, load_model
+from vlmtune.model.load import arch_for, empty_model, load_model
 from vlmtune.model.tuning import GroupPlan, activate, build_plan, union_plans, wrap
 
 
@@ -32,6 +32,39 @@ class BuiltModel:
     trained_params: set[str]  # parameters some stage trains: the weights a resume state holds
 
 
+DEFAULT_QUANTIZED = ("vision_tower", "language_model")
+"""Groups whose linear layers ``model.quantize`` quantizes unless told otherwise (and unless they train fully)."""
+
+
+def quantized_groups(cfg: Config, stage_cfgs: list[Config]) -> list[str]:
+    """The groups ``model.quantize`` applies to: ``groups.<g>.quantize``, or by default the vision tower and the
+    language model, never a group trained fully in some stage."""
+    if cfg.model.quantize == "none":
+        return []
+    out = []
+    for g in GROUPS:
+        full = any(s.group(g).mode == "full" for s in stage_cfgs)
+        wanted = cfg.group(g).quantize
+        if (g in DEFAULT_QUANTIZED and not full) if wanted is None else wanted:
+            out.append(g)
+    return out
+
+
+def precise_modules(cfg: Config, stage_cfgs: list[Config], folder: Path) -> list[str]:
+    """With ``model.quantize``: the linear modules that stay in full precision (those of the groups it does not
+    apply to), found on the model without weights; empty without quantization."""
+    if cfg.model.quantize == "none":
+        return []
+    quantized = quantized_groups(cfg, stage_cfgs)
+    shell = empty_model(cfg.model, folder)
+    gmap = assign_groups([n for n, _ in shell.named_parameters()], arch_for(shell, cfg.model))
+    return [
+        n
+        for n, m in shell.named_modules()
+        if isinstance(m, nn.Linear) and gmap.group_of(f"{n}.weight") not in quantized
+    ]
+
+
 def build_model(cfg: Config, stages: list[Stage], folder: Path, device: torch.device, echo=print) -> BuiltModel:
     """Loads the model, checks the family supports the config, plans every stage and injects LoRA once.
 
@@ -41,7 +74,13 @@ def build_model(cfg: Config, stages: list[Stage], folder: Path, device: torch.de
     Raises:
         ConfigError: a setting the model's family cannot honour, or a group plan that matches no module.
     """
-    model, processor = load_model(cfg.model, device, folder)
+    stage_cfgs = [s.cfg for s in stages]
+    model, processor = load_model(cfg.model, device, folder, precise_modules(cfg, stage_cfgs, folder))
+    if cfg.model.quantize != "none":
+        groups = ", ".join(quantized_groups(cfg, stage_cfgs)) or "none"
+        echo(
+            f"quantized ({cfg.model.quantize}, bitsandbytes): the linear layers of {groups}; the rest in full precision"
+        )
     gmap = assign_groups([n for n, _ in model.named_parameters()], arch_for(model, cfg.model))
     problems = [p for s in stages for p in family_problems(gmap.arch, model.config.model_type, s.cfg.train)]
     if problems:

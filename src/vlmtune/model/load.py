@@ -7,6 +7,7 @@ which hand the recipe a ``ModelFolder`` function; this layer only loads local fo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -60,8 +61,51 @@ def model_type_of(folder: Path) -> str | None:
         raise ConfigError([f"{path} is not a valid config.json ({e})"], str(folder)) from None
 
 
-def load_model(mcfg: ModelConfig, device: torch.device, folder: Path):
+def empty_model(mcfg: ModelConfig, folder: Path):
+    """The folder's model without weights (on the meta device): its module names, before anything is loaded."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=mcfg.trust_remote_code)
+    with init_empty_weights():
+        return AutoModelForImageTextToText.from_config(config, trust_remote_code=mcfg.trust_remote_code)
+
+
+def quantization_config(mcfg: ModelConfig, device: torch.device, skip: list[str]):
+    """transformers' BitsAndBytesConfig for ``model.quantize``; ``skip``: module-name patterns left in full precision.
+
+    Raises:
+        ConfigError: bitsandbytes is not installed.
+    """
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            [
+                f"'model.quantize': {mcfg.quantize} needs bitsandbytes, which is not installed: "
+                "pip install 'vlmtune[quant]' (or bitsandbytes), or set model.quantize: none"
+            ]
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if mcfg.quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    name = mcfg.quant_compute_dtype
+    compute = resolve_dtype(mcfg.dtype, device) if name == "auto" else getattr(torch, name)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=mcfg.quantize,
+        bnb_4bit_use_double_quant=mcfg.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def load_model(mcfg: ModelConfig, device: torch.device, folder: Path, keep_precision: list[str] | None = None):
     """Loads (model, processor) from a local folder; safetensors weights only, remote code only if allowed.
+
+    With ``model.quantize`` the linear layers are loaded quantized (bitsandbytes), except the modules named in
+    ``keep_precision`` (exact module paths: the groups that stay in full precision, ``model.build.precise_modules``).
 
     Raises:
         ConfigError: the folder's model is of a family vlmtune has no entry for (a text-only model, say) and the
@@ -78,12 +122,17 @@ def load_model(mcfg: ModelConfig, device: torch.device, folder: Path):
             find_arch(model_type)
         except ValueError as e:
             raise ConfigError([f"'model.path': '{folder}' holds a '{model_type}' model: {e}"], str(folder)) from None
+    quantized = {}
+    if mcfg.quantize != "none":
+        skip = [re.escape(n) for n in keep_precision or []]
+        quantized = {"quantization_config": quantization_config(mcfg, device, skip), "device_map": {"": str(device)}}
     model = AutoModelForImageTextToText.from_pretrained(
         folder,
         dtype=resolve_dtype(mcfg.dtype, device),
         attn_implementation=mcfg.attn_implementation,
         trust_remote_code=mcfg.trust_remote_code,
         use_safetensors=True,
+        **quantized,
     )
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=mcfg.trust_remote_code)
     return model, processor
