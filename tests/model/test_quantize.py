@@ -121,3 +121,18 @@ def test_a_qlora_run_resumes_to_the_same_adapter_and_exports_merged_in_full_prec
 
     merged = AutoModelForImageTextToText.from_pretrained(out)
     assert not any("4bit" in type(m).__name__ for m in merged.modules())
+
+
+@pytest.mark.gpu
+def test_qlora_trains_on_a_gpu_in_bfloat16(tiny_dir, tmp_path):
+    cfg = _cfg(tmp_path, str(tiny_dir), model={"dtype": "bfloat16"})
+    device = torch.device("cuda")
+    built = build_model(cfg, resolve_stages(cfg), tiny_dir, device, echo=lambda *a: None)
+    assert _kinds(built)["language_model"] == {"4bit"}
+    ids = torch.randint(0, 50, (2, 12), device=device)
+    out = built.model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in built.model.named_parameters() if "lora_B" in n
+    )

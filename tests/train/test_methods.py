@@ -3,6 +3,7 @@ the batch layouts and the rollouts (the loss formulas are in test_preference.py 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from types import SimpleNamespace
@@ -48,7 +49,26 @@ def _built(tiny_dir, tmp_path, **train):
 @pytest.fixture(scope="module")
 def pair_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("pairs")
-    return generate_shapes(out, 6, "color-pairs", seed=3), generate_shapes(out, 6, "color-kto", seed=4, name="kto")
+    motion = generate_shapes(out, 4, "motion", seed=6, name="motion")
+    pairs = []
+    for line in motion.read_text().splitlines():  # the video task as pairs: the right direction and another
+        record = json.loads(line)
+        right = record["messages"][-1]["content"]
+        wrong = "left" if right != "left" else "right"
+        pairs.append(
+            {
+                "messages": record["messages"][:-1],
+                "chosen": {"role": "assistant", "content": right},
+                "rejected": {"role": "assistant", "content": wrong},
+                "videos": record["videos"],
+            }
+        )
+    (out / "video-pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return (
+        generate_shapes(out, 6, "color-pairs", seed=3),
+        generate_shapes(out, 6, "color-kto", seed=4, name="kto"),
+        out / "video-pairs.jsonl",
+    )
 
 
 def _trained(built) -> list[str]:
@@ -124,17 +144,19 @@ def _pairs_batch(tiny, path, share: bool, method: str = "dpo") -> dict:
 
 
 @pytest.mark.parametrize("share", [True, False])
-def test_pairs_in_one_batch_give_the_loss_of_two_separate_forwards(tiny_dir, tmp_path, tiny, pair_data, share):
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_pairs_in_one_batch_give_the_loss_of_two_separate_forwards(tiny_dir, tmp_path, tiny, pair_data, share, media):
     built = _built(tiny_dir, tmp_path)
     model, processor = built.model, built.processor
     _perturb(model, 3)
     model.eval()
     hook = share_vision_rows(inner_model(model).model)
     try:
-        batch = _pairs_batch((model, processor), pair_data[0], share)
+        data = pair_data[0] if media == "image" else pair_data[2]
+        batch = _pairs_batch((model, processor), data, share)
         n = len(batch[SAMPLE_INDEX])
         assert batch["input_ids"].shape[0] == 2 * n
-        assert (ROW_SOURCE in batch) == share and batch["image_grid_thw"].shape[0] == (n if share else 2 * n)
+        assert (ROW_SOURCE in batch) == share and batch[f"{media}_grid_thw"].shape[0] == (n if share else 2 * n)
         objective = DPO(
             SimpleNamespace(loss="sigmoid", beta=0.5, label_smoothing=0.0, sft_weight=0.0, simpo_gamma=0.5), False
         )
@@ -143,11 +165,13 @@ def test_pairs_in_one_batch_give_the_loss_of_two_separate_forwards(tiny_dir, tmp
         joint = objective.loss(model, batch, Accelerator(cpu=True)).value
 
         # The same pairs as two batches of single rows, each through the model on its own.
-        ds = build_dataset(str(pair_data[0]), DataConfig(max_length=512), processor, "train", "dpo")
+        ds = build_dataset(str(data), DataConfig(max_length=512), processor, "train", "dpo")
         items = [ds[i] for i in range(len(ds))]
+        tok = processor.tokenizer
         args = {
-            "pad_id": processor.tokenizer.pad_token_id,
-            "image_token_id": processor.tokenizer.convert_tokens_to_ids(processor.image_token),
+            "pad_id": tok.pad_token_id,
+            "image_token_id": tok.convert_tokens_to_ids(processor.image_token),
+            "video_token_id": tok.convert_tokens_to_ids(processor.video_token),
         }
         clean = [{k: v for k, v in it.items() if k not in ("rejected", SAMPLE_INDEX)} for it in items]
         chosen = collate(clean, **args)
