@@ -248,7 +248,7 @@ def check_dimensions(
         linears = [
             (n, m)
             for n, m in proj.named_modules()
-            if isinstance(m, nn.Linear) and not n.endswith(("lora_A.default", "lora_B.default"))
+            if isinstance(m, nn.Linear) and ".lora_A." not in f"{n}." and ".lora_B." not in f"{n}."
         ]
         width, source = (linears[-1][1].out_features, f"last layer {linears[-1][0]}") if linears else (None, "")
     if width != hidden:

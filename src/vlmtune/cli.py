@@ -141,6 +141,14 @@ def _add_check_commands(sub) -> None:
     p = sub.add_parser("doctor", help="print environment and plan, then PASS/FAIL checks (exit 1 on any FAIL)")
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument(
+        "--fit",
+        nargs="?",
+        const="device",
+        metavar="SIZE",
+        help="also propose the settings with the best throughput that fit the device's memory, or SIZE (e.g. 24GiB)",
+    )
+    p.add_argument("--json", metavar="PATH", help="write the predicted peak memory, per stage and group, to PATH")
     p.set_defaults(func=doctor.command)
 
 

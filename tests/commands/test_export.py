@@ -260,3 +260,30 @@ def test_a_run_folder_exports_its_final_checkpoint(tiny_dir, tmp_path, capsys):
     (run / "metrics.jsonl").write_text("{}\n", encoding="utf-8")
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "adapter")]) == 0
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_groups_with_different_lora_variants_export_merged_and_as_adapters(tiny_dir, shapes_dir, tmp_path):
+    # DoRA on the language model, plain LoRA on the projector: two peft adapters, merged together
+    trained, processor = lora_checkpoint(tiny_dir, tmp_path / "final", groups={"language_model": {"dora": True}})
+    assert (tmp_path / "final" / "language_model_lora" / "adapter_model.safetensors").is_file()
+    report = export_checkpoint(tmp_path / "final", tmp_path / "merged", merge=True)
+    assert report.max_abs_diff <= report.tolerance
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    batch = _batch(processor, shapes_dir)
+    with torch.no_grad():
+        assert (merged(**batch).logits - trained(**batch).logits).abs().max() < 1e-4
+    # the adapter export keeps the language model's adapter in its sub-folder and counts it
+    report = export_checkpoint(tmp_path / "final", tmp_path / "adapter")
+    files = [tmp_path / "adapter" / "adapter_model.safetensors", *(tmp_path / "adapter").glob("*/*.safetensors")]
+    assert len(files) == 2 and report.weight_bytes == sum(f.stat().st_size for f in files)
+    # vLLM serves no DoRA adapter
+    with pytest.raises(ExportError, match=r"uses DoRA \(groups.language_model.dora\), which vLLM refuses"):
+        export_checkpoint(tmp_path / "final", tmp_path / "vllm", kind="vllm")
+
+
+def test_vllm_export_of_a_language_model_in_an_adapter_of_its_own(tiny_dir, tmp_path):
+    lora_checkpoint(tiny_dir, tmp_path / "final", groups={"language_model": {"rslora": True, "rank": 8}})
+    report = export_checkpoint(tmp_path / "final", tmp_path / "vllm", kind="vllm")
+    assert report.max_abs_diff <= report.tolerance
+    config, modules = _adapter_targets(tmp_path / "vllm" / "adapter")
+    assert config["use_rslora"] and config["r"] == 8 and {m.rsplit(".", 1)[1] for m in modules} == ATTENTION

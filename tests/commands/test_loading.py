@@ -207,3 +207,14 @@ def test_damaged_weights_are_named_not_a_traceback(tiny_dir, tmp_path, capsys, n
     err = capsys.readouterr().err
     assert f"{path} is damaged (" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_every_adapter_of_a_checkpoint_is_loaded_and_checked(tiny_dir, tmp_path):
+    # groups with different LoRA variants are adapters of their own: all load, all active
+    lora_checkpoint(tiny_dir, tmp_path / "final", groups={"language_model": {"rslora": True}})
+    model, _, _ = load_checkpoint(tmp_path / "final")
+    assert model.active_adapters == ["default", "language_model_lora"]
+    assert model.peft_config["language_model_lora"].use_rslora and not model.peft_config["default"].use_rslora
+    (tmp_path / "final" / "language_model_lora" / "adapter_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="incomplete: missing language_model_lora/adapter_model.safetensors"):
+        load_checkpoint(tmp_path / "final")

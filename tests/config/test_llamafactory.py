@@ -400,9 +400,10 @@ def test_translation_and_schema_problems_reported_together(tmp_path):
 def test_llama_factory_keys_are_all_known_to_the_translator():
     # every key listed as accepted is handled somewhere (rename, tuning or noted)
     from vlmtune.config.llamafactory import METHOD_KEYS, NOTED_KEYS, RENAMES, TUNING_KEYS
+    from vlmtune.config.llamafactory_weights import WEIGHT_KEYS
 
-    assert LLAMA_FACTORY_KEYS == set(RENAMES) | TUNING_KEYS | METHOD_KEYS | NOTED_KEYS
-    groups = [set(RENAMES), TUNING_KEYS, METHOD_KEYS, NOTED_KEYS]
+    assert LLAMA_FACTORY_KEYS == set(RENAMES) | TUNING_KEYS | METHOD_KEYS | NOTED_KEYS | WEIGHT_KEYS
+    groups = [set(RENAMES), TUNING_KEYS, METHOD_KEYS, NOTED_KEYS, WEIGHT_KEYS]
     assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1 :])
 
 
@@ -520,3 +521,94 @@ def test_packing_with_a_preference_stage_is_refused_naming_the_key(tmp_path):
         "preference pairs and labelled answers are not packed (each answer is scored on its own); set "
         "train.packing: false"
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA variants and quantization
+# ---------------------------------------------------------------------------------------------
+
+LORA_GROUPS = ("projector", "language_model")  # lora_target: merger,q_proj,v_proj
+# (id, LLaMA-Factory keys, expected settings of every LoRA group, the printed line)
+VARIANTS = [
+    ("use_dora", {"use_dora": True}, {"dora": True}, "use_dora: True -> groups.<projector|language_model>.dora=true"),
+    (
+        "use_rslora",
+        {"use_rslora": True},
+        {"rslora": True},
+        "use_rslora: True -> groups.<projector|language_model>.rslora",
+    ),
+    (
+        "pissa_init",
+        {"pissa_init": True},
+        {"init": "pissa_niter_16"},
+        "pissa_init: true (pissa_iter 16, the default) -> groups.<projector|language_model>.init=pissa_niter_16",
+    ),
+    (
+        "pissa_iter",
+        {"pissa_init": True, "pissa_iter": 4},
+        {"init": "pissa_niter_4"},
+        "pissa_init: true, pissa_iter: 4 -> groups.<projector|language_model>.init=pissa_niter_4",
+    ),
+    ("pissa_iter -1", {"pissa_init": True, "pissa_iter": -1}, {"init": "pissa"}, "init=pissa"),
+    ("pissa_iter alone", {"pissa_iter": 4}, {"init": "default"}, "pissa_iter: 4 -> no effect (pissa_init is not true)"),
+    (
+        "loraplus_lr_ratio",
+        {"loraplus_lr_ratio": 16.0},
+        {"lr_ratio_b": 16.0},
+        "loraplus_lr_ratio: 16.0 -> groups.<projector|language_model>.lr_ratio_b",
+    ),
+]
+
+
+@pytest.mark.parametrize("raw, expected, line", [c[1:] for c in VARIANTS], ids=[c[0] for c in VARIANTS])
+def test_lora_variant_keys_apply_to_every_lora_group(tmp_path, raw, expected, line):
+    cfg, lines = _load(tmp_path, {"lora_target": "merger,q_proj,v_proj", **raw})
+    for g in GROUPS:
+        settings = cfg.group(g)
+        got = {k: getattr(settings, k) for k in expected}
+        assert got == (expected if g in LORA_GROUPS else {k: getattr(type(settings)(), k) for k in expected}), g
+    assert any(line in printed for printed in lines), lines
+
+
+def test_lora_variant_keys_alone_mean_lora_on_every_linear_layer(tmp_path):
+    # LLaMA-Factory's default lora_target is all: the language model and the projector
+    cfg, _ = _load(tmp_path, {"use_dora": True})
+    assert [g for g in GROUPS if cfg.group(g).dora] == ["projector", "language_model"]
+
+
+# (id, LLaMA-Factory keys, model.quantize, model.double_quant)
+QUANTIZATION = [
+    ("4-bit", {"quantization_bit": 4}, "nf4", True),
+    ("4-bit fp4", {"quantization_bit": 4, "quantization_type": "fp4"}, "fp4", True),
+    ("4-bit single quant", {"quantization_bit": 4, "double_quantization": False}, "nf4", False),
+    ("8-bit", {"quantization_bit": 8, "quantization_method": "bnb"}, "int8", True),
+    ("type alone", {"quantization_type": "fp4"}, "none", True),
+]
+
+
+@pytest.mark.parametrize("raw, quantize, double", [c[1:] for c in QUANTIZATION], ids=[c[0] for c in QUANTIZATION])
+def test_quantization_keys(tmp_path, raw, quantize, double):
+    cfg, lines = _load(tmp_path, {"lora_target": "q_proj", **raw})
+    assert (cfg.model.quantize, cfg.model.double_quant) == (quantize, double)
+    assert all(any(f"{k}: " in line for line in lines) for k in raw), lines  # every key printed
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        (
+            {"quantization_bit": 4, "quantization_method": "gptq"},
+            "'quantization_method: gptq' is not supported; vlmtune",
+        ),
+        ({"quantization_bit": 2}, "'quantization_bit: 2' is not supported; bitsandbytes quantizes to 4 or 8 bits"),
+        ({"quantization_bit": 4, "quantization_type": "int4"}, "'quantization_type: int4' is not one of nf4, fp4"),
+        ({"pissa_init": True, "pissa_iter": 0}, "'pissa_iter: 0' must be a positive number of SVD iterations, or -1"),
+        ({"pissa_init": True, "use_dora": True}, "'groups.projector.dora' is true with groups.projector.init pissa"),
+    ],
+    ids=["gptq", "2-bit", "int4", "pissa_iter-0", "pissa-with-dora"],
+)
+def test_weight_key_errors_name_the_key(tmp_path, raw, fragment):
+    problems = _problems(tmp_path, {"lora_target": "merger", **raw})
+    assert any(fragment in p for p in problems), problems
+    if "quantization_method" in raw:
+        assert "(quantization_method: bnb)" in problems[0]

@@ -8,15 +8,18 @@ dimension checks live in ``vlmtune.checks`` (training runs the gradient one at e
 
 from __future__ import annotations
 
-import os
+import json
 import platform
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from vlmtune.builtin.base import model_folder
 from vlmtune.checks import CheckResult, check_dimensions, check_gradients, forward_backward, gib, inner_model
+from vlmtune.commands.fitting import fit, parse_size, resolve_batch_size
+from vlmtune.commands.planner import device_memory, plan_run
 from vlmtune.config.load import load_config
 from vlmtune.config.schema import Config
 from vlmtune.config.stages import resolve_stages
@@ -27,6 +30,7 @@ from vlmtune.data.sources import iter_split
 from vlmtune.model.build import build_model
 from vlmtune.model.groups import GroupMap
 from vlmtune.model.load import resolve_dtype
+from vlmtune.model.peak import Host, Prediction, table
 from vlmtune.model.tuning import GroupPlan, activate, plan_table
 from vlmtune.tracking import echo
 from vlmtune.train.optim import describe, param_groups
@@ -78,20 +82,6 @@ def check_lora_settings(model: nn.Module, plans: list[GroupPlan]) -> CheckResult
     return CheckResult("LoRA settings", "PASS", [", ".join(lora) or "no LoRA group"])
 
 
-def device_memory(device: torch.device) -> int:
-    """Bytes of memory on the device (GPU total, or the machine's RAM for the CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def check_memory(
     model: nn.Module, activation_bytes: int, batch: dict, device: torch.device, max_length: int, batch_size: int
 ) -> CheckResult:
@@ -114,6 +104,43 @@ def check_memory(
     if total > 0.9 * capacity:
         return CheckResult("memory", "FAIL", lines)
     return CheckResult("memory", "WARN" if worst > 0.9 * capacity else "PASS", lines)
+
+
+def check_memory_plan(p: Prediction) -> CheckResult:
+    """The planner's predicted peak (``vlmtune.commands.planner``) against the device's memory: FAIL above it, WARN
+    above 90% of it; the lines are the prediction's table."""
+    lines = [
+        f"predicted peak {gib(p.total)} of {gib(p.capacity)} on {p.device} ({p.total / p.capacity:.0%})",
+        *table(p),
+    ]
+    if p.total > p.capacity:
+        return CheckResult("memory plan", "FAIL", lines + ["`vlmtune doctor CONFIG --fit` proposes settings that fit"])
+    return CheckResult("memory plan", "WARN" if not p.fits() else "PASS", lines)
+
+
+def fit_lines(
+    cfg: Config, folder: Path, device: torch.device, capacity: int, host: Host, echo
+) -> tuple[list[str], dict]:
+    """``--fit``: the best setting that fits ``capacity``, as overrides, and what was tried (for --json)."""
+    best, tried = fit(cfg, folder, device, capacity, host, echo=echo)
+    current = next((o for o in tried if not o.overrides(cfg)), None)
+    lines = [f"fit: the setting with the best throughput whose peak stays under 90% of {gib(capacity)}"]
+    if current is not None:
+        lines.append(
+            f"  as configured: peak {gib(current.peak)}{'' if current.peak <= 0.9 * capacity else ' (does not fit)'}"
+        )
+    if best is None:
+        lines.append(
+            "  nothing fits: not with one sample per micro-batch, checkpointing, nf4 and images at 1/16 of their pixels"
+        )
+        return lines, {"capacity_bytes": capacity, "best": None}
+    changes = best.overrides(cfg)
+    lines.append(
+        f"  best: {' '.join(changes) or '(the config as it is)'}: peak {gib(best.peak)}, micro-batch {best.batch_size} "
+        f"x grad_accum {best.grad_accum}, relative time per sample {best.cost:.2f}"
+    )
+    data = {"capacity_bytes": capacity, "best": {"overrides": changes, "peak_bytes": best.peak, "cost": best.cost}}
+    return lines, data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,19 +244,26 @@ def run_checks(
     return results
 
 
-def doctor(cfg: Config, echo=print) -> int:
-    """The command: environment, then per stage the plan the stage runs and every check. Returns 1 if any check
-    FAILs, else 0. The model is built as ``vlmtune train`` builds it (``build_model``), stages included."""
+def doctor(
+    cfg: Config, echo=print, fit_to: int | None = None, json_path: Path | None = None, host: Host | None = None
+) -> int:
+    """The command: environment, then per stage the plan the stage runs, its predicted memory and every check.
+    Returns 1 if any check FAILs, else 0. The model is built as ``vlmtune train`` builds it (``build_model``), stages
+    included. ``fit_to``: also propose settings that fit this many bytes (0: the device's memory); ``json_path``:
+    write the predictions there; ``host``: the CPU process's share (measured when None)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     echo("environment")
     for line in environment_lines(device, resolve_dtype(cfg.model.dtype, device)):
         echo(f"  {line}")
+    folder = model_folder(cfg.model, echo=echo)
+    cfg = resolve_batch_size(cfg, folder, device, echo=echo)
     stages = resolve_stages(cfg)
-    built = build_model(cfg, stages, model_folder(cfg.model, echo=echo), device, echo=echo)
+    _, host, memory = plan_run(cfg, stages, folder, device, host=host, echo=echo)
+    built = build_model(cfg, stages, folder, device, echo=echo)
     model, gmap, processor = built.model.to(device), built.gmap, built.processor
     echo(f"\nplan: {type(model).__name__} ({gmap.arch.name}, layout {gmap.layout.name})")
     failed = []
-    for stage, plans in zip(stages, built.stage_plans):
+    for stage, plans, sp in zip(stages, built.stage_plans, memory):
         activate(model, gmap, plans)
         if stage.named:
             echo(f"\nstage {stage.index + 1}/{len(stages)} '{stage.name}'")
@@ -245,13 +279,23 @@ def doctor(cfg: Config, echo=print) -> int:
         results = run_checks(
             model, processor, gmap, plans, items, wheres, device, scfg.data.max_length, scfg.train.batch_size
         )
+        results.append(check_memory_plan(sp.prediction))
         for r in results:
             echo(str(r))
         failed += [r.name if not stage.named else f"{r.name} ({stage.name})" for r in results if r.status == "FAIL"]
+    report = {"stages": [{"stage": sp.stage.name, **sp.prediction.to_dict()} for sp in memory], "fit": None}
+    if fit_to is not None:
+        lines, report["fit"] = fit_lines(cfg, folder, device, fit_to or device_memory(device), host, echo)
+        echo("\n" + "\n".join(lines))
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report, indent=1), encoding="utf-8")
+        echo(f"\nwrote the memory prediction to {json_path}")
     echo(f"\n{len(failed)} check(s) failed: {', '.join(failed)}" if failed else "\nall checks passed")
     return 1 if failed else 0
 
 
 def command(args) -> int:
-    """``vlmtune doctor CONFIG [overrides]``."""
-    return doctor(load_config(args.config, args.overrides, echo=echo), echo=echo)
+    """``vlmtune doctor CONFIG [overrides] [--fit [SIZE]] [--json PATH]``."""
+    fit_to = None if args.fit is None else (0 if args.fit == "device" else parse_size(args.fit))
+    cfg = load_config(args.config, args.overrides, echo=echo)
+    return doctor(cfg, echo=echo, fit_to=fit_to, json_path=args.json)

@@ -201,7 +201,7 @@ def export_checkpoint(
         if (checkpoint / "config.yaml").is_file():
             shutil.copy(checkpoint / "config.yaml", tmp / "config.yaml")
         commit(tmp, out)
-        return ExportReport(out, "adapter", (out / "adapter_model.safetensors").stat().st_size)
+        return ExportReport(out, "adapter", sum(p.stat().st_size for p in out.rglob("*.safetensors")))
 
     target = getattr(torch, dtype) if dtype else saved_dtype(model)
     probe = probe_batch(processor)
@@ -222,22 +222,33 @@ def export_checkpoint(
     return ExportReport(out, "merged", size, diff, tol, str(target).removeprefix("torch."), notes=notes)
 
 
-def _language_model_lora(model, gmap: GroupMap) -> tuple[list[str], int, float, bool]:
-    """The language model's LoRA layers (module names as peft wraps them) and their one rank, alpha and rsLoRA flag.
+def _language_model_lora(model, gmap: GroupMap) -> tuple[list[str], int, float, bool, str]:
+    """The language model's LoRA layers (module names as peft wraps them), their one rank, alpha and rsLoRA flag,
+    and the adapter that holds them (``default``, or ``language_model`` when the groups' variants differ).
 
     Raises:
-        ExportError: the layers differ in rank or alpha, or the rank is above what vLLM serves.
+        ExportError: the layers differ in rank or alpha, use DoRA, or the rank is above what vLLM serves.
     """
     from peft.tuners.lora import LoraLayer
 
-    adapter = model.active_adapter
-    layers = {
-        name: (module.r[adapter], module.lora_alpha[adapter])
+    active = model.active_adapters
+    held = {
+        name: next(a for a in active if a in module.r)
         for name, module in model.named_modules()
-        if isinstance(module, LoraLayer) and adapter in module.r and gmap.group_of(name) == "language_model"
+        if isinstance(module, LoraLayer)
+        and any(a in module.r for a in active)
+        and gmap.group_of(name) == "language_model"
     }
-    if not layers:
-        return [], 0, 0.0, False
+    if not held:
+        return [], 0, 0.0, False, ""
+    adapter = next(iter(held.values()))
+    if model.peft_config[adapter].use_dora:
+        raise ExportError(
+            "the language model's LoRA uses DoRA (groups.language_model.dora), which vLLM refuses "
+            "(vllm/lora/peft_helper.py); export with --format merged instead"
+        )
+    modules = dict(model.named_modules())
+    layers = {name: (modules[name].r[a], modules[name].lora_alpha[a]) for name, a in held.items()}
     settings = set(layers.values())
     if len(settings) > 1:
         raise ExportError(
@@ -250,7 +261,7 @@ def _language_model_lora(model, gmap: GroupMap) -> tuple[list[str], int, float, 
             f"the language model's LoRA rank {rank} is above {VLLM_MAX_LORA_RANKS[-1]}, the largest --max-lora-rank "
             "vLLM takes (vllm/config/lora.py); export with --format merged instead"
         )
-    return list(layers), rank, alpha, bool(model.peft_config[adapter].use_rslora)
+    return list(layers), rank, alpha, bool(model.peft_config[adapter].use_rslora), adapter
 
 
 def _serve_command(out: Path, rank: int) -> str:
@@ -273,7 +284,7 @@ def _export_vllm(model, processor, cfg, checkpoint: Path, out: Path, dtype, atol
     plain = model.get_base_model() if is_adapter else model
     mcfg = cfg.model if cfg is not None else ModelConfig()
     gmap = assign_groups([n for n, _ in plain.named_parameters()], arch_for(plain, mcfg))
-    layers, rank, alpha, rslora = _language_model_lora(model, gmap) if is_adapter else ([], 0, 0.0, False)
+    layers, rank, alpha, rslora, adapter = _language_model_lora(model, gmap) if is_adapter else ([], 0, 0.0, False, "")
     tmp = _prepare(out, overwrite, checkpoint)
     target = getattr(torch, dtype) if dtype else saved_dtype(model)
     probe = probe_batch(processor)
@@ -282,7 +293,8 @@ def _export_vllm(model, processor, cfg, checkpoint: Path, out: Path, dtype, atol
     base = model
     if is_adapter:
         prefixes = tuple(name + "." for name in layers)
-        kept = {k: v for k, v in get_peft_model_state_dict(model).items() if k.startswith(prefixes)}
+        kept = {k: v for k, v in get_peft_model_state_dict(model, adapter_name=adapter or "default").items()}
+        kept = {k: v for k, v in kept.items() if k.startswith(prefixes)}
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and name not in layers:
                 module.merge()  # in float32, into the base weight

@@ -3,7 +3,8 @@
 A checkpoint folder is one of:
 
 - a peft adapter: ``adapter_config.json`` + ``adapter_model.safetensors`` (LoRA and the fully trained
-  groups' ``modules_to_save``), with ``config.yaml`` naming the base model (``model.path``);
+  groups' ``modules_to_save``; when the LoRA groups differ in their variant, the other groups' adapters in
+  sub-folders of their names), with ``config.yaml`` naming the base model (``model.path``);
 - a full model: ``config.json`` + ``model.safetensors`` (or a sharded ``model.safetensors.index.json``);
 
 plus the processor files. A run folder (with ``final/`` and ``metrics.jsonl``) stands for its ``final/``.
@@ -25,6 +26,7 @@ from vlmtune.config.stages import resolve_stages
 from vlmtune.data.dataset import build_dataset
 from vlmtune.data.sharegpt import DataError
 from vlmtune.eval.alignment import eval_items
+from vlmtune.model.adapters import adapter_folders, load_adapters
 from vlmtune.model.build import precise_modules
 from vlmtune.model.load import load_model
 from vlmtune.paths import damaged_weights
@@ -91,13 +93,15 @@ def _check_files(folder: Path) -> str:
             f"'{folder}' is not a checkpoint{hint}: it has neither adapter_config.json (a peft adapter written by "
             "vlmtune train) nor config.json (a full transformers model folder)"
         )
+    if kind == "adapter":  # the adapters of the groups beyond the first, when they differ in their LoRA variant
+        needed += [f"{p.name}/{ADAPTER_FILES[1]}" for p in adapter_folders(folder)]
     missing = [f for f in needed + list(PROCESSOR_FILES) if not (folder / f).is_file()]
     if not any((folder / f).is_file() for f in IMAGE_PROCESSOR_FILES):
         missing.append(" or ".join(IMAGE_PROCESSOR_FILES))
     if missing:
         why = " (config.yaml names the base model of the adapter)" if "config.yaml" in missing else ""
         raise CheckpointError(f"checkpoint '{folder}' ({kind}) is incomplete: missing {', '.join(missing)}{why}")
-    damaged = damaged_weights(folder)
+    damaged = next(filter(None, (damaged_weights(f) for f in [folder, *adapter_folders(folder)])), None)
     if damaged is not None:
         raise CheckpointError(f"checkpoint '{folder}': {damaged}")
     return kind
@@ -125,7 +129,8 @@ def load_checkpoint(
 ):
     """Loads a checkpoint for inference: (model in eval mode, processor, the run's Config or None).
 
-    An adapter is loaded onto its base (``config.yaml``'s ``model.path``) as a ``PeftModel``; a full model
+    An adapter is loaded onto its base (``config.yaml``'s ``model.path``) as a ``PeftModel``, every adapter of the
+    folder active (``vlmtune.model.adapters.load_adapters``); a full model
     folder is loaded as it is (its own ``config.yaml``, if any, only sets dtype and attention).
 
     No code from the checkpoint, its base or their folders runs unless the user says so: ``trust_remote_code``
@@ -164,8 +169,6 @@ def load_checkpoint(
         mcfg = mcfg.model_copy(update={"quantize": "none"})
     device = torch.device(device)
     if kind == "adapter":
-        from peft import PeftModel
-
         if mcfg.path != BUILTIN_MODEL and not (Path(mcfg.path) / "config.json").is_file():
             raise CheckpointError(
                 f"the base model of '{folder}' ('model.path: {mcfg.path}' in "
@@ -175,7 +178,7 @@ def load_checkpoint(
         precise = precise_modules(cfg, [s.cfg for s in resolve_stages(cfg)], base_folder) if cfg and quantized else []
         base, _ = load_model(mcfg, device, base_folder, precise)
         _warn_if_other_base(folder, Path(base.name_or_path))
-        model = PeftModel.from_pretrained(base, folder, is_trainable=False)
+        model = load_adapters(base, folder)
     else:
         model, _ = load_model(mcfg, device, folder)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=mcfg.trust_remote_code)

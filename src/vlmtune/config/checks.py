@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from vlmtune.config.data import DataSource
 from vlmtune.config.schema import BUILTIN_MODEL, GROUPS, Config
+
+INITS = "default, gaussian, pissa, pissa_niter_N (N >= 1 SVD iterations, e.g. pissa_niter_16), olora, loftq"
+INIT_PATTERN = re.compile(r"default|gaussian|pissa|pissa_niter_[1-9][0-9]*|olora|loftq")
+# What LoftQ quantizes to for each model.quantize (peft LoftQConfig loftq_bits: 4 means NF4); fp4 has none.
+LOFTQ_BITS = {"nf4": 4, "int8": 8}
 
 
 def raw_problems(raw: dict) -> list[str]:
@@ -43,6 +49,7 @@ def semantic_problems(cfg: Config) -> list[str]:
         )
     problems += _method_problems(cfg)
     problems += _quantize_problems(cfg)
+    problems += _variant_problems(cfg)
     if cfg.data.load == "lazy" and cfg.train.group_by_length:
         problems.append(
             "'train.group_by_length' sorts batches by every sample's length before training, but 'data.load' is lazy "
@@ -93,6 +100,41 @@ def _quantize_problems(cfg: Config) -> list[str]:
                 f"'groups.{name}.quantize' is true but the group trains fully: quantized weights do not train; "
                 "set its mode to lora (QLoRA) or its quantize to false"
             )
+    return problems
+
+
+def _variant_problems(cfg: Config) -> list[str]:
+    """LoRA variants: a known init, LoftQ with a quantization it supports, PiSSA/OLoRA without DoRA, none on a full
+    group."""
+    problems = []
+    for name, g in cfg.groups.items():
+        key = f"groups.{name}"
+        if not INIT_PATTERN.fullmatch(g.init):
+            problems.append(f"'{key}.init': '{g.init}' is not one of {INITS}")
+        elif g.init == "loftq" and cfg.model.quantize not in LOFTQ_BITS:
+            problems.append(
+                f"'{key}.init' is loftq but model.quantize is {cfg.model.quantize}: LoftQ starts LoRA from the error of "
+                "quantizing the group's weights to nf4 or int8; set model.quantize: nf4 (or int8), or another init"
+            )
+        elif g.init == "loftq" and g.quantize:
+            problems.append(
+                f"'{key}.quantize' is true but {key}.init is loftq, which quantizes the group's layers itself "
+                f"(peft LoftQ); drop {key}.quantize"
+            )
+        if g.init.startswith(("pissa", "olora")) and g.dora:
+            problems.append(
+                f"'{key}.dora' is true with {key}.init {g.init}: a PiSSA/OLoRA adapter is saved converted to a plain "
+                "LoRA of the original base weights (peft), which DoRA's magnitudes cannot join; use dora with init "
+                "default or gaussian"
+            )
+        if g.mode == "full":
+            lora_only = [k for k in ("dora", "rslora", "lr_ratio_b") if getattr(g, k)]
+            lora_only += ["init"] if g.init != "default" else []
+            if lora_only:
+                problems.append(
+                    f"'{key}' trains fully (mode full) but sets {', '.join(lora_only)}, which apply to LoRA only; "
+                    "drop them or set its mode to lora"
+                )
     return problems
 
 

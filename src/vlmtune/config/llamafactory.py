@@ -1,7 +1,7 @@
 """LLaMA-Factory's flat keys -> vlmtune's config, with every translation printed.
 
 A flat LLaMA-Factory YAML (``lora_target: merger``, ``additional_target``, ``freeze_*``, ``cutoff_len``, ...)
-trains as it is. The keys mean what their users expect, including the cases that other tools get
+trains as it is; the keys of precision, quantization and LoRA variants are ``llamafactory_weights.py``'s. The keys mean what their users expect, including the cases that other tools get
 wrong: ``lora_target: merger`` puts LoRA on the projector's linear layers (never on the PatchMerger
 container), and ``lora_target: all`` covers the projector too unless ``freeze_multi_modal_projector: true``.
 """
@@ -11,6 +11,14 @@ from __future__ import annotations
 from pathlib import PurePath
 from typing import Any
 
+from vlmtune.config.llamafactory_weights import (
+    QUANTIZATION_KEYS,
+    VARIANT_KEYS,
+    WEIGHT_KEYS,
+    precision,
+    quantization,
+    variants,
+)
 from vlmtune.config.overrides import deep_merge
 
 # lora_target / additional_target words that name a whole component group.
@@ -109,7 +117,7 @@ NOTED_KEYS = {
     *NO_EFFECT,
 }
 
-LLAMA_FACTORY_KEYS = set(RENAMES) | TUNING_KEYS | METHOD_KEYS | NOTED_KEYS
+LLAMA_FACTORY_KEYS = set(RENAMES) | TUNING_KEYS | METHOD_KEYS | NOTED_KEYS | WEIGHT_KEYS
 
 
 def _split_list(value: Any) -> list[str]:
@@ -263,13 +271,16 @@ def translate(raw: dict) -> tuple[dict, list[str], list[str]]:
                 value = value[0] if len(value) == 1 else value
             _set(out, path, value)
             lines.append(f"{key}: {flat[key]} -> {path}")
-    if TUNING_KEYS & set(flat):
+    if (TUNING_KEYS | VARIANT_KEYS) & set(flat):
         out["groups"] = _tuning(flat, lines, problems)
+        variants(flat, out["groups"], lines, problems)
+    if QUANTIZATION_KEYS & set(flat):
+        quantization(flat, out, lines, problems)
     if METHOD_KEYS & set(flat):
         _method(flat, out, lines, problems)
     if "finetuning_type" in flat and flat["finetuning_type"] == "lora":
         lines.append("finetuning_type: lora -> LoRA per group, as lora_target says")
-    _precision(flat, out, lines)
+    precision(flat, out, lines)
     if "report_to" in flat:
         targets = [t for t in _split_list(flat["report_to"]) if t != "none"]
         bad = [t for t in targets if t != "tensorboard"]
@@ -323,20 +334,6 @@ def _method(flat: dict, out: dict, lines: list[str], problems: list[str]) -> Non
                 f"'pref_loss: {loss}' is not supported; valid: {', '.join(PREF_LOSSES)} "
                 "(and vlmtune's own train.dpo.loss: robust)"
             )
-
-
-def _precision(flat: dict, out: dict, lines: list[str]) -> None:
-    """bf16 / fp16: the weight dtype on a GPU; on a machine without one they are noted and ignored (float32)."""
-    import torch  # here: config loading without a precision key does not pay for it
-
-    for key, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
-        if not flat.get(key):
-            continue
-        if not torch.cuda.is_available():
-            lines.append(f"{key}: true -> no effect on this machine (no GPU: trains in float32)")
-        elif "model" not in out or "dtype" not in out["model"]:
-            _set(out, "model.dtype", dtype)
-            lines.append(f"{key}: true -> model.dtype={dtype}")
 
 
 def _resume(flat: dict, out: dict, lines: list[str], problems: list[str]) -> None:

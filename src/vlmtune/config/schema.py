@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from vlmtune.config.batch import BatchSize
 from vlmtune.config.data import DataConfig
 from vlmtune.config.methods import DPOConfig, GRPOConfig, KTOConfig, Method
 from vlmtune.config.strict import StrictModel, partial
@@ -41,6 +42,23 @@ class GroupConfig(StrictModel):
     quantize: bool | None = Field(
         None,
         description="with model.quantize: whether this group's linear layers are quantized; empty: yes for the vision tower and the language model (unless trained fully in some stage), no for the projector and lm_head",
+    )
+    dora: bool = Field(
+        False,
+        description="DoRA (peft use_dora): LoRA's update split into a direction and a trained magnitude per output feature",
+    )
+    rslora: bool = Field(
+        False,
+        description="rank-stabilised LoRA (peft use_rslora): scale the update by alpha / sqrt(rank), not alpha / rank",
+    )
+    init: str = Field(
+        "default",
+        description="how the LoRA weights start (peft init_lora_weights): default (B = 0), gaussian, pissa (the principal singular vectors; pissa_niter_N: N fast SVD iterations), olora (QR), loftq (from model.quantize's quantization error, nf4 or int8, on a GPU)",
+    )
+    lr_ratio_b: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: this group's LoRA B matrices train at the group's lr x this ratio (the LoRA+ paper suggests 16); empty: A and B at one rate",
     )
 
     @property
@@ -133,7 +151,12 @@ class TrainConfig(StrictModel):
     )
     max_steps: int | None = Field(None, gt=0, description="optimizer steps to run; overrides epochs when set")
     epochs: float = Field(1.0, gt=0, description="passes over the training data (used when max_steps is empty)")
-    batch_size: int = Field(8, gt=0, description="samples per device per forward pass")
+    batch_size: BatchSize = Field(
+        8,
+        description="samples per device per forward pass; auto: the largest the memory planner predicts to fit "
+        "(grad_accum as given), auto:N: N samples per optimizer step, split into the largest micro-batch that fits "
+        "(vlmtune doctor --fit shows the plan)",
+    )
     grad_accum: int = Field(1, gt=0, description="forward passes accumulated per optimizer step")
     learning_rate: float = Field(2e-4, gt=0, description="learning rate of every group that does not set its own lr")
     weight_decay: float = Field(

@@ -1,8 +1,9 @@
 """Stages as data: each stage is the top-level config with its own overrides applied.
 
 A run without ``stages:`` is one stage named ``train``. LoRA and fully-trained weights carry over from
-stage to stage, so a group keeps one kind of training (lora or full) and, as LoRA, one rank, alpha and
-set of targets across the stages where it trains; only its mode, rate and dropout may change.
+stage to stage, so a group keeps one kind of training (lora or full) and, as LoRA, one rank, alpha, set of
+targets and variant (dora, rslora, init) across the stages where it trains; only its mode, rates and dropout may
+change.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def resolve_stages(cfg: Config) -> list[Stage]:
 
 def _lora_key(g) -> tuple:
     targets = g.targets if isinstance(g.targets, str) else tuple(g.targets)
-    return g.rank, g.lora_alpha, targets
+    return g.rank, g.lora_alpha, targets, g.dora, g.rslora, g.init
 
 
 def stage_problems(cfg: Config) -> list[str]:
@@ -132,9 +133,13 @@ def stage_problems(cfg: Config) -> list[str]:
             )
         lora = [(w, g) for w, g in modes if g.mode == "lora"]
         if len({_lora_key(g) for _, g in lora}) > 1:
-            detail = "; ".join(f"{w}: rank {g.rank}, alpha {g.lora_alpha:g}, targets {g.targets}" for w, g in lora)
+            detail = "; ".join(
+                f"{w}: rank {g.rank}, alpha {g.lora_alpha:g}, targets {g.targets}, dora {g.dora}, rslora {g.rslora}, "
+                f"init {g.init}"
+                for w, g in lora
+            )
             problems.append(
-                f"groups.{group}: LoRA weights carry over between stages, so rank, alpha and targets must be "
-                f"the same in every stage where it is lora ({detail})"
+                f"groups.{group}: LoRA weights carry over between stages, so rank, alpha, targets, dora, rslora and "
+                f"init must be the same in every stage where it is lora ({detail})"
             )
     return problems

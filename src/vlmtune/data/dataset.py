@@ -52,6 +52,7 @@ class _Item:
     sizes: list[tuple[int, int]]  # (height, width) of each image, from the checks
     videos: list[VideoInfo] = field(default_factory=list)  # each video's metadata, from the checks
     video_max_pixels: int | None = None  # the per-frame bound its video tokens were counted at
+    answers: int = 0  # labelled tokens a position predicts: the rows of its logits with train.label_only_logits
 
 
 @dataclass
@@ -127,7 +128,8 @@ def check_sample(sample: Sample, processor, data: DataConfig) -> Checked:
     video_tokens = sum(e - s for s, e in enc.video_spans)
     done = Checked(sample, [], None, "kept", length, image_tokens, video_tokens)
     if length <= limit:
-        done.item = _Item(sample, data.image_max_pixels, None, length, sizes, videos, video_pixels)
+        answers = _answers(enc.labels)
+        done.item = _Item(sample, data.image_max_pixels, None, length, sizes, videos, video_pixels, answers)
         return done
     if policy == "downscale" and (sample.images or videos):
         if counts_image_tokens(processor):
@@ -151,11 +153,14 @@ def check_sample(sample: Sample, processor, data: DataConfig) -> Checked:
                 video_pixels //= 2
             small = _encode(processor, data, sample, sizes, max_pixels, videos, video_pixels)
         if len(small.input_ids) <= limit:
-            kept = _Item(sample, max_pixels, None, len(small.input_ids), sizes, videos, video_pixels)
+            kept = _Item(
+                sample, max_pixels, None, len(small.input_ids), sizes, videos, video_pixels, _answers(small.labels)
+            )
             done.item, done.outcome = kept, "downscaled"
     if policy == "truncate" and done.item is None:
         if enc.vision_end <= limit and any(lab != IGNORE for lab in enc.labels[:limit]):
-            kept = _Item(sample, data.image_max_pixels, limit, limit, sizes, videos, data.video_max_pixels)
+            answers, pixels = _answers(enc.labels[:limit]), data.video_max_pixels
+            kept = _Item(sample, data.image_max_pixels, limit, limit, sizes, videos, pixels, answers)
             done.item, done.outcome = kept, "truncated"
     if done.item is None:
         done.outcome = "dropped"
@@ -169,6 +174,11 @@ def check_sample(sample: Sample, processor, data: DataConfig) -> Checked:
         )
     )
     return done
+
+
+def _answers(labels) -> int:
+    """Labelled tokens that some position predicts (the first token never is)."""
+    return sum(1 for lab in list(labels)[1:] if lab != IGNORE)
 
 
 def _encode(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from vlmtune.config.checks import LOFTQ_BITS
 from vlmtune.config.errors import ConfigError
 from vlmtune.config.schema import Config, GroupConfig
 from vlmtune.model.archs import GROUPS
@@ -30,6 +31,11 @@ class GroupPlan:
     weight_decay: float = 0.0
     total_params: int = 0
     trainable_params: int = 0
+    dora: bool = False  # LoRA variants (groups.<g>.dora, rslora, init, lr_ratio_b)
+    rslora: bool = False
+    init: str = "default"
+    lr_ratio_b: float | None = None  # LoRA+: the rate of the B matrices is lr x this
+    loftq_bits: int = 0  # with init loftq: what LoftQ quantizes to (4: NF4, 8: int8), from model.quantize
 
 
 def _lora_targets(model: nn.Module, gmap: GroupMap, group: str, settings: GroupConfig) -> tuple[list[str], list[str]]:
@@ -84,6 +90,9 @@ def build_plan(model: nn.Module, gmap: GroupMap, cfg: Config) -> list[GroupPlan]
         if s.mode == "lora":
             plan.modules, unmatched = _lora_targets(model, gmap, group, s)
             plan.rank, plan.alpha, plan.dropout = s.rank, s.lora_alpha, s.dropout
+            plan.dora, plan.rslora, plan.init, plan.lr_ratio_b = s.dora, s.rslora, s.init, s.lr_ratio_b
+            plan.loftq_bits = LOFTQ_BITS.get(cfg.model.quantize, 0) if s.init == "loftq" else 0
+            problems += _rewrites_quantized(model, group, plan)
             for x in unmatched:
                 unmatched_by_name.setdefault(x, []).append(group)
             if not plan.modules:
@@ -117,9 +126,51 @@ def _names_of(s: GroupConfig) -> list[str]:
     return [s.targets] if isinstance(s.targets, str) else list(s.targets)
 
 
-def lora_config(plans: list[GroupPlan]):
-    """One peft LoraConfig for all LoRA groups: exact module names, per-group rank/alpha as patterns."""
-    from peft import LoraConfig
+def _rewrites_quantized(model: nn.Module, group: str, plan: GroupPlan) -> list[str]:
+    """PiSSA and OLoRA rewrite the base weights of their layers; peft does that in full precision only."""
+    if not plan.init.startswith(("pissa", "olora")):
+        return []
+    modules = dict(model.named_modules())
+    if all(modules[m].weight.dtype.is_floating_point for m in plan.modules):
+        return []
+    return [
+        f"groups.{group}.init is {plan.init}, which rewrites the base weights of the group's layers, but model.quantize "
+        f"holds them quantized; set groups.{group}.quantize: false, or init default, gaussian or loftq"
+    ]
+
+
+def variant(plan: GroupPlan) -> tuple:
+    """What peft holds per LoraConfig, not per layer: groups that differ in it need adapters of their own."""
+    key: tuple = (plan.dora, plan.rslora, plan.init, plan.loftq_bits)
+    if plan.rslora and plan.init.startswith(("pissa", "olora")):
+        # peft cannot convert an rsLoRA PiSSA/OLoRA adapter with rank or alpha patterns for saving
+        key += (plan.rank, plan.alpha)
+    return key
+
+
+def adapter_plans(plans: list[GroupPlan]) -> dict[str, list[GroupPlan]]:
+    """The peft adapters of a plan and the LoRA groups each holds, every adapter active at once.
+
+    One adapter, ``default``, when every LoRA group has the same variant (dora, rslora, init); otherwise one per
+    group: ``default`` for the first, ``<group>_lora`` for the others (peft saves them in sub-folders so named). Not
+    the group's bare name: peft tells adapters apart by their name as a part of a parameter's dotted name, and
+    ``language_model`` or ``vision_tower`` are parts of module paths too.
+    """
+    lora = [p for p in plans if p.mode == "lora"]
+    if len({variant(p) for p in lora}) <= 1:
+        return {ADAPTER: lora}
+    return {(ADAPTER if i == 0 else f"{p.group}_lora"): [p] for i, p in enumerate(lora)}
+
+
+def peft_init(init: str) -> bool | str:
+    """groups.<g>.init as peft's init_lora_weights."""
+    return True if init == "default" else init
+
+
+def lora_config(plans: list[GroupPlan], full: list[str] | None = None):
+    """One peft LoraConfig for LoRA groups of one variant: exact module names, per-group rank/alpha as patterns;
+    ``full``: the modules of fully trained groups (peft modules_to_save)."""
+    from peft import LoftQConfig, LoraConfig
 
     lora = [p for p in plans if p.mode == "lora"]
     base = max(lora, key=lambda p: len(p.modules))  # the biggest group sets the defaults; others use patterns
@@ -132,7 +183,6 @@ def lora_config(plans: list[GroupPlan]):
                 rank_pattern[re.escape(name)] = p.rank
             if p.alpha != base.alpha:
                 alpha_pattern[re.escape(name)] = p.alpha
-    full = [m for p in plans if p.mode == "full" for m in p.modules]
     return LoraConfig(
         r=base.rank,
         lora_alpha=base.alpha,
@@ -142,6 +192,10 @@ def lora_config(plans: list[GroupPlan]):
         alpha_pattern=alpha_pattern,
         modules_to_save=full or None,
         bias="none",
+        use_dora=base.dora,
+        use_rslora=base.rslora,
+        init_lora_weights=peft_init(base.init),
+        loftq_config=LoftQConfig(loftq_bits=base.loftq_bits) if base.init == "loftq" else {},
     )
 
 
@@ -153,16 +207,25 @@ def apply_plan(model: nn.Module, gmap: GroupMap, plans: list[GroupPlan]) -> nn.M
 
 
 def wrap(model: nn.Module, plans: list[GroupPlan]) -> nn.Module:
-    """Injects LoRA into every LoRA group's layers and copies full groups' modules (peft modules_to_save).
+    """Injects LoRA into every LoRA group's layers and copies full groups' modules (peft modules_to_save), in one
+    adapter or, when the groups' variants differ, one per group (``adapter_plans``), all active.
 
     For a run with stages, ``plans`` is the union over stages (see ``union_plans``): a LoRA that only trains
-    in a later stage exists from the start with B = 0, so it changes nothing until it trains.
+    in a later stage exists from the start as the identity (B = 0, or PiSSA/OLoRA's split of the base weight), so
+    it changes nothing until it trains.
     """
     if not any(p.mode == "lora" for p in plans):
         return model
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(plans))
+    full = [m for p in plans if p.mode == "full" for m in p.modules]
+    (first, first_plans), *others = adapter_plans(plans).items()
+    model = get_peft_model(model, lora_config(first_plans, full), adapter_name=first)
+    for name, group_plans in others:
+        model.add_adapter(name, lora_config(group_plans))
+    if others:
+        model.base_model.set_adapter([first, *(name for name, _ in others)])
+    return model
 
 
 def is_lora_param(name: str) -> bool:
@@ -190,13 +253,14 @@ def activate(model: nn.Module, gmap: GroupMap, plans: list[GroupPlan]) -> None:
         param.requires_grad_(train)
         if train:
             plan.trainable_params += param.numel()
-    # peft has one dropout for all LoRA layers; give each group its own (and a frozen group none: it costs time).
+    # peft has one dropout per adapter; give each group its own (and a frozen group none: it costs time).
     for name, module in model.named_modules():
         drop = getattr(module, "lora_dropout", None)
-        if isinstance(drop, nn.ModuleDict) and ADAPTER in drop:
+        if isinstance(drop, nn.ModuleDict):
             plan = by_group[gmap.group_of(name)]
             rate = plan.dropout if plan.mode == "lora" else 0.0
-            drop[ADAPTER] = nn.Dropout(rate) if rate > 0 else nn.Identity()
+            for adapter in drop:
+                drop[adapter] = nn.Dropout(rate) if rate > 0 else nn.Identity()
 
 
 def union_plans(stage_plans: list[list[GroupPlan]]) -> list[GroupPlan]:
@@ -221,11 +285,19 @@ def plan_rows(plans: list[GroupPlan]) -> list[tuple[str, ...]]:
     rows = [("group", "mode", "modules", "rank/alpha/dropout", "trainable", "of total", "lr", "wd")]
     for p in plans:
         mods = f"{len(p.modules)}: {_summarise(p.modules)}" if p.modules else "-"
-        lra = f"{p.rank}/{p.alpha:g}/{p.dropout:g}" if p.mode == "lora" else "-"
+        lra = f"{p.rank}/{p.alpha:g}/{p.dropout:g}{_variant_words(p)}" if p.mode == "lora" else "-"
         lr = f"{p.lr:.2e}" if p.mode != "frozen" else "-"
         wd = f"{p.weight_decay:g}" if p.mode != "frozen" else "-"
         rows.append((p.group, p.mode, mods, lra, f"{p.trainable_params:,}", f"{p.total_params:,}", lr, wd))
     return rows
+
+
+def _variant_words(p: GroupPlan) -> str:
+    """' dora rslora pissa B x16' for a LoRA group's variants; empty for plain LoRA."""
+    words = [w for w, on in (("dora", p.dora), ("rslora", p.rslora), (p.init, p.init != "default")) if on]
+    if p.lr_ratio_b:
+        words.append(f"B x{p.lr_ratio_b:g}")
+    return "".join(f" {w}" for w in words)
 
 
 def plan_table(plans: list[GroupPlan]) -> str:

@@ -47,7 +47,7 @@ from vlmtune.train.reading import take_notes, vision_cache_applies
 from vlmtune.train.report import announce, announce_mix, fingerprints, report_changes
 from vlmtune.train.resume import Progress, TrainerState, load_trainable, read_state, restore_rng
 from vlmtune.train.run import Run, RunResult, StageRun
-from vlmtune.train.saving import save_final, save_resumable
+from vlmtune.train.saving import check_convertible, save_final, save_resumable
 from vlmtune.train.sft import SFT
 from vlmtune.train.stopping import (
     RunStopped,
@@ -76,6 +76,8 @@ def train(cfg: Config, model_folder: ModelFolder = local_folder) -> RunResult:
         OutputDirBusy: another run uses ``train.output_dir``.
     """
     t, out = cfg.train, Path(cfg.train.output_dir)
+    if not isinstance(t.batch_size, int):  # resolved above this layer: the planner reads the data and the host
+        raise ValueError(f"train.batch_size: {t.batch_size} is resolved by vlmtune.commands.train.run_training")
     accelerator = make_accelerator(t.grad_accum, t.report_to, t.output_dir)
     set_seed(t.seed)
     stages = resolve_stages(cfg)
@@ -115,6 +117,7 @@ def start_run(cfg: Config, stages: list[Stage], built: BuiltModel, state: Traine
     """Once everything is checked: an earlier run's checkpoints cleared (fresh start) or the resume state loaded,
     the resolved config, the metrics log, the objective and the vision cache."""
     out = Path(cfg.train.output_dir)
+    check_convertible(accelerator, built.union)
     if state is None:
         clear_earlier_run(out, stages, accelerator)
     if accelerator.is_main_process:
@@ -158,6 +161,7 @@ def start_run(cfg: Config, stages: list[Stage], built: BuiltModel, state: Traine
         image_keys=ImageKeys(built.processor) if cache is not None else None,
         share_rows=share,
         method=stages[progress.stage_index - 1].cfg.train.method if progress.stage_index > 0 else "",
+        initial=built.initial,
     )
 
 

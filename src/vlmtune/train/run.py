@@ -53,6 +53,7 @@ class Run:
     image_keys: ImageKeys | None = None  # the cache's keys of image files (with the cache)
     share_rows: bool = False  # rows of one sample (a pair, a group) encode its images once
     method: str = ""  # the method of the stage trained last (a stage of another method evaluates before it trains)
+    initial: dict = field(default_factory=dict)  # PiSSA/OLoRA adapters' initial weights (saved converted)
 
 
 @dataclass

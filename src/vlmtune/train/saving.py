@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from vlmtune.config.errors import ConfigError
+from vlmtune.model.tuning import GroupPlan
 from vlmtune.paths import TMP_SUFFIX, begin, commit
 from vlmtune.tracking import echo
 from vlmtune.train.checkpoint import prune, save_checkpoint, write_model
@@ -12,6 +14,26 @@ from vlmtune.train.distributed import any_process, gathered_state_dict, sharded_
 from vlmtune.train.resume import write_objective, write_rng, write_state
 from vlmtune.train.run import Run
 from vlmtune.train.stopping import SaveFailed
+
+
+def check_convertible(accelerator, plans: list[GroupPlan]) -> None:
+    """PiSSA/OLoRA adapters are saved converted for the original base (``vlmtune.model.adapters``), from weights
+    that FSDP and DeepSpeed split across processes; such a run is refused before it trains.
+
+    Raises:
+        ConfigError: a PiSSA/OLoRA group in a run with sharded weights, naming the group.
+    """
+    engine = sharded_engine(accelerator)
+    converted = [p for p in plans if p.mode == "lora" and p.init.startswith(("pissa", "olora"))]
+    if engine and converted:
+        raise ConfigError(
+            [
+                f"groups.{p.group}.init is {p.init}: its adapter is saved converted for the original base weights, "
+                f"which vlmtune does not do for weights split by {engine}; use init default or gaussian"
+                for p in converted
+            ],
+            "the run",
+        )
 
 
 def save_resumable(run: Run, model, folder: Path, optimizer=None, scheduler=None) -> Path:
@@ -43,7 +65,7 @@ def save_resumable(run: Run, model, folder: Path, optimizer=None, scheduler=None
         unwrapped = acc.unwrap_model(model)
 
         def write() -> None:
-            write_model(unwrapped, run.processor, run.cfg, tmp, state_dict)
+            write_model(unwrapped, run.processor, run.cfg, tmp, state_dict, run.initial)
             if sharded:  # optimizer states are sharded across processes there; vlmtune does not gather them yet
                 echo(f"note: {folder.name} holds the weights but no resume state ({sharded} shards the optimizer)")
             else:
@@ -73,7 +95,7 @@ def save_final(run: Run, model) -> Path:
     failed = None
     if acc.is_main_process:
         failed = _attempt(
-            lambda: save_checkpoint(acc.unwrap_model(model), run.processor, run.cfg, final, state_dict),
+            lambda: save_checkpoint(acc.unwrap_model(model), run.processor, run.cfg, final, state_dict, run.initial),
             final.with_name(final.name + TMP_SUFFIX),
         )
     _stop_together(run, final, failed)
