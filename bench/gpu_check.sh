@@ -32,21 +32,16 @@ except ImportError as e:
 PY
 
 step "bench gpu-2b: fixed and variable workloads"
-timeout 240 python3 -m vlmtune.bench --preset gpu-2b --workload both --rounds 1 --work /tmp/bench-plain \
+timeout 210 python3 -m vlmtune.bench --preset gpu-2b --workload both --rounds 1 --work /tmp/bench-plain \
   --out "$out/bench_gpu2b.json" 2>&1 | tail -30 | tee -a "$log"
 
 step "bench gpu-2b: variable workload with packing"
-timeout 120 python3 -m vlmtune.bench --preset gpu-2b --workload variable --rounds 1 --set train.packing=true \
+timeout 90 python3 -m vlmtune.bench --preset gpu-2b --workload variable --rounds 1 --set train.packing=true \
   --work /tmp/bench-packing --out "$out/bench_gpu2b_packing.json" 2>&1 | tail -20 | tee -a "$log"
 
-if python3 -c "import vlmtune.bench.memory" 2>/dev/null; then
-  step "memory planner: predicted vs measured CUDA peak (bf16 LoRA, nf4 QLoRA, full projector)"
-  timeout 120 python3 -m vlmtune.bench.memory --device cuda --configs lora,qlora,full-projector \
-    --out "$out/memory_gpu.json" 2>&1 | tail -20 | tee -a "$log"
-else
-  step "memory planner: not in this version of vlmtune; skipped"
-fi
+step "memory planner: predicted vs measured CUDA peak (2B bf16 LoRA, nf4 QLoRA, full projector)"
+timeout 120 python3 -m vlmtune.bench.memory --steps 4 --out "$out/memory_gpu.json" 2>&1 | tail -20 | tee -a "$log"
 
 step "GPU-marked tests"
-timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15 | tee -a "$log"
+timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15 | tee -a "$log"
 step "done"

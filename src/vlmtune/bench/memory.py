@@ -44,6 +44,7 @@ class Case:
     side: int = 448  # image side in pixels (fixed workload)
     kind: str = "fixed"  # or variable: mixed image sizes and answer lengths, so batches are padded
     overrides: tuple[str, ...] = ()
+    preset: str = "cpu"  # the bench preset giving dtype, text length and pixel bounds (gpu-2b: bf16, the 2B's shape)
 
 
 CASES = (
@@ -59,13 +60,20 @@ CASES = (
     Case("206M QLoRA nf4", "206M", 2, overrides=("model.quantize=nf4",)),
     Case("206M LoRA, checkpointing", "206M", 4, overrides=("train.gradient_checkpointing=true",)),
 )
+# On a GPU: the gpu-2b preset's model (Qwen2-VL-2B's shape, random weights, bf16), measured by max_memory_allocated.
+GPU_CASES = (
+    Case("2B LoRA bf16", "2B", 8, preset="gpu-2b"),
+    Case("2B QLoRA nf4", "2B", 8, overrides=("model.quantize=nf4",), preset="gpu-2b"),
+    Case("2B full projector", "2B", 8, overrides=("groups.projector.mode=full",), preset="gpu-2b"),
+)
 
 
 def run_case(case: Case, work: Path, steps: int) -> dict:
     """Trains the case in a child process and predicts it; returns both (bytes)."""
     from transformers import AutoProcessor
 
-    model_preset = replace(PRESETS["cpu"], name=f"mem-{case.model}", shape=SHAPES[case.model])
+    base = PRESETS[case.preset]
+    model_preset = base if case.preset != "cpu" else replace(base, name=f"mem-{case.model}", shape=SHAPES[case.model])
     data_preset = replace(
         model_preset, name=f"mem-{case.model}-{case.side}", fixed_side=case.side, batch_size=case.batch
     )
@@ -102,12 +110,18 @@ def run_case(case: Case, work: Path, steps: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlmtune.bench.memory", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run (default 4)")
-    parser.add_argument("--cases", nargs="*", help="case names to run (default: all)")
+    parser.add_argument(
+        "--cases", nargs="*", help="case names to run (default: every CPU case, or on a GPU the 2B ones)"
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="vlmtune-memory-"))
     results = []
-    for case in CASES:
+    cases = CASES + GPU_CASES if args.cases else (GPU_CASES if torch.cuda.is_available() else CASES)
+    unknown = sorted(set(args.cases or ()) - {c.name for c in cases})
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; valid: {[c.name for c in cases]}")
+    for case in cases:
         if args.cases and case.name not in args.cases:
             continue
         echo(f"{case.name}: training {args.steps} steps in a child process ...")
