@@ -1,5 +1,5 @@
 """Command line: ``vlmtune train CONFIG.yaml [key.path=value ...]``, ``eval``, ``predict``, ``chat``, ``export``,
-``data check``, ``data preview``, ``doctor``, ``serve``, ``report``, ``bench``.
+``data check``, ``data preview``, ``doctor``, ``serve``, ``report``, ``bench``, ``sweep``, ``lr-find``.
 
 argparse only: each command calls one function in ``vlmtune.commands`` (``bench`` in ``vlmtune.bench``)."""
 
@@ -11,7 +11,7 @@ import sys
 
 from vlmtune.bench import command as bench
 from vlmtune.commands import data as data_command
-from vlmtune.commands import doctor, export, predict
+from vlmtune.commands import doctor, export, lr_find, predict, sweep
 from vlmtune.commands import eval as eval_command
 from vlmtune.commands import report as report_command
 from vlmtune.commands import serve as serve_command
@@ -107,6 +107,56 @@ def _add_commands(sub) -> None:
     p.set_defaults(func=report_command.command)
 
 
+def _add_tuning_commands(sub) -> None:
+    """`sweep` and `lr-find`."""
+    p = sub.add_parser(
+        "sweep",
+        help="search config values (per-group learning rates, ranks, ...) with Optuna: seeded TPE, median pruning",
+        description="Each trial is a normal run in DIR/trial-NNN; the study lives in DIR/study.db, so the same "
+        "command resumes it. Writes DIR/trials.csv, trials.md, sweep.png and best.yaml (a config for vlmtune train).",
+    )
+    p.add_argument("config", help="YAML config")
+    p.add_argument(
+        "overrides", nargs="*", help="key.path=value overrides applied to every trial, e.g. train.max_steps=40"
+    )
+    p.add_argument(
+        "--space",
+        required=True,
+        help="YAML file: key.path: {type: float|int, low, high, log, step} or {type: categorical, choices: [...]}",
+    )
+    p.add_argument("--trials", type=int, required=True, help="trials in all (a resumed sweep counts those done)")
+    p.add_argument("--metric", default="eval_loss", help="the eval figure to optimise (default eval_loss)")
+    p.add_argument(
+        "--direction",
+        choices=["minimize", "maximize"],
+        help="default: minimize for losses and perplexity, maximize otherwise",
+    )
+    p.add_argument("--out", help="sweep folder (default: train.output_dir + '-sweep')")
+    p.add_argument("--seed", type=int, help="sampler seed (default train.seed)")
+    p.add_argument(
+        "--startup-trials",
+        type=int,
+        default=5,
+        help="trials sampled at random and never pruned before TPE and the median pruner take over (default 5)",
+    )
+    p.set_defaults(func=sweep.command)
+
+    p = sub.add_parser(
+        "lr-find",
+        help="learning-rate range test per trained group: the loss as each group's rate rises, a suggested rate",
+        description="Trains each trained group alone (the others frozen) from the same start while its rate "
+        "rises exponentially from --min to --max; prints a suggested rate per group and writes a plot. Writes "
+        "nothing but --out.",
+    )
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.batch_size=8")
+    p.add_argument("--steps", type=int, default=100, help="steps per group (default 100)")
+    p.add_argument("--min", type=float, default=1e-6, dest="min_lr", help="first rate (default 1e-6)")
+    p.add_argument("--max", type=float, default=1e-1, dest="max_lr", help="last rate (default 1e-1)")
+    p.add_argument("--out", help="folder for lr_find.png and lr_find.csv (default: train.output_dir + '-lr-find')")
+    p.set_defaults(func=lr_find.command)
+
+
 def _add_bench_command(sub) -> None:
     p = sub.add_parser(
         "bench",
@@ -187,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_commands(sub)
     _add_check_commands(sub)
     _add_bench_command(sub)
+    _add_tuning_commands(sub)
     p = sub.add_parser(
         "serve",
         help="an OpenAI-compatible chat completions API over a checkpoint (images as data: URIs, streaming)",
