@@ -44,7 +44,8 @@ def _add_commands(sub) -> None:
         "eval",
         help="language and vision-language alignment metrics of a checkpoint",
         description="Answer loss, perplexity, token accuracy, exact match, BLEU-4, ROUGE, image-ablation "
-        "gap, caption retrieval and projector alignment, each beside its chance level.",
+        "gap, caption retrieval and projector alignment, each beside its chance level; for the builtin base, also "
+        "its probe (its own questions on held-out generated images), which alone needs no --data.",
     )
     p.add_argument("--checkpoint", required=True, help=ck)
     _add_trust_arg(p)

@@ -33,7 +33,7 @@ def test_base_is_a_plain_transformers_folder(base_dir):
 def test_base_uses_the_image(base_dir, tmp_path):
     """Answer loss with each sample's own image is clearly below the loss with another sample's image.
 
-    Measured: 0.39 with the true image vs 0.61 with the neighbour's (per answer token, separators and
+    Measured: 0.30 with the true image vs 0.80 with the neighbour's (per answer token, separators and
     end-of-turn tokens included, which the image does not decide).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -54,3 +54,45 @@ def test_base_uses_the_image(base_dir, tmp_path):
         shuffled = dict(batch, pixel_values=batch["pixel_values"].roll(per_image, dims=0))
         other = model(**shuffled).loss.item()
     assert other - true > 0.15, (true, other)
+
+
+@pytest.fixture(scope="module")
+def probe(base_dir, tmp_path_factory) -> tuple[str, dict]:
+    """``vlmtune eval`` on the builtin base alone: (what it printed, its JSON report)."""
+    from vlmtune.cli import main
+
+    out = tmp_path_factory.mktemp("probe") / "probe.json"
+    with pytest.MonkeyPatch.context() as mp:
+        printed: list[str] = []
+        mp.setattr("vlmtune.commands.eval.echo", lambda *a, **k: printed.append(" ".join(map(str, a))))
+        assert main(["eval", "--checkpoint", str(base_dir), "--out", str(out)]) == 0
+    return "\n".join(printed), json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_eval_prints_the_probe_of_the_base_and_it_reads_position_and_size(probe):
+    """The probe: the base's own questions on held-out images, greedy; chance 1/3 for the shape, 1/2 for the size,
+    1/4 for the position and the colour.
+
+    Measured (2 threads): shape 0.375, size 0.812, position 0.844, colour 0.594, gap +0.53 nats per answer token
+    (position +0.87, size +0.43, colour +0.58, shape +0.01); with 1 thread the same recipe ends elsewhere (shape
+    0.56, size 1.0, position 1.0, colour 0.41, gap +1.10), so the bounds leave room for both.
+    """
+    printed, report = probe
+    assert "probe of the builtin base" in printed and "position" in printed
+    assert report["data"] is None
+    m = report["metrics"]
+    assert m["probe/position_exact_match"] >= 0.75 and m["probe/position_gap"] >= 0.5, m
+    assert m["probe/size_exact_match"] >= 0.75 and m["probe/size_gap"] >= 0.3, m
+    assert m["probe/color_exact_match"] >= 0.35 and m["probe/gap"] >= 0.4, m
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the base does not read the shape (0.375) nor reliably the colour (0.594) yet")
+def test_base_reads_every_attribute_from_the_image(probe):
+    """The goal: every attribute read (exact match >= 0.95), and another sample's image costs at least a nat per
+    answer token."""
+    m = probe[1]["metrics"]
+    for kind in ("shape", "size", "position", "color"):
+        assert m[f"probe/{kind}_exact_match"] >= 0.95, (kind, m)
+    assert m["probe/gap"] >= 1.0, m

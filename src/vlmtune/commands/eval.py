@@ -1,4 +1,5 @@
-"""`vlmtune eval`: language and vision-language alignment metrics of a checkpoint, each beside its chance level."""
+"""`vlmtune eval`: language and vision-language alignment metrics of a checkpoint, each beside its chance level;
+for the builtin base, also its probe (``vlmtune.eval.probe``: each attribute of held-out generated images)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ from pathlib import Path
 
 import torch
 
+from vlmtune.builtin.base import is_builtin_base
 from vlmtune.commands.loading import load_checkpoint, load_eval_data, resolve_checkpoint, with_overrides
 from vlmtune.eval.evaluate import EvalResult, eval_metrics, plot_metrics, report_table, write_report
+from vlmtune.eval.probe import probe_base, probe_table
 from vlmtune.model.load import arch_for
 from vlmtune.tracking import echo
+
+PROBE_IMAGES = 32  # per attribute: the probe costs about as much as evaluating 128 samples
 
 
 def command(args: argparse.Namespace) -> int:
@@ -45,18 +50,26 @@ def evaluate_checkpoint(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor, saved = load_checkpoint(folder, device, trust_remote_code=trust_remote_code)
     cfg = with_overrides(saved, overrides)
-    items = load_eval_data(cfg, data, processor, cfg.eval.samples)
-    echo(f"evaluating {folder} on {len(items)} samples of {data or cfg.data.eval}")
-    result = eval_metrics(
-        model, processor, items, cfg.eval, generate_answers, arch_for(model, cfg.model), progress=True
-    )
-    echo(report_table(result.metrics))
-    for note in result.notes:
-        echo(f"note: {note}")
+    base = is_builtin_base(folder)
+    result = EvalResult({})
+    if data or cfg.data.eval or not base:  # the builtin base alone may be given without data: its probe only
+        items = load_eval_data(cfg, data, processor, cfg.eval.samples)
+        echo(f"evaluating {folder} on {len(items)} samples of {data or cfg.data.eval}")
+        result = eval_metrics(
+            model, processor, items, cfg.eval, generate_answers, arch_for(model, cfg.model), progress=True
+        )
+        echo(report_table(result.metrics))
+        for note in result.notes:
+            echo(f"note: {note}")
+    if base:
+        probe = probe_base(model, processor, PROBE_IMAGES, cfg.eval.batch_size)
+        echo(f"probe of the builtin base: its own questions on {PROBE_IMAGES} held-out images per attribute")
+        echo(probe_table(probe, PROBE_IMAGES))
+        result.metrics.update(probe.metrics())
     report = write_report(
         result,
         Path(out) if out else folder / "eval_report.json",
-        {"checkpoint": str(folder), "data": str(data or cfg.data.eval)},
+        {"checkpoint": str(folder), "data": str(data or cfg.data.eval) if data or cfg.data.eval else None},
     )
     echo(f"wrote {report}")
     if run is not None:

@@ -29,6 +29,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")
 BACKGROUND: tuple[int, int, int] = (220, 220, 220)
+IMAGE_SIZE = 64  # width and height of a generated image (or video frame) in pixels
 
 # Questions of the single-image tasks; each answer is one attribute of the scene.
 QUESTIONS: dict[str, str] = {
@@ -101,7 +102,7 @@ def random_scene(rng: random.Random, color: str | None = None) -> Scene:
     )
 
 
-def render_scene(scene: Scene, image_size: int = 64) -> Image.Image:
+def render_scene(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
     """Draws ``scene`` on a light grey ``image_size`` x ``image_size`` RGB image."""
     img = Image.new("RGB", (image_size, image_size), BACKGROUND)
     half = image_size / 2
@@ -129,7 +130,9 @@ def _draw(img: Image.Image, scene: Scene, cx: float, cy: float, radius: float) -
         draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
 
 
-def render_motion(scene: Scene, direction: str, image_size: int = 64, frames: int = MOTION_FRAMES) -> list[Image.Image]:
+def render_motion(
+    scene: Scene, direction: str, image_size: int = IMAGE_SIZE, frames: int = MOTION_FRAMES
+) -> list[Image.Image]:
     """Frames of ``scene``'s shape moving in a straight line from a quarter of the image to three quarters, toward
     ``direction`` (one of ``DIRECTIONS``); the other coordinate comes from the scene's jitter."""
     radius = image_size * (0.09 if scene.size == "small" else 0.15)
@@ -195,7 +198,7 @@ def generate_shapes(
     num_samples: int,
     task: str,
     seed: int = 0,
-    image_size: int = 64,
+    image_size: int = IMAGE_SIZE,
     name: str = "data",
 ) -> Path:
     """Writes a shapes dataset in LLaMA-Factory's multimodal ShareGPT format.

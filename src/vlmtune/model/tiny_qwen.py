@@ -175,6 +175,7 @@ def tiny_config(
     text_layers: int = 2,
     vision_dim: int = 64,
     vision_depth: int = 2,
+    rope_theta: float = 1_000_000.0,
 ) -> Qwen2VLConfig:
     """Builds a small Qwen2VLConfig matching ``tokenizer`` and ``build_processor``.
 
@@ -184,6 +185,7 @@ def tiny_config(
         text_layers: Number of LLM decoder layers.
         vision_dim: Vision transformer width.
         vision_depth: Number of vision transformer blocks.
+        rope_theta: The LLM's rotary base (M-RoPE).
 
     Returns:
         A config for ``Qwen2VLForConditionalGeneration``.
@@ -208,7 +210,7 @@ def tiny_config(
         # "mrope" is not a rope_type in 5.x: M-RoPE is the default rope plus a section.
         rope_parameters={
             "rope_type": "default",
-            "rope_theta": 1_000_000.0,
+            "rope_theta": rope_theta,
             "mrope_section": _mrope_section(head_dim),
         },
         # Like the real config: Qwen's tokenizer has no BOS token, the config uses <|endoftext|>.
