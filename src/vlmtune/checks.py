@@ -62,14 +62,25 @@ def gib(n: float) -> str:
 def group_grad_norms(model: nn.Module, gmap: GroupMap) -> dict[str, float]:
     """L2 norm of the current gradients of each group that has any, in group order (for logging).
 
-    Call after backward and before ``optimizer.zero_grad``; with fp16 loss scaling, after unscaling.
+    Call after backward and before ``optimizer.zero_grad``; with fp16 loss scaling, after unscaling. With weights
+    sharded across processes (FSDP2's DTensor gradients) every process must call: each adds its shard's squares.
     """
+    from torch.distributed.tensor import DTensor
+
     squares: dict[str, torch.Tensor] = {}
+    sharded = False
     for name, param in unwrap(model).named_parameters():
         if param.grad is not None:
-            group = gmap.group_of(name)
-            sq = param.grad.detach().float().pow(2).sum()
+            group, grad = gmap.group_of(name), param.grad
+            if isinstance(grad, DTensor):  # each process holds a disjoint slice (FSDP2 shards dim 0)
+                grad, sharded = grad.to_local(), True
+            sq = grad.detach().float().pow(2).sum()
             squares[group] = squares[group] + sq if group in squares else sq
+    if sharded:
+        names = [g for g in GROUPS if g in squares]
+        total = torch.stack([squares[g] for g in names])
+        torch.distributed.all_reduce(total)
+        squares = dict(zip(names, total))
     return {g: math.sqrt(float(squares[g])) for g in GROUPS if g in squares}
 
 

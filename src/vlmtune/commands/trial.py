@@ -18,16 +18,23 @@ from pathlib import Path
 def eval_records(path: Path, metric: str) -> list[tuple[int, float]]:
     """(step, value) of every eval the run logged after it started training (the eval before training, at step
     0, is the same for every trial and says nothing about its settings)."""
+    return [
+        (int(r["step"]), float(r[metric]))
+        for r in _records(path)
+        if metric in r and r.get("step", 0) > 0 and isinstance(r[metric], (int, float))
+    ]
+
+
+def _records(path: Path) -> list[dict]:
+    """Every complete record of a run's ``metrics.jsonl`` (none when it does not exist yet)."""
     if not path.is_file():
         return []
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            record = json.loads(line)
+            out.append(json.loads(line))
         except json.JSONDecodeError:  # a line being written
             continue
-        if metric in record and record.get("step", 0) > 0 and isinstance(record[metric], (int, float)):
-            out.append((int(record["step"]), float(record[metric])))
     return out
 
 
@@ -39,15 +46,7 @@ def steps_trained(path: Path) -> int:
 
 def eval_names(path: Path) -> list[str]:
     """The eval metrics a run logged (for naming what ``--metric`` may be)."""
-    names: set[str] = set()
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            names.update(k for k in record if k == "eval_loss" or k.startswith("eval/"))
-    return sorted(names)
+    return sorted({k for r in _records(path) for k in r if k == "eval_loss" or k.startswith("eval/")})
 
 
 class SweepSignals:

@@ -48,6 +48,7 @@ def semantic_problems(cfg: Config) -> list[str]:
             "'train.packing_length' is set but train.packing is false: set train.packing: true or drop packing_length"
         )
     problems += _method_problems(cfg)
+    problems += _sharding_problems(cfg)
     problems += _quantize_problems(cfg)
     problems += _variant_problems(cfg)
     if cfg.data.load == "lazy" and cfg.train.group_by_length:
@@ -82,6 +83,37 @@ def _method_problems(cfg: Config) -> list[str]:
         problems.append(
             f"'train.dpo.label_smoothing' is {dpo.label_smoothing} but train.dpo.loss is {dpo.loss}: label "
             "smoothing is defined for the sigmoid (cDPO) and robust losses only; set it to 0 or choose one of those"
+        )
+    return problems
+
+
+def _sharding_problems(cfg: Config) -> list[str]:
+    """What train.sharding: fsdp does not run with (each would need its own handling of weights split across
+    processes): other methods than sft, packing, PiSSA/OLoRA adapters, and quantized weights."""
+    if cfg.train.sharding != "fsdp":
+        return []
+    problems = []
+    if cfg.train.method != "sft":
+        problems.append(
+            f"'train.sharding' is fsdp but train.method is {cfg.train.method}: its reference model and rollouts read "
+            "whole weights, which sharding splits across processes; vlmtune shards sft only. Set train.sharding: none"
+        )
+    if cfg.train.packing:
+        problems.append(
+            "'train.sharding' is fsdp but train.packing is true: packed rows under sharding are not verified yet; "
+            "set train.packing: false or train.sharding: none"
+        )
+    for name, g in cfg.groups.items():
+        if g.mode == "lora" and g.init.startswith(("pissa", "olora")):
+            problems.append(
+                f"'groups.{name}.init' is {g.init} with train.sharding: fsdp: its adapter is saved converted for the "
+                "original base weights, which vlmtune does not do for weights split across processes; use init "
+                "default or gaussian, or train.sharding: none"
+            )
+    if cfg.model.quantize != "none":
+        problems.append(
+            f"'model.quantize' is {cfg.model.quantize} with train.sharding: fsdp: quantized weights are not sharded "
+            "by vlmtune; set model.quantize: none or train.sharding: none"
         )
     return problems
 

@@ -232,6 +232,10 @@ class TrainConfig(StrictModel):
         True,
         description="at the first step of every stage, check that every trained group gets finite non-zero gradients and no frozen group gets any (stops with the group's name otherwise)",
     )
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="with several processes (torchrun, accelerate launch): none, every process holds the whole model (DDP); fsdp, each holds a shard of every layer's weights, gradients and optimizer states (torch FSDP2, on CPU and GPU alike), gathered layer by layer as it runs; method sft, no packing, no vision cache",
+    )
 
 
 GroupsOverrides = partial(Groups, "GroupsOverrides")

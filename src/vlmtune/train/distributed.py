@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 
 from vlmtune.train.loss import answer_tokens
+from vlmtune.train.resume import STATE_DIR
+from vlmtune.train.sharding import full, full_state_dict, is_sharded, load_optimizer
 
 
 def token_share(batch: dict, accelerator) -> torch.Tensor:
@@ -25,9 +27,17 @@ def sharded_engine(accelerator) -> str | None:
 
 
 def gathered_state_dict(accelerator, model) -> dict | None:
-    """Under FSDP / DeepSpeed ZeRO-3 the full weights exist only when gathered: every process must call this
-    (accelerate's get_state_dict), and the main process writes them. None elsewhere (the model saves itself)."""
+    """Under FSDP / DeepSpeed ZeRO-3 (or ``train.sharding: fsdp``) the full weights exist only when gathered: every
+    process must call this, and the main process writes them. None elsewhere (the model saves itself)."""
+    if is_sharded(model):
+        return full_state_dict(model)
     return accelerator.get_state_dict(model) if sharded_engine(accelerator) else None
+
+
+def clip_gradients(accelerator, params: list, max_norm: float) -> torch.Tensor:
+    """Clips the global gradient norm (torch's clip_grad_norm_, which also sums sharded DTensor gradients over the
+    processes) and returns the norm before clipping as a plain tensor."""
+    return full(accelerator.clip_grad_norm_(params, max_norm))
 
 
 def all_finite(value: torch.Tensor, accelerator) -> bool:
@@ -63,3 +73,18 @@ def make_accelerator(grad_accum: int, report_to: list[str], project_dir: str):
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+
+
+def prepare(accelerator, model, optimizer, loader, state=None) -> tuple:
+    """accelerate's prepare of a stage's model, optimizer and loader, and the optimizer states of a resumed stage
+    (``state``: a TrainerState). A sharded model stays as it is (its own hooks reduce-scatter its gradients; DDP
+    would wrap it again) and reads back this process's shard of the optimizer states."""
+    sharded = is_sharded(model)
+    model, optimizer, loader = (
+        (model, *accelerator.prepare(optimizer, loader)) if sharded else accelerator.prepare(model, optimizer, loader)
+    )
+    if state is not None and sharded:
+        load_optimizer(state.folder / STATE_DIR, model, getattr(optimizer, "optimizer", optimizer))
+    elif state is not None:
+        optimizer.load_state_dict(state.optimizer)
+    return model, optimizer, loader

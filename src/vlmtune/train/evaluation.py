@@ -12,6 +12,7 @@ from vlmtune.eval.gallery import GALLERY_SAMPLES, gallery_answers, update_galler
 from vlmtune.paths import GALLERY_FILE
 from vlmtune.tracking import echo
 from vlmtune.train.run import Run, StageRun
+from vlmtune.train.sharding import is_sharded
 
 
 def evaluate_stage(
@@ -29,8 +30,8 @@ def evaluate_stage(
     found = run.objective.evaluate(sr.model, sr.eval_loader, acc)
     loss = found["eval_loss"]
     record = {"step": run.progress.global_step, "stage": sr.stage.name, **found}
-    if acc.is_main_process:
-        model = acc.unwrap_model(sr.model)
+    model = acc.unwrap_model(sr.model)
+    if acc.is_main_process or is_sharded(model):  # sharded layers run on every process together (same inputs)
         items = eval_items(sr.eval_ds, cfg.eval.samples)
         result = eval_metrics(model, run.processor, items, cfg.eval, cfg.eval.generate_in_training, run.gmap.arch)
         record.update({f"eval/{k}": float(v) for k, v in result.metrics.items()})
@@ -39,7 +40,8 @@ def evaluate_stage(
         if gallery is not None:
             first = items[:GALLERY_SAMPLES]
             answers = gallery_answers(model, run.processor, first, result.predictions, cfg.eval)
-            update_gallery(run.out / GALLERY_FILE, first, answers, None if gallery == "before" else sr.stage.name)
+            if acc.is_main_process:
+                update_gallery(run.out / GALLERY_FILE, first, answers, None if gallery == "before" else sr.stage.name)
         if show:
             echo(report_table(record))
     run.metrics.log(record)

@@ -24,6 +24,7 @@ from vlmtune.tracking import echo
 from vlmtune.train.checkpoint import STEP_FOLDER
 from vlmtune.train.distributed import any_process
 from vlmtune.train.resume import DAMAGED, STATE_DIR, config_changes, damage, latest, progress_key, resumable
+from vlmtune.train.sharding import check_resume, sharding
 
 BUSY_EXIT = 5
 
@@ -154,6 +155,7 @@ def find_resume_point(out: Path, cfg: Config, accelerator) -> Path | None:
         )
     for c in changes:
         echo(f"warning: resuming although {c} (forced)")
+    check_resume(found, sharding(cfg, accelerator), accelerator.num_processes)
     return found
 
 

@@ -28,7 +28,7 @@ from vlmtune.model.tuning import GroupPlan, activate
 from vlmtune.report.page import report_at_run_end
 from vlmtune.tracking import MetricsLog, echo, plot_loss
 from vlmtune.train.checkpoint import adapter_size
-from vlmtune.train.distributed import all_finite, any_process, make_accelerator
+from vlmtune.train.distributed import all_finite, any_process, clip_gradients, make_accelerator, prepare
 from vlmtune.train.evaluation import evaluate_stage
 from vlmtune.train.loader import (
     StageData,
@@ -49,6 +49,7 @@ from vlmtune.train.resume import Progress, TrainerState, load_trainable, read_st
 from vlmtune.train.run import Run, RunResult, StageRun
 from vlmtune.train.saving import check_convertible, save_final, save_resumable
 from vlmtune.train.sft import SFT
+from vlmtune.train.sharding import shard_model, sharding
 from vlmtune.train.stopping import (
     RunStopped,
     StopSignals,
@@ -142,6 +143,8 @@ def start_run(cfg: Config, stages: list[Stage], built: BuiltModel, state: Traine
             f"resuming from {state.folder}: stage {progress.stage_index + 1}/{len(stages)}, "
             f"{progress.stage_step} steps into it, run step {progress.global_step}"
         )
+    if sharding(cfg, accelerator):  # after the resume state's weights were copied in, before any optimizer exists
+        shard_model(model, built.processor)
     metrics = MetricsLog(out / "metrics.jsonl", accelerator, keep=progress.metrics_lines)
     if cfg.train.report_to:
         accelerator.init_trackers("vlmtune")
@@ -264,10 +267,9 @@ def prepare_stage(
     warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total)
     scheduler = build_scheduler(optimizer, t.scheduler, warmup, total)
     acc.free_memory()  # a stage changes what trains: wrap the model afresh (DDP registers trainable parameters once)
-    model, optimizer, loader = acc.prepare(unwrapped, optimizer, loader)
+    model, optimizer, loader = prepare(acc, unwrapped, optimizer, loader, state)  # the optimizer's states restored
     eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
     if state is not None:
-        optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
     # The method: its objective, and what it keeps from the stage's start (the reference of DPO, KTO and GRPO).
     run.objective = make_objective(cfg, run.processor, rope_index_of(inner_model(unwrapped)) if t.packing else None)
@@ -328,7 +330,7 @@ def train_step(run: Run, sr: StageRun, batch: dict, window: Window) -> None:
     stage_step = run.progress.stage_step + 1
     if stage_step % t.logging_steps == 0 or stage_step == sr.total:
         window.grad_norms = group_grad_norms(acc.unwrap_model(sr.model), run.gmap)
-    norm = acc.clip_grad_norm_(sr.trainable, t.max_grad_norm) if t.max_grad_norm else None
+    norm = clip_gradients(acc, sr.trainable, t.max_grad_norm) if t.max_grad_norm else None
     if not window.step_bad and norm is not None and not all_finite(norm.detach().float(), acc):
         stop_for_nonfinite(run, sr.stage, f"gradient norm {norm.item()}")
         window.step_bad = True

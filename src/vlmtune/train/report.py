@@ -13,6 +13,7 @@ from vlmtune.tracking import echo
 from vlmtune.train.loader import realised_mix
 from vlmtune.train.optim import describe
 from vlmtune.train.run import Run, StageRun
+from vlmtune.train.sharding import full
 
 
 def announce(run: Run, sr: StageRun) -> None:
@@ -41,12 +42,14 @@ def save_plan(run: Run, sr: StageRun) -> None:
 
 @torch.no_grad()
 def fingerprints(model, names: set[str]) -> dict[str, tuple[float, float, int]]:
-    """(sum, sum of squares, size) per parameter, in float64: enough to tell which tensors a stage changed."""
-    return {
-        n: (p.double().sum().item(), p.double().square().sum().item(), p.numel())
-        for n, p in model.named_parameters()
-        if n in names
-    }
+    """(sum, sum of squares, size) per parameter, in float64: enough to tell which tensors a stage changed (sharded
+    weights are gathered: every process must call)."""
+    out = {}
+    for n, p in model.named_parameters():
+        if n in names:
+            whole = full(p).double()
+            out[n] = (whole.sum().item(), whole.square().sum().item(), p.numel())
+    return out
 
 
 def report_changes(run: Run, sr: StageRun, plans: list[GroupPlan], after: dict) -> None:

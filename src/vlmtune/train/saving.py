@@ -11,8 +11,9 @@ from vlmtune.paths import TMP_SUFFIX, begin, commit
 from vlmtune.tracking import echo
 from vlmtune.train.checkpoint import prune, save_checkpoint, write_model
 from vlmtune.train.distributed import any_process, gathered_state_dict, sharded_engine
-from vlmtune.train.resume import write_objective, write_rng, write_state
+from vlmtune.train.resume import STATE_DIR, write_objective, write_rng, write_state
 from vlmtune.train.run import Run
+from vlmtune.train.sharding import is_sharded, save_optimizer
 from vlmtune.train.stopping import SaveFailed
 
 
@@ -47,7 +48,8 @@ def save_resumable(run: Run, model, folder: Path, optimizer=None, scheduler=None
     acc = run.accelerator
     run.progress.metrics_lines = len(run.metrics.records)
     tmp = folder.with_name(folder.name + TMP_SUFFIX)
-    sharded = sharded_engine(acc)
+    fsdp2 = is_sharded(acc.unwrap_model(model))  # train.sharding: fsdp: each process writes its optimizer shard
+    sharded = None if fsdp2 else sharded_engine(acc)  # accelerate's FSDP or DeepSpeed: no resume state
     failed = None
     if acc.is_main_process:
         failed = _attempt(lambda: begin(folder), tmp)
@@ -61,6 +63,10 @@ def save_resumable(run: Run, model, folder: Path, optimizer=None, scheduler=None
         failed = _attempt(write_own, tmp)
     state_dict = gathered_state_dict(acc, model)
     _stop_together(run, folder, failed)
+    if fsdp2:
+        raw = getattr(optimizer, "optimizer", optimizer)
+        failed = _attempt(lambda: save_optimizer(tmp / STATE_DIR, model, raw, acc.num_processes), tmp)
+        _stop_together(run, folder, failed)
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
 
@@ -68,6 +74,9 @@ def save_resumable(run: Run, model, folder: Path, optimizer=None, scheduler=None
             write_model(unwrapped, run.processor, run.cfg, tmp, state_dict, run.initial)
             if sharded:  # optimizer states are sharded across processes there; vlmtune does not gather them yet
                 echo(f"note: {folder.name} holds the weights but no resume state ({sharded} shards the optimizer)")
+            elif fsdp2:  # the gathered weights; the optimizer's states are in trainer_state/optimizer/
+                weights = {n: v for n, v in state_dict.items() if n in run.trained_params}
+                write_state(tmp, run.progress, weights, None, scheduler)
             else:
                 weights = {n: p for n, p in unwrapped.named_parameters() if n in run.trained_params}
                 write_state(tmp, run.progress, weights, optimizer, scheduler)

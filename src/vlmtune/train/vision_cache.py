@@ -265,6 +265,8 @@ def open_cache(cfg, stages, model: nn.Module, gmap, union) -> VisionCache | None
     vision_trains = next(p for p in union if p.group == "vision_tower").mode != "frozen"
     augment = any(s.cfg.data.augment.enabled for s in stages)
     why = unavailable(gmap.arch, vision_trains, augment, cfg.train.vision_cache)
+    if why is None and cfg.train.sharding == "fsdp":  # one process fills it while the others wait
+        why = "train.sharding is fsdp: the tower's blocks are split across processes, which all run them together"
     if why is not None:
         echo(f"vision cache: off ({why})")
         return None
