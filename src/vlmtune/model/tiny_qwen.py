@@ -133,6 +133,9 @@ def build_processor(
     tokenizer: PreTrainedTokenizerFast,
     min_pixels: int = 32 * 32,
     max_pixels: int = 128 * 128,
+    patch_size: int = PATCH_SIZE,
+    merge_size: int = MERGE_SIZE,
+    image_mean: tuple[float, float, float] | None = None,
 ) -> Qwen2VLProcessor:
     """Wraps ``tokenizer`` in a real Qwen2VLProcessor with a tiny patch size.
 
@@ -140,6 +143,10 @@ def build_processor(
         tokenizer: A tokenizer from ``build_tokenizer``.
         min_pixels: Smallest resized image area in pixels (``size["shortest_edge"]``).
         max_pixels: Largest resized image area in pixels (``size["longest_edge"]``).
+        patch_size: Side of a square patch in pixels; must equal the model config's.
+        merge_size: Side of the square of patches merged into one image token; must equal the config's.
+        image_mean: Per-channel mean (0-1) subtracted before dividing by the standard deviation; empty: CLIP's, as
+            Qwen2-VL's.
 
     Returns:
         A processor with patch size 8, merge size 2 and temporal patch size 2, so a
@@ -147,9 +154,10 @@ def build_processor(
     """
     vision = dict(
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-        patch_size=PATCH_SIZE,
-        merge_size=MERGE_SIZE,
+        patch_size=patch_size,
+        merge_size=merge_size,
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
+        **({"image_mean": list(image_mean)} if image_mean is not None else {}),
     )
     return Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**vision),
@@ -176,6 +184,9 @@ def tiny_config(
     vision_dim: int = 64,
     vision_depth: int = 2,
     rope_theta: float = 1_000_000.0,
+    patch_size: int = PATCH_SIZE,
+    vision_heads: int = 2,
+    merge_size: int = MERGE_SIZE,
 ) -> Qwen2VLConfig:
     """Builds a small Qwen2VLConfig matching ``tokenizer`` and ``build_processor``.
 
@@ -186,6 +197,9 @@ def tiny_config(
         vision_dim: Vision transformer width.
         vision_depth: Number of vision transformer blocks.
         rope_theta: The LLM's rotary base (M-RoPE).
+        patch_size: Side of a square patch in pixels; must equal the processor's.
+        vision_heads: Attention heads of the vision transformer.
+        merge_size: Side of the square of patches the merger joins into one image token; must equal the processor's.
 
     Returns:
         A config for ``Qwen2VLForConditionalGeneration``.
@@ -223,10 +237,10 @@ def tiny_config(
         embed_dim=vision_dim,
         # The patch merger projects to hidden_size, which must equal the LLM width.
         hidden_size=text_hidden,
-        num_heads=2,
+        num_heads=vision_heads,
         mlp_ratio=2,
-        patch_size=PATCH_SIZE,
-        spatial_merge_size=MERGE_SIZE,
+        patch_size=patch_size,
+        spatial_merge_size=merge_size,
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
         in_channels=3,
     )
