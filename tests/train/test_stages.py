@@ -157,3 +157,38 @@ def test_two_stage_run_trains_projector_then_language_model(base_dir, tmp_path, 
     assert ends["align"]["changed_params/language_model"] == 0 and ends["align"]["changed_params/projector"] == 14336
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
     assert (out / "loss.png").stat().st_size > 0
+
+
+def test_generation_regressions_name_what_fell():
+    from vlmtune.train.evaluation import generation_regressions
+
+    before = {"eval/exact_match": 0.5, "eval/ablation_gap_other": 0.40}
+    assert generation_regressions(before, {"eval/exact_match": 0.5, "eval/ablation_gap_other": 0.38}) == []
+    assert generation_regressions(before, {"eval/exact_match": 0.75, "eval/ablation_gap_other": 0.9}) == []
+    assert generation_regressions(before, {"eval/exact_match": 0.25, "eval/ablation_gap_other": 0.02}) == [
+        "exact match 0.500 -> 0.250",
+        "image-ablation gap 0.400 -> 0.020",
+    ]
+    # A small gap falling by less than the slack is noise, not a regression; a missing figure is not compared.
+    assert generation_regressions({"eval/ablation_gap_other": 0.04}, {"eval/ablation_gap_other": 0.0}) == []
+    assert generation_regressions({"eval/exact_match": 1.0}, {}) == []
+
+
+@pytest.mark.slow
+def test_a_stage_that_hurts_generation_is_reported(base_dir, tmp_path, capsys):
+    """A projector-only stage at a destructive rate leaves the image unreadable: the run says so at the stage's end."""
+    from vlmtune.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "examples/progressive.yaml", f"train.output_dir={out}", "train.progress_bar=false"]
+    args += ["stages.0.steps=4", "stages.1.steps=1", "train.batch_size=8", "train.warmup_steps=0"]
+    args += ["groups.projector.lr=0.3", "train.save_steps=null", "train.eval_steps=null"]
+    args += ["data.builtin_train_samples=32", "data.builtin_eval_samples=16", "eval.samples=16"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/ablation_gap_other" in r]
+    before, after_align = evals[0], evals[1]
+    assert after_align["eval/ablation_gap_other"] < before["eval/ablation_gap_other"] / 2
+    assert "warning: stage 'align' left the model worse at generation than it found it" in text
+    assert "a lower projector rate, warmup, or training the language model in the same stage" in text

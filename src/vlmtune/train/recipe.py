@@ -29,7 +29,7 @@ from vlmtune.report.page import report_at_run_end
 from vlmtune.tracking import MetricsLog, echo, plot_loss
 from vlmtune.train.checkpoint import adapter_size
 from vlmtune.train.distributed import all_finite, any_process, clip_gradients, make_accelerator, prepare
-from vlmtune.train.evaluation import evaluate_stage
+from vlmtune.train.evaluation import check_stage_generation, evaluate_stage
 from vlmtune.train.loader import (
     StageData,
     load_stage_data,
@@ -388,6 +388,7 @@ def finish_stage(run: Run, sr: StageRun) -> None:
             f"eval loss after stage '{stage.name}': {run.last_eval:.4f}"
             + (f" (before training: {run.first_eval:.4f})" if run.first_eval is not None else "")
         )
+        check_stage_generation(run, sr)
     report_changes(run, sr, sr.plans, fingerprints(run.accelerator.unwrap_model(sr.model), run.trained_params))
     progress.stage_index, progress.stage_step = stage.index + 1, 0
     progress.epoch = progress.batch_in_epoch = 0
