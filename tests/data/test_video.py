@@ -257,7 +257,7 @@ def test_the_length_limit_never_cuts_a_video(tiny, media):
 
 
 def test_motion_task(tmp_path):
-    from vlmtune.data.shapes import DIRECTIONS, MOTION_QUESTION, corpus_texts, generate_shapes
+    from vlmtune.data.shapes import BACKGROUND, DIRECTIONS, MOTION_QUESTION, corpus_texts, generate_shapes
     from vlmtune.model.tiny_qwen import build_tokenizer
 
     path = generate_shapes(tmp_path / "a", 8, "motion", seed=0)
@@ -274,7 +274,8 @@ def test_motion_task(tmp_path):
         info = video_info(video, 2.0)
         frames = read_video(video, info, sample_indices(info, 2.0, 64)).frames
         assert frames.shape == (4, 3, 64, 64)
-        spot = [torch.nonzero((frames[k] - 220).abs().sum(0) > 60).float().mean(0) for k in (0, 3)]
+        background = torch.tensor(BACKGROUND)[:, None, None]
+        spot = [torch.nonzero((frames[k].int() - background).abs().sum(0) > 60).float().mean(0) for k in (0, 3)]
         (dy, dx) = (spot[1] - spot[0]).tolist()
         moved = {"left": -dx, "right": dx, "top": -dy, "bottom": dy}
         assert moved[answer] > 20 and max(moved.values()) == moved[answer], (answer, moved)

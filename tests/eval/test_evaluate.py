@@ -232,11 +232,10 @@ def test_quickstart_alignment_rises_from_the_base(base_dir, tmp_path, capsys):
     assert (run / "metrics.png").is_file()
     b, a = (json.loads(p.read_text())["metrics"] for p in (before, after))
     assert a["samples"] == b["samples"] == 32
-    # The base already reads the colour (it names it first in its attribute lists), so before the quickstart it
-    # ranks the colour answers by the image above chance (measured: recall@1 0.56 vs 0.27, mean rank 1.56 vs
-    # 2.38); 40 steps teach the new question's answer form (0.66, 1.34; answer loss 4.03 -> 0.23).
-    assert b["retrieval_r1"] > b["retrieval_r1_chance"] + 0.15, b
-    assert a["retrieval_r1"] > max(b["retrieval_r1"], a["retrieval_r1_chance"] + 0.25), (a, b)
-    assert a["retrieval_mean_rank"] <= b["retrieval_mean_rank"], (a, b)
-    assert a["ablation_gap_other"] > b["ablation_gap_other"] + 0.2 and a["ablation_gap_other"] > 0.2, (a, b)
-    assert a["exact_match"] > 0.3, a
+    # The base has never been asked this question: before the quickstart it ranks the colour answers at chance
+    # (measured: recall@1 0.28 vs 0.27, gap with another image -0.25); 40 steps teach the answer, read from the image
+    # (the quickstart's own eval at step 40, 64 samples: recall@1 0.98, gap +1.69, exact match 0.98).
+    assert a["retrieval_r1"] > max(b["retrieval_r1"], a["retrieval_r1_chance"] + 0.5), (a, b)
+    assert a["retrieval_mean_rank"] < b["retrieval_mean_rank"], (a, b)
+    assert a["ablation_gap_other"] > b["ablation_gap_other"] + 1.0 and a["ablation_gap_other"] > 1.0, (a, b)
+    assert a["exact_match"] > 0.8, a

@@ -30,8 +30,10 @@ from vlmtune.data.shapes import random_scene, render_scene
 from vlmtune.tracking import echo
 
 BRIEF_QUESTION = "Describe the image briefly."
-STEPS = 120
-EVAL_EVERY = 40
+# The baseline reads the colour perfectly by step 40 of 120 on this base, so the study runs 60 steps and evaluates
+# every 15: the differences are in how fast each variant gets there.
+STEPS = 60
+EVAL_EVERY = 15
 BASELINE: dict = {
     "groups": {
         "vision_tower": {"mode": "frozen"},
@@ -43,14 +45,14 @@ BASELINE: dict = {
     "train": {
         "max_steps": STEPS,
         "batch_size": 16,
-        "warmup_steps": 10,
+        "warmup_steps": 5,
         "scheduler": "cosine",
-        "logging_steps": 20,
+        "logging_steps": 15,
         "eval_steps": EVAL_EVERY,
         "save_steps": None,
         "progress_bar": False,
     },
-    "eval": {"samples": 96},
+    "eval": {"samples": 64, "retrieval_k": 2},  # retrieval is not reported: its cheapest setting
 }
 
 

@@ -28,13 +28,12 @@ def report(results: dict, base_level: dict, seeds: int) -> str:
         last = steps[-1]
         lines += [f"## Task `{task}`", ""]
         head = ["factor", "level"] + [f"{name} @{last}" for _, name in FIGURES]
-        head += [f"exact match @{s}" for s in steps[:-1]] + ["s / run"]
+        head += [f"exact match @{s}" for s in steps[:-1]]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for (factor, level), runs in variants.items():
             shown = base_level.get(factor, level) if factor == "baseline" else level
             row = [factor, shown] + [_stat(_at(runs, last, key)) for key, _ in FIGURES]
             row += [f"{statistics.fmean(_at(runs, s, 'eval/exact_match')):.3f}" for s in steps[:-1]]
-            row += [f"{statistics.fmean([run[-1].get('seconds', 0.0) for run in runs]):.0f}"]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)

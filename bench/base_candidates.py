@@ -1,0 +1,94 @@
+"""Builds one candidate builtin base and probes it (how bench/BASE.md was measured).
+
+    python bench/base_candidates.py '{"name": "v4", "steps": 1000}'
+    python bench/base_candidates.py '{"name": "p32", "patch": 32, "minpx": 4096, "steps": 800, "threads": 1}'
+
+Keys (all optional but name): patch, merge (the processor's and the config's), minpx (the processor's min_pixels),
+vd, vh, vdepth, th, tl (vision width, heads, depth; text width, layers), theta (the language model's rope_theta),
+mean (the processor's image_mean), bg (the shapes' background colour), tasks (the pretraining mixture, a list of
+task names; a name twice doubles its share), steps, lr, bs, warm, images, seed (the recipe of builtin/base.py with
+these changed), extra ({"any": {config overrides}}), threads (torch threads). Each candidate gets its own folder
+under runs/base_candidates/NAME and its own VLMTUNE_CACHE there; the last line printed is its probe.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+a = json.loads(sys.argv[1])
+out = Path("runs/base_candidates") / a["name"]
+os.environ["VLMTUNE_CACHE"] = str(out) + "_cache"
+
+import torch  # noqa: E402
+
+torch.set_num_threads(a.get("threads", 2))
+
+from transformers import AutoProcessor, Qwen2VLForConditionalGeneration  # noqa: E402
+
+import vlmtune.data.shapes as S  # noqa: E402
+from vlmtune.builtin import base as B  # noqa: E402
+from vlmtune.config.overrides import deep_merge  # noqa: E402
+from vlmtune.config.schema import Config  # noqa: E402
+from vlmtune.eval.probe import probe_base, probe_table  # noqa: E402
+from vlmtune.model.tiny_qwen import build_processor, build_tokenizer, tiny_config  # noqa: E402
+from vlmtune.train.recipe import train  # noqa: E402
+
+if "bg" in a:
+    S.BACKGROUND = tuple(a["bg"])
+if "tasks" in a:
+    S.PRETRAIN_TASKS = tuple(a["tasks"])
+shutil.rmtree(out, ignore_errors=True)
+started = time.time()
+tok = build_tokenizer(S.corpus_texts())
+proc = build_processor(
+    tok,
+    min_pixels=a.get("minpx", 32 * 32),
+    patch_size=a.get("patch", 8),
+    merge_size=a.get("merge", 2),
+    image_mean=a.get("mean"),
+)
+torch.manual_seed(0)
+model_config = tiny_config(
+    tok,
+    text_hidden=a.get("th", 128),
+    text_layers=a.get("tl", 2),
+    vision_dim=a.get("vd", 64),
+    vision_depth=a.get("vdepth", 2),
+    rope_theta=a.get("theta", B.ROPE_THETA),
+    patch_size=a.get("patch", 8),
+    vision_heads=a.get("vh", 2),
+    merge_size=a.get("merge", 2),
+)
+model = Qwen2VLForConditionalGeneration(model_config)
+model.save_pretrained(out / "init", safe_serialization=True)
+proc.save_pretrained(out / "init")
+t = B.PRETRAIN["train"]
+recipe = deep_merge(
+    B.PRETRAIN,
+    {
+        "model": {"path": str(out / "init")},
+        "train": {
+            "output_dir": str(out / "run"),
+            "progress_bar": False,
+            "max_steps": a.get("steps", t["max_steps"]),
+            "learning_rate": a.get("lr", t["learning_rate"]),
+            "batch_size": a.get("bs", t["batch_size"]),
+            "warmup_steps": a.get("warm", t["warmup_steps"]),
+            "logging_steps": 50,
+            "seed": a.get("seed", 0),
+        },
+        "data": {"builtin_train_samples": a.get("images", B.PRETRAIN["data"]["builtin_train_samples"])},
+    },
+)
+for overrides in a.get("extra", {}).values():
+    recipe = deep_merge(recipe, overrides)
+result = train(Config.model_validate(recipe))
+trained = time.time() - started
+final = result.final_dir
+probe = probe_base(Qwen2VLForConditionalGeneration.from_pretrained(final), AutoProcessor.from_pretrained(final))
+print(probe_table(probe, 32))
+found = {k: round(v.exact_match, 3) for k, v in probe.kinds.items()}
+print("RESULT", a["name"], json.dumps(found), "gap", round(probe.gap, 3), "train_s", round(trained, 1))
