@@ -9,9 +9,15 @@ FIGURES = (("eval/exact_match", "exact match"), ("eval_loss", "answer loss"), ("
 
 
 def _stat(values: list[float]) -> str:
-    """Mean ± sample standard deviation (± 0 for one seed)."""
+    """Mean ± sample standard deviation (± 0 for one seed); "-" where no run has the figure."""
+    if not values:
+        return "-"
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
+
+
+def _mean(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.3f}" if values else "-"
 
 
 def _at(runs: list[list[dict]], step: int, key: str) -> list[float]:
@@ -33,7 +39,7 @@ def report(results: dict, base_level: dict, seeds: int) -> str:
         for (factor, level), runs in variants.items():
             shown = base_level.get(factor, level) if factor == "baseline" else level
             row = [factor, shown] + [_stat(_at(runs, last, key)) for key, _ in FIGURES]
-            row += [f"{statistics.fmean(_at(runs, s, 'eval/exact_match')):.3f}" for s in steps[:-1]]
+            row += [_mean(_at(runs, s, "eval/exact_match")) for s in steps[:-1]]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
