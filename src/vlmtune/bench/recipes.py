@@ -22,7 +22,6 @@ import argparse
 import json
 import random
 import shutil
-import time
 from pathlib import Path
 
 from vlmtune.config.overrides import deep_merge
@@ -152,11 +151,9 @@ def run_one(task: str, variant: tuple[str, str, dict], seed: int, out: Path, bas
             "train": {"output_dir": str(folder / "run"), "seed": seed},
         },
     )
-    started = time.perf_counter()
     train(Config.model_validate(cfg))
     records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [{k: v for k, v in r.items() if k == "step" or k.startswith("eval")} for r in records if "eval_loss" in r]
-    evals[-1]["seconds"] = time.perf_counter() - started
     done.write_text(json.dumps(evals))
     shutil.rmtree(folder / "run", ignore_errors=True)  # the figures are kept; the adapters are not needed
     return evals

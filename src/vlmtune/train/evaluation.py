@@ -78,7 +78,7 @@ def check_stage_generation(run: Run, sr: StageRun) -> list[str]:
     start = run.progress.global_step - sr.total
     evals = [r for r in run.metrics.records if "eval_loss" in r]
     before = [r for r in evals if r["step"] <= start]
-    if not before or not evals or evals[-1]["step"] == before[-1]["step"]:
+    if not before or evals[-1]["step"] == before[-1]["step"]:
         return []
     worse = generation_regressions(before[-1], evals[-1])
     if worse:
