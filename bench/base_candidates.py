@@ -3,11 +3,13 @@
     python bench/base_candidates.py '{"name": "v4", "steps": 1000}'
     python bench/base_candidates.py '{"name": "p32", "patch": 32, "minpx": 4096, "steps": 800, "threads": 1}'
 
-Keys (all optional but name): patch, merge (the processor's and the config's), minpx (the processor's min_pixels),
+Keys (all optional but name): patch, merge (the processor's and the config's), minpx, maxpx (the processor's min_pixels, max_pixels),
 vd, vh, vdepth, th, tl (vision width, heads, depth; text width, layers), theta (the language model's rope_theta),
 mean (the processor's image_mean), bg (the shapes' background colour), tasks (the pretraining mixture, a list of
 task names; a name twice doubles its share), steps, lr, bs, warm, images, seed (the recipe of builtin/base.py with
-these changed), extra ({"any": {config overrides}}), threads (torch threads). Each candidate gets its own folder
+these changed), area (every shape of a size drawn with the same area), radii ([small, large] shape sizes as fractions
+of the image), imsize (image side in pixels), outline (an outline width in pixels; outline_color), extra ({"any":
+{config overrides}}), threads (torch threads). Each candidate gets its own folder
 under runs/base_candidates/NAME and its own VLMTUNE_CACHE there; the last line printed is its probe.
 """
 
@@ -40,12 +42,67 @@ if "bg" in a:
     S.BACKGROUND = tuple(a["bg"])
 if "tasks" in a:
     S.PRETRAIN_TASKS = tuple(a["tasks"])
+if "area" in a:
+    # Every shape of a size gets the same area (the triangle's, 2 r^2), so area no longer tells the shape;
+    # "radii": [small, large] fractions of the image (default 0.09, 0.2).
+    small, large = a.get("radii", [0.09, 0.2])
+
+    def _equal_area(img, scene, cx, cy, radius):
+        r = S.IMAGE_SIZE * (small if scene.size == "small" else large)
+        fill = S.COLORS[scene.color]
+        draw = S.ImageDraw.Draw(img)
+        if scene.shape == "circle":
+            c = r * (2 / 3.141592653589793) ** 0.5
+            draw.ellipse((cx - c, cy - c, cx + c, cy + c), fill=fill)
+        elif scene.shape == "square":
+            h = r / 2**0.5
+            draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+    S._draw = _equal_area
+elif "radii" in a:
+    # Larger or smaller shapes: "radii": [small, large] fractions of the image (default 0.09, 0.2).
+    _draw = S._draw
+
+    def _scaled(img, scene, cx, cy, radius):
+        size = a["radii"][0] if scene.size == "small" else a["radii"][1]
+        _draw(img, scene, cx, cy, size * img.width)
+
+    S._draw = _scaled
+if "outline" in a:
+    # Every shape drawn with an outline of "outline" pixels in "outline_color" (default black): an edge that looks
+    # the same whatever the fill colour.
+    def _outlined(img, scene, cx, cy, radius):
+        fill, line = S.COLORS[scene.color], tuple(a.get("outline_color", (0, 0, 0)))
+        draw = S.ImageDraw.Draw(img)
+        box = (cx - radius, cy - radius, cx + radius, cy + radius)
+        kw = {"fill": fill, "outline": line, "width": a["outline"]}
+        if scene.shape == "circle":
+            draw.ellipse(box, **kw)
+        elif scene.shape == "square":
+            draw.rectangle(box, **kw)
+        else:
+            draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], **kw)
+
+    S._draw = _outlined
+if "imsize" in a:
+    # Every image drawn at "imsize" pixels (default 64), the training data's and the probe's.
+    import vlmtune.eval.probe as P
+
+    _render = S.render_scene
+
+    def _render_at(scene, image_size=S.IMAGE_SIZE):
+        return _render(scene, a["imsize"])
+
+    S.render_scene = P.render_scene = _render_at
 shutil.rmtree(out, ignore_errors=True)
 started = time.time()
 tok = build_tokenizer(S.corpus_texts())
 proc = build_processor(
     tok,
     min_pixels=a.get("minpx", 32 * 32),
+    max_pixels=a.get("maxpx", 128 * 128),
     patch_size=a.get("patch", 8),
     merge_size=a.get("merge", 2),
     image_mean=a.get("mean"),

@@ -36,3 +36,16 @@ def test_every_factor_has_its_baseline_level_and_the_report_gives_mean_and_sprea
     ]  # fmt: skip
     text = report({"color": {("baseline", "quickstart"): runs}}, BASE_LEVEL, 3)
     assert "| baseline | quickstart | 0.700 ± 0.200 | 0.500 ± 0.000 | 1.000 ± 0.000 | 0.000 |" in text
+
+
+def test_an_unknown_task_or_factor_is_named_before_anything_runs(tmp_path, capsys):
+    import pytest
+
+    from vlmtune.bench.recipes import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--tasks", "color,colour", "--only", "rank (alpha 2r),ranks", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "task 'colour'" in err and "factor 'ranks'" in err and "tasks are color, brief" in err
+    assert not any(tmp_path.iterdir())  # nothing built or run

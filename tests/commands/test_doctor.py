@@ -37,13 +37,22 @@ SAMPLES = [
     )
 ]
 CPU = torch.device("cpu")
+# The seed's recipe (LoRA on the projector, alpha = 2 x rank), which most checks below break a LoRA layer of; the
+# quickstart trains the projector fully.
+SEED_LORA = [
+    "groups.projector.mode=lora",
+    "groups.projector.rank=16",
+    "groups.projector.alpha=32",
+    "groups.projector.targets=all-linear",
+    "groups.language_model.alpha=32",
+]
 
 
-def _setup(tiny_dir, overrides=(), break_model=None, break_processor=None):
+def _setup(tiny_dir, overrides=(), break_model=None, break_processor=None, seed_lora=True):
     """(model, processor, gmap, plans, items, wheres) as the doctor builds them, with an optional break before planning."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    cfg = load_config(QUICKSTART, [f"model.path={tiny_dir}", *overrides])
+    cfg = load_config(QUICKSTART, [f"model.path={tiny_dir}", *(SEED_LORA if seed_lora else []), *overrides])
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
     processor = AutoProcessor.from_pretrained(tiny_dir)
@@ -69,8 +78,9 @@ def _run(setup) -> dict[str, CheckResult]:
     )
 
 
-def test_quickstart_recipe_passes_every_check(tiny_dir):
-    results = _run(_setup(tiny_dir))
+@pytest.mark.parametrize("seed_lora", [False, True], ids=["quickstart", "seed-lora-projector"])
+def test_quickstart_recipe_passes_every_check(tiny_dir, seed_lora):
+    results = _run(_setup(tiny_dir, seed_lora=seed_lora))
     assert {n: r.status for n, r in results.items()} == {
         "dimensions: vision tower -> projector": "PASS",
         "dimensions: projector -> language model": "PASS",
@@ -219,7 +229,7 @@ def test_doctor_command_on_the_quickstart_recipe(tiny_dir, capsys):
         "transformers ",
         "device cpu",
         "training dtype: float32",
-        "projector       lora    2: mlp.0, mlp.2",
+        "projector       full    3: ln_q, mlp.0, mlp.2",
         "optimizer group projector",
         "lr=3.00e-03",
         "PASS  gradient flow",

@@ -193,8 +193,8 @@ def test_run_key_lands_on_vlmtune_key(tmp_path, key, value, path, expected):
     cfg, lines = _load(tmp_path, {key: value})
     assert _get(cfg, path) == expected
     assert f"{key}: {value} -> {path}" in lines
-    # plain run keys leave the seed's group recipe alone
-    assert cfg.group("projector").rank == 16 and cfg.group("language_model").targets == "attention"
+    # plain run keys leave the default group recipe alone
+    assert cfg.group("projector").mode == "full" and cfg.group("language_model").targets == "attention"
 
 
 def test_model_name_or_path(tmp_path, model_dir):

@@ -63,7 +63,7 @@ def _models(root: type[BaseModel] = Config) -> list[type[BaseModel]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_defaults_validate_to_the_seed_recipe():
+def test_defaults_validate_to_the_default_recipe():
     cfg = load_config(None, echo=lambda line: pytest.fail(f"no translation expected, got {line!r}"))
     assert cfg.model.path == BUILTIN_MODEL
     assert cfg.data.train == "builtin:shapes:position"
@@ -71,13 +71,12 @@ def test_defaults_validate_to_the_seed_recipe():
     assert cfg.train.learning_rate == 2e-4 and cfg.train.max_steps is None
     assert {g: cfg.group(g).mode for g in GROUPS} == {
         "vision_tower": "frozen",
-        "projector": "lora",
+        "projector": "full",  # the recipe study's winner (bench/RECIPES.md)
         "language_model": "lora",
         "lm_head": "frozen",
     }
-    assert cfg.group("projector").rank == 16 and cfg.group("projector").targets == "all-linear"
-    assert cfg.group("language_model").targets == "attention"
-    assert cfg.group("projector").lora_alpha == 32.0  # empty alpha means 2 x rank
+    assert cfg.group("language_model").rank == 16 and cfg.group("language_model").targets == "attention"
+    assert cfg.group("language_model").lora_alpha == 32.0  # empty alpha means 2 x rank
     assert cfg.group_lr("projector") == 2e-4
     # Validation of the defaults themselves (no DEFAULT_GROUPS merge) also passes: every group typed, all frozen.
     assert {g: s["mode"] for g, s in Config().model_dump()["groups"].items()} == dict.fromkeys(GROUPS, "frozen")
@@ -93,6 +92,7 @@ train:
   learning_rate: 1.0e-4
 groups:
   projector:
+    mode: lora
     rank: 4
 data:
   max_length: 256
@@ -252,7 +252,7 @@ groups:
         ("train.scheduler=cosine_with_restarts", "train.scheduler", "'cosine', 'linear' or 'constant'"),
         ("data.too_long=cut", "data.too_long", "'drop', 'downscale' or 'truncate'"),
         ("groups.projector.mode=partial", "groups.projector.mode", "'frozen', 'lora' or 'full'"),
-        ("groups.projector.dropout=1.0", "groups.projector.dropout", "less than 1"),
+        ("groups.language_model.dropout=1.0", "groups.language_model.dropout", "less than 1"),
         ("groups.projector=lora", "groups.projector", "valid dictionary"),
         ("train.report_to=[wandb]", "train.report_to.0", "'tensorboard'"),
     ],
@@ -267,7 +267,7 @@ def test_bad_value_names_its_key(override, key, fragment):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("groups.projector.targets=5", "groups.projector.targets"), ("data.train=[1, 2]", "data.train")],
+    [("groups.language_model.targets=5", "groups.language_model.targets"), ("data.train=[1, 2]", "data.train")],
     ids=["targets-number", "train-list-of-numbers"],
 )
 def test_bad_union_value_names_the_config_key(override, key):
@@ -285,8 +285,8 @@ def test_bad_union_value_names_the_config_key(override, key):
 SEMANTIC = [
     (
         "targets-string",
-        ["groups.projector.targets=q_proj"],
-        "'groups.projector.targets': 'q_proj' is not all-linear, attention or mlp; give a list for module names, e.g. [q_proj]",
+        ["groups.language_model.targets=q_proj"],
+        "'groups.language_model.targets': 'q_proj' is not all-linear, attention or mlp; give a list for module names, e.g. [q_proj]",
     ),
     ("targets-empty-list", ["groups.language_model.targets=[]"], "'groups.language_model.targets' is an empty list"),
     (
@@ -309,8 +309,8 @@ def test_cross_field_problems(overrides, expected):
 
 @pytest.mark.parametrize("targets", ["all-linear", "attention", "mlp", "[q_proj]", "[mlp.0, mlp.2]"])
 def test_valid_targets(targets):
-    cfg = load_config(None, [f"groups.projector.targets={targets}"])
-    assert cfg.group("projector").targets == yaml.safe_load(targets)
+    cfg = load_config(None, [f"groups.language_model.targets={targets}"])
+    assert cfg.group("language_model").targets == yaml.safe_load(targets)
 
 
 def test_missing_config_file(tmp_path):
@@ -460,6 +460,7 @@ def test_config_to_yaml_round_trip(tmp_path):
             "groups.vision_tower.mode=full",
             "groups.vision_tower.lr=1e-5",
             "groups.language_model.targets=[q_proj, v_proj]",
+            "groups.projector.mode=lora",
             "groups.projector.alpha=8",
             "groups.projector.dropout=0.05",
             "data.train=[a.jsonl, b.jsonl]",
@@ -494,6 +495,7 @@ def test_group_helpers():
         [
             "train.weight_decay=0.1",
             "groups.projector.weight_decay=0",
+            "groups.projector.mode=lora",
             "groups.projector.rank=4",
             "groups.language_model.alpha=3",
         ],
@@ -549,12 +551,34 @@ def test_typed_sections_are_validated_with_the_config(name, override, expected):
     assert _problems(None, [override]) == [expected]
 
 
+def test_lora_settings_without_a_mode_make_the_group_lora_and_say_so():
+    lines = []
+    cfg = load_config(None, ["groups.projector.rank=4", "groups.projector.alpha=8"], echo=lines.append)
+    assert cfg.group("projector").mode == "lora" and cfg.group("projector").rank == 4
+    assert cfg.group("projector").targets == "all-linear"  # the default recipe's, for when it is LoRA
+    assert lines == ["groups.projector: rank, alpha given without a mode -> mode lora (default: full)"]
+    # a mode given wins; settings that are not LoRA's leave the default mode; the language model is LoRA anyway
+    cfg = load_config(
+        None,
+        [
+            "groups.projector.mode=full",
+            "groups.projector.rank=4",
+            "groups.vision_tower.lr=1e-5",
+            "groups.language_model.rank=8",
+        ],
+        echo=lambda line: pytest.fail(line),
+    )
+    assert cfg.group("projector").mode == "full" and cfg.group("vision_tower").mode == "frozen"
+    assert cfg.group("language_model").rank == 8
+
+
 def test_stage_overrides_merge_only_what_they_set():
     cfg = load_config(None, ["stages=[{name: a, groups: {projector: {lr: 1.0e-3}}, data: {max_length: 64}}]"])
     (stage,) = cfg.stages
     assert stage.groups.projector.lr == 1e-3 and stage.groups.projector.rank is None
     (resolved,) = resolve_stages(cfg)
-    assert resolved.cfg.group("projector").lr == 1e-3 and resolved.cfg.group("projector").rank == 16
+    projector = resolved.cfg.group("projector")
+    assert projector.lr == 1e-3 and projector.mode == "full"  # the rest from the top-level (default) group
     assert resolved.cfg.data.max_length == 64 and resolved.cfg.data.train == cfg.data.train
 
 

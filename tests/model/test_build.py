@@ -30,13 +30,15 @@ def test_lora_of_every_stage_is_injected_once_and_each_stage_trains_its_own_grou
     assert [p.mode for p in built.stage_plans[0] if p.group == "language_model"] == ["frozen"]
     assert {p.group: p.mode for p in built.union} == {
         "vision_tower": "frozen",
-        "projector": "lora",
+        "projector": "full",
         "language_model": "lora",
         "lm_head": "frozen",
     }
     names = {n for n, _ in built.model.named_parameters()}
     assert any("language_model" in n and "lora_A" in n for n in names)  # injected for the joint stage
-    assert built.trained_params == {n for n in names if "lora_" in n}
+    lora = {n for n in names if "lora_" in n}
+    assert lora and lora <= built.trained_params
+    assert {built.gmap.group_of(n) for n in built.trained_params - lora} == {"projector"}
     activate(built.model, built.gmap, built.stage_plans[0])
     trains = {built.gmap.group_of(n) for n, p in built.model.named_parameters() if p.requires_grad}
     assert trains == {"projector"}

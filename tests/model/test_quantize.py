@@ -63,13 +63,22 @@ def test_frozen_and_lora_groups_are_quantized_the_projector_and_full_groups_are_
 
 
 def test_overrides_and_what_cannot_be_quantized_are_named(tiny_dir, tmp_path):
-    cfg = _cfg(tmp_path, str(tiny_dir), groups={"projector": {"quantize": True}, "language_model": {"quantize": False}})
+    cfg = _cfg(
+        tmp_path,
+        str(tiny_dir),
+        groups={"projector": {"mode": "lora", "quantize": True}, "language_model": {"quantize": False}},
+    )
     assert quantized_groups(cfg, [cfg]) == ["vision_tower", "projector"]
     with pytest.raises(ConfigError) as e:
         _cfg(tmp_path, str(tiny_dir), groups={"lm_head": {"mode": "full", "quantize": True}})
     assert "'groups.lm_head.quantize' is true but the group trains fully" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        _cfg(tmp_path, str(tiny_dir), model={"quantize": "none"}, groups={"projector": {"quantize": True}})
+        _cfg(
+            tmp_path,
+            str(tiny_dir),
+            model={"quantize": "none"},
+            groups={"projector": {"mode": "lora", "quantize": True}},
+        )
     assert "model.quantize is none" in str(e.value)
     staged = tmp_path / "staged.yaml"
     staged.write_text(

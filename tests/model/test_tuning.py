@@ -30,22 +30,24 @@ def _plan(tiny, overrides):
 
 
 # name, overrides, expected LoRA modules per group (sorted)
+PL = "groups.projector.mode=lora"  # the default recipe trains the projector fully
 TARGET_CASES = [
-    ("default recipe", [], {"projector": MERGER, "language_model": LM_ATTN}),
+    ("default recipe", [], {"language_model": LM_ATTN}),
+    ("projector lora", [PL], {"projector": MERGER, "language_model": LM_ATTN}),
     (
         "lm all-linear",
-        ["groups.language_model.targets=all-linear"],
+        [PL, "groups.language_model.targets=all-linear"],
         {"projector": MERGER, "language_model": LM_ATTN + LM_MLP},
     ),
-    ("lm mlp", ["groups.language_model.targets=mlp"], {"projector": MERGER, "language_model": LM_MLP}),
+    ("lm mlp", [PL, "groups.language_model.targets=mlp"], {"projector": MERGER, "language_model": LM_MLP}),
     (
         "explicit leaf names",
-        ["groups.language_model.targets=[q_proj,v_proj]"],
+        [PL, "groups.language_model.targets=[q_proj,v_proj]"],
         {"projector": MERGER, "language_model": [n for n in LM_ATTN if n.endswith(("q_proj", "v_proj"))]},
     ),
     (
         "dotted suffix",
-        ["groups.language_model.targets=[self_attn.o_proj]"],
+        [PL, "groups.language_model.targets=[self_attn.o_proj]"],
         {"projector": MERGER, "language_model": [n for n in LM_ATTN if n.endswith("o_proj")]},
     ),
     (
@@ -55,15 +57,15 @@ TARGET_CASES = [
     ),
     (
         "vision attention",
-        ["groups.vision_tower.mode=lora", "groups.vision_tower.targets=attention"],
+        [PL, "groups.vision_tower.mode=lora", "groups.vision_tower.targets=attention"],
         {"vision_tower": VISION_ATTN, "projector": MERGER, "language_model": LM_ATTN},
     ),
     (
         "vision all-linear excludes merger",
-        ["groups.vision_tower.mode=lora"],
+        [PL, "groups.vision_tower.mode=lora"],
         {"vision_tower": VISION_ATTN + VISION_MLP, "projector": MERGER, "language_model": LM_ATTN},
     ),
-    ("projector only", ["groups.language_model.mode=frozen"], {"projector": MERGER}),
+    ("projector only", [PL, "groups.language_model.mode=frozen"], {"projector": MERGER}),
 ]
 
 
@@ -125,7 +127,7 @@ def test_full_group_is_saved_through_modules_to_save(tiny):
 
 
 def test_full_vision_tower_with_projector_lora_do_not_overlap(tiny):
-    model, gmap, _, plans = _plan(tiny, ["groups.vision_tower.mode=full"])
+    model, gmap, _, plans = _plan(tiny, [PL, "groups.vision_tower.mode=full"])
     peft_model = apply_plan(model, gmap, plans)
     saved = peft_model.peft_config["default"].modules_to_save
     assert saved and not any("merger" in m for m in saved)

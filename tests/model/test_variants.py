@@ -230,10 +230,11 @@ def test_a_group_keeps_its_variant_across_stages(tmp_path):
     path.write_text(
         yaml.safe_dump(
             {
+                "groups": {"projector": {"mode": "lora"}},
                 "stages": [
                     {"name": "a", "steps": 1, "groups": {"projector": {"lr_ratio_b": 4}}},
                     {"name": "b", "steps": 1, "groups": {"projector": {"dora": True}}},
-                ]
+                ],
             }
         )
     )
@@ -243,7 +244,14 @@ def test_a_group_keeps_its_variant_across_stages(tmp_path):
     assert "groups.projector: LoRA weights carry over between stages, so rank, alpha, targets, dora" in problem
     assert "stages[0] (a): rank 16" in problem and "dora True" in problem
     # the LoRA+ ratio is the optimizer's: it may change from stage to stage
-    path.write_text(yaml.safe_dump({"stages": [{"name": "a", "steps": 1, "groups": {"projector": {"lr_ratio_b": 4}}}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "groups": {"projector": {"mode": "lora"}},
+                "stages": [{"name": "a", "steps": 1, "groups": {"projector": {"lr_ratio_b": 4}}}],
+            }
+        )
+    )
     assert load_config(path, echo=lambda *a: None).stages[0].groups.projector.lr_ratio_b == 4
 
 

@@ -23,7 +23,9 @@ def _setup(tiny, overrides):
 
 
 def test_projector_lora_gets_projector_rate(tiny):
-    _, _, _, groups = _setup(tiny, ["groups.projector.lr=3e-3", "groups.language_model.lr=5e-4"])
+    _, _, _, groups = _setup(
+        tiny, ["groups.projector.mode=lora", "groups.projector.lr=3e-3", "groups.language_model.lr=5e-4"]
+    )
     by_name = {g["name"]: g for g in groups}
     assert by_name["projector"]["lr"] == 3e-3
     assert by_name["language_model"]["lr"] == 5e-4
@@ -63,7 +65,9 @@ def test_group_falls_back_to_run_rate(tiny):
 
 @pytest.mark.parametrize("kind,expected_mid", [("cosine", 0.5), ("linear", 0.5), ("constant", 1.0)])
 def test_schedule_keeps_group_ratios(tiny, kind, expected_mid):
-    _, _, _, groups = _setup(tiny, ["groups.projector.lr=4e-3", "groups.language_model.lr=1e-3"])
+    _, _, _, groups = _setup(
+        tiny, ["groups.projector.mode=lora", "groups.projector.lr=4e-3", "groups.language_model.lr=1e-3"]
+    )
     opt = build_optimizer(groups, (0.9, 0.999))
     sched = build_scheduler(opt, kind, warmup=10, total=110)
     lrs = []

@@ -45,8 +45,8 @@ def test_quickstart_writes_outputs_and_learns(base_dir, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     # the plan table, printed before training
-    assert "projector       lora    2: mlp.0, mlp.2" in printed
-    assert "language_model  lora    8: q_proj, k_proj, v_proj, o_proj" in printed
+    assert "projector       full    3: ln_q, mlp.0, mlp.2" in printed
+    assert "language_model  lora    8: q_proj, k_proj, v_proj, o_proj  16/64/0" in printed
     assert "optimizer group projector" in printed and "lr=3.00e-03" in printed
 
     for name in (
@@ -68,9 +68,10 @@ def test_quickstart_writes_outputs_and_learns(base_dir, tmp_path, capsys):
     assert len(evals) == 3 and evals[-1] < 0.6 * evals[0], evals  # before, step 20, end
 
     weights = _adapter(out / "final")
-    merger_b = [k for k in weights if "visual.merger.mlp" in k and "lora_B" in k]
-    assert sorted(k.split(".merger.")[1] for k in merger_b) == ["mlp.0.lora_B.weight", "mlp.2.lora_B.weight"]
-    assert all(weights[k].abs().sum() > 0 for k in merger_b), "projector LoRA B must have moved from zero"
+    merger = {k.split(".merger.")[1]: v for k, v in weights.items() if ".merger." in k}
+    assert set(merger) == {f"{m}.{p}" for m in ("ln_q", "mlp.0", "mlp.2") for p in ("weight", "bias")}
+    base_weights = _base_state(base_dir)  # the flat layout (visual.*)
+    assert all(not torch.equal(v, base_weights[f"visual.merger.{k}"]) for k, v in merger.items() if "mlp" in k)
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert any(f"self_attn.{proj}.lora_A" in k for k in weights), proj
     assert not any("mlp.gate_proj" in k or "visual.blocks" in k for k in weights)
@@ -81,8 +82,10 @@ def test_quickstart_writes_outputs_and_learns(base_dir, tmp_path, capsys):
 
     base = AutoModelForImageTextToText.from_pretrained(base_dir)
     model = PeftModel.from_pretrained(base, out / "final")
-    loaded = {k: v for k, v in model.state_dict().items() if "lora_B" in k and "merger" in k}
-    assert loaded and all(v.abs().sum() > 0 for v in loaded.values())
+    loaded = model.get_base_model().model.visual.merger.mlp[0].weight
+    assert torch.equal(loaded, merger["mlp.0.weight"]), "the trained projector must load with the adapter"
+    lora_b = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())
     saved_cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert saved_cfg["groups"]["projector"]["lr"] == 3e-3 and saved_cfg["train"]["max_steps"] == 40
 

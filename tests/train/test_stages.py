@@ -67,12 +67,12 @@ def test_no_stages_is_one_unnamed_stage(tmp_path):
             ["stages[0] (a)", "every group is frozen"],
         ),
         (
-            "[{name: a, groups: {projector: {mode: full}}}, {name: b}]",
-            ["groups.projector is lora in one stage and full in another"],
+            "[{name: a, groups: {language_model: {mode: full}}}, {name: b}]",
+            ["groups.language_model is lora in one stage and full in another"],
         ),
         (
-            "[{name: a, groups: {projector: {rank: 4}}}, {name: b}]",
-            ["groups.projector", "rank 4", "rank 16", "stages[1] (b)"],
+            "[{name: a, groups: {language_model: {rank: 4}}}, {name: b}]",
+            ["groups.language_model", "rank 4", "rank 16", "stages[1] (b)"],
         ),
         ("[{name: a, groups: {projector: {mode: lora, modee: x}}}]", ["stages[0] (a)", "groups.projector.modee"]),
     ],
@@ -88,10 +88,10 @@ def test_stage_may_change_mode_between_frozen_and_lora_and_its_rate(tmp_path):
     cfg = load_config(
         _write(
             tmp_path,
-            "stages: [{name: a, groups: {projector: {mode: frozen}}}, {name: b, groups: {projector: {lr: 0.1, dropout: 0.1}}}]\n",
+            "stages: [{name: a, groups: {language_model: {mode: frozen}}}, {name: b, groups: {language_model: {lr: 0.1, dropout: 0.1}}}]\n",
         )
     )
-    assert [s.cfg.group("projector").mode for s in resolve_stages(cfg)] == ["frozen", "lora"]
+    assert [s.cfg.group("language_model").mode for s in resolve_stages(cfg)] == ["frozen", "lora"]
 
 
 def _lora(sd: dict, group_key: str) -> dict:
@@ -111,6 +111,10 @@ def test_two_stage_run_trains_projector_then_language_model(base_dir, tmp_path, 
             "train",
             "examples/progressive.yaml",
             f"train.output_dir={out}",
+            # the projector as LoRA (the example trains it fully): its adapter must carry over between stages
+            "groups.projector.mode=lora",
+            "groups.projector.rank=16",
+            "groups.projector.targets=all-linear",
             "stages.0.steps=4",
             "stages.1.steps=4",
             "train.batch_size=4",

@@ -10,7 +10,7 @@ Each variant changes one thing of a baseline (the quickstart's recipe: projector
 model's rate, language-model attention LoRA r16/alpha 32, vision tower and lm_head frozen), with equal steps and data:
 the projector frozen / LoRA / full; its rate 1x / 3x / 10x the language model's; rank 8 / 16 / 32 (alpha 2r) and
 alpha r / 2r / 4r (rank 16); LoRA dropout 0 / 0.05 / 0.1; joint vs progressive (projector alone for the first third);
-visual augmentation off / on. Every (task, variant, seed) is a normal run folder under ``--out``; a finished one
+visual augmentation off / on; and the winners together (projector full, alpha 4r). Every (task, variant, seed) is a normal run folder under ``--out``; a finished one
 (``final/`` and its metrics) is not run again, so an interrupted study resumes. The summary (exact match, answer loss
 and image-ablation gap at each eval step, mean and spread over seeds) is printed and written as ``RECIPES.md`` in
 ``--out`` (and to ``--write`` when given).
@@ -84,6 +84,12 @@ VARIANTS: list[tuple[str, str, dict]] = [
         },
     ),
     ("augmentation", "on", {"data": {"augment": {"enabled": True}}}),
+    # The two winners above together (vlmtune's default groups and the quickstart since): no interaction undoes them.
+    (
+        "combined",
+        "full projector + alpha 4r",
+        {"groups": {"projector": {"mode": "full"}, "language_model": {"alpha": 64}}},
+    ),
 ]
 BASE_LEVEL = {
     "projector": "LoRA",
@@ -93,7 +99,9 @@ BASE_LEVEL = {
     "dropout": "0",
     "schedule": "joint",
     "augmentation": "off",
+    "combined": "neither",
 }
+TASKS = ("color", "brief")
 
 
 def write_brief(out: Path, train: int = 512, eval_: int = 96) -> tuple[Path, Path]:
@@ -129,7 +137,7 @@ def task_data(task: str, root: Path) -> dict:
     if task == "brief":
         train, eval_ = write_brief(root / "brief-data")
         return {"train": str(train), "eval": str(eval_)}
-    raise ValueError(f"unknown task {task!r}: color or brief")
+    raise ValueError(f"unknown task {task!r}: {' or '.join(TASKS)}")
 
 
 def run_one(task: str, variant: tuple[str, str, dict], seed: int, out: Path, base: Path) -> list[dict]:
@@ -170,11 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated factor names to run (default: every variant)")
     ap.add_argument("--write", type=Path, help="also write the summary to this file (e.g. bench/RECIPES.md)")
     args = ap.parse_args(argv)
-    base = ensure_base(echo=echo)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     factors = {f.strip() for f in args.only.split(",") if f.strip()}
+    unknown = [f"task {t!r}" for t in tasks if t not in TASKS]
+    unknown += [f"factor {f!r}" for f in sorted(factors - set(BASE_LEVEL))]
+    if unknown or not tasks:
+        ap.error(
+            f"--tasks/--only: unknown {', '.join(unknown) or 'empty --tasks'}; "
+            f"tasks are {', '.join(TASKS)}; factors are {', '.join(BASE_LEVEL)}"
+        )
+    base = ensure_base(echo=echo)
     variants = [v for v in VARIANTS if not factors or v[0] in factors or v[0] == "baseline"]
     results: dict = {}
-    for task in args.tasks.split(","):
+    for task in tasks:
         for variant in variants:
             for seed in range(args.seeds):
                 echo(f"== {task} / {variant[0]} = {variant[1]} / seed {seed}")

@@ -35,6 +35,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, ech
     native, lines, problems = translate(raw)
     for line in lines:
         echo(line)
+    for line in lora_by_its_settings(native):
+        echo(line)
     merged = deep_merge({"groups": DEFAULT_GROUPS}, native)
     problems += raw_problems(merged)
     try:
@@ -48,6 +50,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, ech
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets", "dora", "rslora", "init", "lr_ratio_b")
+
+
+def lora_by_its_settings(native: dict) -> list[str]:
+    """A top-level group given LoRA settings but no ``mode`` is LoRA, whatever its default mode (``projector: {rank:
+    4}`` meant LoRA when the projector's default was LoRA, and still does now that it trains fully by default).
+    Sets the mode in ``native`` and returns a line per group it set."""
+    groups = native.get("groups") if isinstance(native.get("groups"), dict) else {}
+    lines = []
+    for name, given in groups.items():
+        default = DEFAULT_GROUPS.get(name, {}).get("mode", "frozen")
+        keys = [k for k in LORA_ONLY_KEYS if isinstance(given, dict) and k in given]
+        if keys and "mode" not in given and default != "lora":
+            given["mode"] = "lora"
+            lines.append(f"groups.{name}: {', '.join(keys)} given without a mode -> mode lora (default: {default})")
+    return lines
 
 
 def _where_in_stages(problems: list[str], raw: dict) -> list[str]:

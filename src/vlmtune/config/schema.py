@@ -26,7 +26,7 @@ class GroupConfig(StrictModel):
 
     mode: Literal["frozen", "lora", "full"] = Field(
         "frozen",
-        description="frozen: no update; lora: peft LoRA on the group's linear layers; full: every weight trained and saved with the adapter",
+        description="frozen: no update; lora: peft LoRA on the group's linear layers; full: every weight trained and saved with the adapter. Empty: the default recipe's (projector full, language model lora, the others frozen), or lora where the group is given LoRA settings (rank, alpha, targets ...)",
     )
     rank: int = Field(8, gt=0, description="LoRA rank r (8 or 16 is the usual start for the projector)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; empty means 2 x rank, the usual starting point")
@@ -344,10 +344,11 @@ class Config(StrictModel):
         return self.train.weight_decay if wd is None else wd
 
 
-# The default recipe: projector LoRA and language-model attention LoRA, alpha = 2r, vision tower frozen.
+# The default recipe: the projector trained fully (the recipe study's winner over LoRA and frozen, bench/RECIPES.md),
+# language-model attention LoRA r16, vision tower and lm_head frozen. A config's group settings merge over these.
 DEFAULT_GROUPS: dict[str, dict[str, Any]] = {
     "vision_tower": {"mode": "frozen"},
-    "projector": {"mode": "lora", "rank": 16, "targets": "all-linear"},
+    "projector": {"mode": "full", "rank": 16, "targets": "all-linear"},  # rank and targets: when set to lora
     "language_model": {"mode": "lora", "rank": 16, "targets": "attention"},
     "lm_head": {"mode": "frozen"},
 }
