@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from vlmtune.config.data import DataConfig
 from vlmtune.data import shapes
@@ -285,7 +286,7 @@ def test_builtin_source_resolves_and_generates(processor):
     data = DataConfig(builtin_train_samples=6, builtin_eval_samples=3)
     path, fmt = _resolved("builtin:shapes:position", data, "train")
     assert fmt == Format()
-    assert path == cache_dir() / "shapes" / "position-train-6-s0" / "train.jsonl"
+    assert path == cache_dir() / "shapes" / f"position-train-6-s0-{shapes.fingerprint()}" / "train.jsonl"
     assert str(path).startswith(os.environ["VLMTUNE_CACHE"])
     train = read_samples(path, fmt)
     assert len(train) == 6
@@ -297,13 +298,31 @@ def test_builtin_source_resolves_and_generates(processor):
     assert path.stat().st_mtime_ns == mtime
     # eval is a different draw of its own size
     eval_path, _ = _resolved("builtin:shapes:position", data, "eval")
-    assert eval_path == cache_dir() / "shapes" / "position-eval-3-s1" / "eval.jsonl"
+    assert eval_path == cache_dir() / "shapes" / f"position-eval-3-s1-{shapes.fingerprint()}" / "eval.jsonl"
     evals = read_samples(eval_path)
     assert len(evals) == 3
     assert {s.images[0].read_bytes() for s in evals}.isdisjoint({s.images[0].read_bytes() for s in train})
     ds = build_dataset("builtin:shapes:position", data, processor, "train")
     assert len(ds) == 6 and ds.report.kept == 6
+
     assert ds[0]["image_grid_thw"].tolist() == [[1, 8, 8]]
+
+
+def test_builtin_data_drawn_by_another_generator_is_not_reused(monkeypatch):
+    """Cached builtin data is keyed by the generator's fingerprint: data drawn on another background (an earlier
+    version's) lives in another folder and is never read for this one."""
+    data = DataConfig(builtin_train_samples=4)
+    path, _ = _resolved("builtin:shapes:color", data, "train")
+    first = Image.open(read_samples(path)[0].images[0]).convert("RGB").getpixel((0, 0))
+    assert first == shapes.BACKGROUND
+    monkeypatch.setattr(shapes, "BACKGROUND", (220, 220, 220))
+    shapes.fingerprint.cache_clear()
+    try:
+        other, _ = _resolved("builtin:shapes:color", data, "train")
+        assert other.parent != path.parent
+        assert Image.open(read_samples(other)[0].images[0]).convert("RGB").getpixel((0, 0)) == (220, 220, 220)
+    finally:
+        shapes.fingerprint.cache_clear()
 
 
 def test_builtin_compare_has_two_images(processor):

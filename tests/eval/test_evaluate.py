@@ -234,7 +234,7 @@ def test_quickstart_alignment_rises_from_the_base(base_dir, tmp_path, capsys):
     assert a["samples"] == b["samples"] == 32
     # The base has never been asked this question: before the quickstart it ranks the colour answers at chance
     # (measured: recall@1 0.28 vs 0.27, gap with another image -0.25); 40 steps teach the answer, read from the image
-    # (the quickstart's own eval at step 40, 64 samples: recall@1 0.98, gap +1.69, exact match 0.98).
+    # (the quickstart's own eval at step 40 of 120, 64 samples: recall@1 0.98, gap +2.11, exact match 0.98).
     assert a["retrieval_r1"] > max(b["retrieval_r1"], a["retrieval_r1_chance"] + 0.5), (a, b)
     assert a["retrieval_mean_rank"] < b["retrieval_mean_rank"], (a, b)
     assert a["ablation_gap_other"] > b["ablation_gap_other"] + 1.0 and a["ablation_gap_other"] > 1.0, (a, b)

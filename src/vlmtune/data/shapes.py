@@ -12,6 +12,8 @@ corpus has (the positions' ``left``, ``right``, ``top``, ``bottom``), its questi
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -93,6 +95,27 @@ class Scene:
         if task in ("color", "shape", "size", "position"):
             return getattr(self, task)
         raise ValueError(f"task {task!r} is not a single-image question task")
+
+
+# Bump when the samples' text changes in a way the fingerprint below cannot see (their templates, the task mixture).
+GENERATOR_VERSION = 1
+
+
+@functools.cache
+def fingerprint() -> str:
+    """A short hash of what this generator draws and asks: its vocabularies, questions, background and a few rendered
+    scenes. Cached builtin data lives under a folder named with it, so data made by another version (an earlier
+    background, say, which a base pretrained on this one reads badly) is never reused."""
+    h = hashlib.sha1()
+    fixed = [GENERATOR_VERSION, SHAPES, COLORS, SIZES, POSITIONS, BACKGROUND, IMAGE_SIZE, QUESTIONS, COMPARE_QUESTION]
+    fixed += [MOTION_QUESTION, DIRECTIONS, MOTION_FRAMES, MOTION_FPS, SYSTEM_PROMPTS, PRETRAIN_TASKS]
+    h.update(json.dumps(fixed, sort_keys=True).encode())
+    rng = random.Random("fingerprint")
+    for shape in SHAPES:
+        for size in SIZES:
+            scene = Scene(shape, rng.choice(list(COLORS)), size, rng.choice(POSITIONS), (rng.random(), rng.random()))
+            h.update(render_scene(scene).tobytes())
+    return h.hexdigest()[:10]
 
 
 def random_scene(rng: random.Random, color: str | None = None) -> Scene:

@@ -103,7 +103,7 @@ def resolve(entry: str | DataSource, data: DataConfig, split: str) -> Source:
             )
         n = data.builtin_train_samples if split == "train" else data.builtin_eval_samples
         seed = 0 if split == "train" else 1  # disjoint draws for train and eval
-        out = cache_dir() / "shapes" / f"{task}-{split}-{n}-s{seed}"
+        out = cache_dir() / "shapes" / f"{task}-{split}-{n}-s{seed}-{shapes.fingerprint()}"
         path = out / f"{split}.jsonl"
         if not path.is_file():
             path = shapes.generate_shapes(out, n, task, seed=seed, name=split)
