@@ -74,6 +74,8 @@ if "outline" in a:
     # Every shape drawn with an outline of "outline" pixels in "outline_color" (default black): an edge that looks
     # the same whatever the fill colour.
     def _outlined(img, scene, cx, cy, radius):
+        if "radii" in a:  # both: the shapes' sizes, then the outline
+            radius = (a["radii"][0] if scene.size == "small" else a["radii"][1]) * img.width
         fill, line = S.COLORS[scene.color], tuple(a.get("outline_color", (0, 0, 0)))
         draw = S.ImageDraw.Draw(img)
         box = (cx - radius, cy - radius, cx + radius, cy + radius)
