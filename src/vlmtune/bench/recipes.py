@@ -10,8 +10,9 @@ Each variant changes one thing of a baseline (the quickstart's recipe: projector
 model's rate, language-model attention LoRA r16/alpha 32, vision tower and lm_head frozen), with equal steps and data:
 the projector frozen / LoRA / full; its rate 1x / 3x / 10x the language model's; rank 8 / 16 / 32 (alpha 2r) and
 alpha r / 2r / 4r (rank 16); LoRA dropout 0 / 0.05 / 0.1; joint vs progressive (projector alone for the first third);
-visual augmentation off / on; and the winners together (projector full, alpha 4r). Every (task, variant, seed) is a normal run folder under ``--out``; a finished one
-(``final/`` and its metrics) is not run again, so an interrupted study resumes. The summary (exact match, answer loss
+visual augmentation off / on; and the winners together (projector full, alpha 4r). Every (task, variant, seed) is a
+normal run folder under ``--out``; a finished one (``final/`` and its metrics) is not run again, so an interrupted
+study resumes. The summary (exact match, answer loss
 and image-ablation gap at each eval step, mean and spread over seeds) is printed and written as ``RECIPES.md`` in
 ``--out`` (and to ``--write`` when given).
 """

@@ -12,7 +12,7 @@ from vlmtune.config.checks import raw_problems, semantic_problems
 from vlmtune.config.errors import ConfigError, format_validation_error
 from vlmtune.config.llamafactory import LLAMA_FACTORY_KEYS, translate, without_shadowed
 from vlmtune.config.overrides import apply_overrides, deep_merge, parse_override, read_yaml
-from vlmtune.config.schema import DEFAULT_GROUPS, GROUPS, Config, GroupConfig, StageConfig
+from vlmtune.config.schema import DEFAULT_GROUPS, GROUPS, LORA_SETTINGS, Config, GroupConfig, StageConfig
 from vlmtune.config.stages import stage_problems
 
 
@@ -52,9 +52,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, ech
     return cfg
 
 
-LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets", "dora", "rslora", "init", "lr_ratio_b")
-
-
 def lora_by_its_settings(native: dict) -> list[str]:
     """A top-level group given LoRA settings but no ``mode`` is LoRA, whatever its default mode (``projector: {rank:
     4}`` meant LoRA when the projector's default was LoRA, and still does now that it trains fully by default).
@@ -62,9 +59,11 @@ def lora_by_its_settings(native: dict) -> list[str]:
     groups = native.get("groups") if isinstance(native.get("groups"), dict) else {}
     lines = []
     for name, given in groups.items():
+        if not isinstance(given, dict) or "mode" in given:
+            continue
         default = DEFAULT_GROUPS.get(name, {}).get("mode", "frozen")
-        keys = [k for k in LORA_ONLY_KEYS if isinstance(given, dict) and k in given]
-        if keys and "mode" not in given and default != "lora":
+        keys = [k for k in LORA_SETTINGS if k in given]
+        if keys and default != "lora":
             given["mode"] = "lora"
             lines.append(f"groups.{name}: {', '.join(keys)} given without a mode -> mode lora (default: {default})")
     return lines

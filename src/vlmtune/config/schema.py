@@ -66,6 +66,10 @@ class GroupConfig(StrictModel):
         return self.alpha if self.alpha is not None else 2.0 * self.rank
 
 
+# GroupConfig's fields that only a LoRA group uses.
+LORA_SETTINGS: tuple[str, ...] = ("rank", "alpha", "dropout", "targets", "dora", "rslora", "init", "lr_ratio_b")
+
+
 def _group_field(what: str) -> Any:
     return Field(default_factory=GroupConfig, description=what)
 
