@@ -8,7 +8,8 @@ vd, vh, vdepth, th, tl (vision width, heads, depth; text width, layers), theta (
 mean (the processor's image_mean), bg (the shapes' background colour), tasks (the pretraining mixture, a list of
 task names; a name twice doubles its share), steps, lr, bs, warm, images, seed (the recipe of builtin/base.py with
 these changed), area (every shape of a size drawn with the same area), radii ([small, large] shape sizes as fractions
-of the image), imsize (image side in pixels), outline (an outline width in pixels; outline_color), extra ({"any":
+of the image), imsize (image side in pixels), outline (an outline width in pixels; outline_color), tower (pretrain the vision tower
+first: {TowerRecipe fields}, builtin/tower.py), extra ({"any":
 {config overrides}}), threads (torch threads). Each candidate gets its own folder
 under runs/base_candidates/NAME and its own VLMTUNE_CACHE there; the last line printed is its probe.
 """
@@ -122,6 +123,11 @@ model_config = tiny_config(
     merge_size=a.get("merge", 2),
 )
 model = Qwen2VLForConditionalGeneration(model_config)
+if "tower" in a:  # the tower stage first ({} for its defaults), then the language model's pretraining
+    from vlmtune.builtin.tower import TowerRecipe, pretrain_tower
+
+    tower = pretrain_tower(model, proc, TowerRecipe(**a["tower"]))
+    print("TOWER", json.dumps(tower), "s", round(time.time() - started, 1), flush=True)
 model.save_pretrained(out / "init", safe_serialization=True)
 proc.save_pretrained(out / "init")
 t = B.PRETRAIN["train"]

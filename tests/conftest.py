@@ -29,10 +29,11 @@ def _cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    """A randomly initialised tiny Qwen2-VL model folder with its tokenizer and processor."""
+    """A randomly initialised tiny Qwen2-VL model folder with its tokenizer and processor; Qwen2-VL's merge size 2
+    (16 tokens per 64-pixel image), not the builtin base's 4, so the tests see images of several tokens per side."""
     from vlmtune.builtin.base import write_random_init
 
-    return write_random_init(tmp_path_factory.mktemp("tiny-random"))
+    return write_random_init(tmp_path_factory.mktemp("tiny-random"), merge_size=2)
 
 
 @pytest.fixture(scope="session")

@@ -70,30 +70,26 @@ def probe(base_dir, tmp_path_factory) -> tuple[str, dict]:
 
 
 @pytest.mark.slow
-def test_eval_prints_the_probe_of_the_base_and_it_reads_size_position_and_colour(probe):
+def test_eval_prints_the_probe_of_the_base_and_it_reads_every_attribute(probe):
     """The probe: the base's own questions on held-out images, greedy; chance 1/3 for the shape, 1/2 for the size,
-    1/4 for the position and the colour.
+    1/4 for the position and the colour. Every attribute must be read (exact match >= 0.95: at most one miss in 32),
+    and another sample's image must cost at least a nat per answer token.
 
-    Measured (2 threads): shape 0.469, size 1.0, position 1.0, colour 1.0, gap +1.51 nats per answer token
-    (size +1.58, position +2.38, colour +1.57, shape +0.09). Runs of the same recipe at 1 thread, or 200 steps more
-    or fewer, gave size 0.84-1.0 and position and colour 1.0: the bounds leave room for that.
+    Measured (2 threads): 1.0 for each attribute, gap +2.27 nats per answer token; at 1 thread 1.0 and +1.94, and
+    with the tower stage's and the pretraining's seed 1 (800 steps) 1.0 and +2.07.
     """
     printed, report = probe
     assert "probe of the builtin base" in printed and "position" in printed
     assert report["data"] is None
     m = report["metrics"]
-    for kind in ("size", "position", "color"):
-        assert m[f"probe/{kind}_exact_match"] >= 0.8 and m[f"probe/{kind}_gap"] >= 0.5, (kind, m)
-    assert m["probe/shape_exact_match"] > 1 / 3, m
-    assert m["probe/gap"] >= 1.0, m
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the base tells the shape by its area, not its form: shape 0.469")
-def test_base_reads_every_attribute_from_the_image(probe):
-    """The goal: every attribute read (exact match >= 0.95), and another sample's image costs at least a nat per
-    answer token."""
-    m = probe[1]["metrics"]
     for kind in ("shape", "size", "position", "color"):
-        assert m[f"probe/{kind}_exact_match"] >= 0.95, (kind, m)
+        assert m[f"probe/{kind}_exact_match"] >= 0.95 and m[f"probe/{kind}_gap"] >= 0.5, (kind, m)
     assert m["probe/gap"] >= 1.0, m
+
+
+def test_base_keeps_its_tower_stage_figures(base_dir):
+    """The first stage (the tower and merger as a classifier of the scenes) is recorded beside the base, and it reads
+    each attribute: measured 0.988 for the shape, 1.0 for the others (512 held-out images)."""
+    tower = json.loads((base_dir / "tower_metrics.json").read_text())
+    assert set(tower) == {f"tower/{k}_accuracy" for k in ("shape", "size", "color", "position")}
+    assert min(tower.values()) >= 0.9, tower

@@ -158,7 +158,7 @@ def test_predicted_activations_match_what_autograd_saves(tiny_dir, overrides):
     rows, length = batch["input_ids"].shape
     answers = int((batch["labels"][:, 1:] != -100).sum())
     patches = batch["pixel_values"].shape[0]
-    b = Batch(rows, length, answers, patches, padded=True, vision_tokens=patches // 4)
+    b = Batch(rows, length, answers, patches, padded=True, vision_tokens=patches // mp.vision.merge)
     acts = activations(mp.text, mp.vision, mp.stage_facts[0], b, Settings("cpu", 4, vision_runs=True))
     predicted = sum(t.total for t in acts.kept)
     measured = _saved_bytes(built.model, batch)

@@ -115,7 +115,10 @@ def test_llama_factory_lora_target_merger_trains_only_the_projector(base_dir, tm
     assert "cutoff_len: 256 -> data.max_length" in printed
     weights = _adapter(tmp_path / "lf" / "final")
     assert weights and all(".visual.merger.mlp." in k for k in weights)
-    assert {tuple(v.shape) for k, v in weights.items() if "lora_A" in k} == {(8, 256)}
+    # mlp.0 and mlp.2 both read the merged patches: embed_dim x merge_size^2 features
+    vision = json.loads((base_dir / "config.json").read_text())["vision_config"]
+    width = vision["embed_dim"] * vision["spatial_merge_size"] ** 2
+    assert {tuple(v.shape) for k, v in weights.items() if "lora_A" in k} == {(8, width)}
     assert all(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
 
 
@@ -167,7 +170,7 @@ def test_overlong_samples_are_counted_and_named_never_cut(base_dir, tmp_path, ca
         str(ROOT / "examples/quickstart.yaml"),
         f"data.train={data}",
         "data.eval=null",
-        "data.max_length=100",
+        "data.max_length=60",
         "data.image_max_pixels=65536",
         f"train.output_dir={tmp_path / 'o'}",
         "train.max_steps=2",
@@ -177,7 +180,7 @@ def test_overlong_samples_are_counted_and_named_never_cut(base_dir, tmp_path, ca
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "train data: 4 samples" in printed
-    assert f"2 sample(s) over max_length=100 dropped (image tokens are never cut): {data}:3, {data}:6" in printed
+    assert f"2 sample(s) over max_length=60 dropped (image tokens are never cut): {data}:3, {data}:6" in printed
 
 
 @pytest.mark.slow

@@ -158,7 +158,8 @@ def test_two_stage_run_trains_projector_then_language_model(base_dir, tmp_path, 
     starts = [(r["step"], r["stage_start"]) for r in records if "stage_start" in r]
     assert starts == [(0, "align"), (4, "joint")]
     ends = {r["stage_end"]: r for r in records if "stage_end" in r}
-    assert ends["align"]["changed_params/language_model"] == 0 and ends["align"]["changed_params/projector"] == 14336
+    # LoRA r16 on the merger's mlp.0 (1024 -> 1024) and mlp.2 (1024 -> 128): 16 x (1024 + 1024 + 1024 + 128)
+    assert ends["align"]["changed_params/language_model"] == 0 and ends["align"]["changed_params/projector"] == 51200
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
     assert (out / "loss.png").stat().st_size > 0
 

@@ -221,5 +221,8 @@ def test_training_with_the_cache_equals_training_without(base_dir, tmp_path, cap
     assert "gradient checkpointing: on" in second
     assert _losses(on) == pytest.approx(_losses(off), rel=1e-5)
     assert _losses(again) == pytest.approx(_losses(off), rel=1e-5)
+    # The tower runs batched without the cache and per image with it, so its features differ in the last float bits;
+    # Adam turns a near-zero gradient's noise into a step of up to the rate (3e-3 here), so the weights are compared
+    # against what Adam can move them in 4 steps (about 1.2e-2): measured at most 2.6e-5 apart, bound 3e-4.
     a, b = (load_file(r / "final" / "adapter_model.safetensors") for r in (off, on))
-    assert max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)).item() for k in a) <= 1e-4
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 3e-4
