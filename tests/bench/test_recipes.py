@@ -34,7 +34,8 @@ def test_every_factor_has_its_baseline_level_and_the_report_gives_mean_and_sprea
          {"step": 120, "eval_loss": 0.5, "eval/exact_match": em, "eval/ablation_gap_other": 1.0, "seconds": 30.0}]
         for em in (0.5, 0.7, 0.9)
     ]  # fmt: skip
-    text = report({"color": {("baseline", "quickstart"): runs}}, BASE_LEVEL, 3)
+    text = report({"color": {("baseline", "quickstart"): runs}}, BASE_LEVEL, 3, "tiny-qwen2-vl-v5")
+    assert "Fine-tuned from the builtin base `tiny-qwen2-vl-v5`." in text
     assert "| baseline | quickstart | 0.700 ± 0.200 | 0.500 ± 0.000 | 1.000 ± 0.000 | 0.000 |" in text
 
 

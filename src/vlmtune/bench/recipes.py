@@ -173,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     from vlmtune.builtin.base import ensure_base
 
     ap = argparse.ArgumentParser(prog="python -m vlmtune.bench.recipes", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("runs/recipes"), help="study folder (resumable)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="study folder (resumable); default runs/recipes/<the base's folder name>, so runs from another builtin "
+        "base are never taken as done",
+    )
     ap.add_argument("--seeds", type=int, default=3, help="seeds per variant (train.seed 0..N-1)")
     ap.add_argument("--tasks", default="color,brief", help="comma-separated: color, brief")
     ap.add_argument("--only", default="", help="comma-separated factor names to run (default: every variant)")
@@ -189,18 +194,17 @@ def main(argv: list[str] | None = None) -> int:
             f"tasks are {', '.join(TASKS)}; factors are {', '.join(BASE_LEVEL)}"
         )
     base = ensure_base(echo=echo)
+    out = args.out or Path("runs/recipes") / base.name
     variants = [v for v in VARIANTS if not factors or v[0] in factors or v[0] == "baseline"]
     results: dict = {}
     for task in tasks:
         for variant in variants:
             for seed in range(args.seeds):
                 echo(f"== {task} / {variant[0]} = {variant[1]} / seed {seed}")
-                results.setdefault(task, {}).setdefault(variant[:2], []).append(
-                    run_one(task, variant, seed, args.out, base)
-                )
-    text = report(results, BASE_LEVEL, args.seeds)
+                results.setdefault(task, {}).setdefault(variant[:2], []).append(run_one(task, variant, seed, out, base))
+    text = report(results, BASE_LEVEL, args.seeds, base.name)
     echo(text)
-    (args.out / "RECIPES.md").write_text(text, encoding="utf-8")
+    (out / "RECIPES.md").write_text(text, encoding="utf-8")
     if args.write:
         args.write.write_text(text, encoding="utf-8")
     return 0

@@ -24,9 +24,11 @@ def _at(runs: list[list[dict]], step: int, key: str) -> list[float]:
     return [float(r[key]) for run in runs for r in run if r["step"] == step and key in r]
 
 
-def report(results: dict, base_level: dict, seeds: int) -> str:
-    """``results``: task -> (factor, level) -> one list of eval records per seed."""
+def report(results: dict, base_level: dict, seeds: int, base: str = "") -> str:
+    """``results``: task -> (factor, level) -> one list of eval records per seed; ``base``: the base's folder name."""
     lines = ["# The article's advice, measured", ""]
+    if base:
+        lines += [f"Fine-tuned from the builtin base `{base}`.", ""]
     lines += [f"{seeds} seeds per variant; mean ± standard deviation over seeds. `gap`: the image-ablation gap (answer"]
     lines += ["loss with another sample's image minus with its own). The baseline is each factor's first level.", ""]
     for task, variants in results.items():
