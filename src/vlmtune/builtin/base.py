@@ -56,7 +56,7 @@ PRETRAIN = {
         "lm_head": {"mode": "full"},
     },
     # 4096 images: 1000 steps of 16 see each about 4 times. 16384 images (each seen once) read less in 1000 steps:
-    # shape 0.31, size 0.88, position 0.84 (probe, 1 thread).
+    # shape 0.31, size 0.88, position 0.84 (probe, 1 thread, recipe 4).
     "data": {"train": "builtin:shapes:pretrain", "builtin_train_samples": 4096, "max_length": 256},
     "train": {
         # Measured with the probe (shape / size / position / colour exact match, gap): 1000 steps 1.0 / 1.0 / 1.0 /
