@@ -8,9 +8,9 @@ vd, vh, vdepth, th, tl (vision width, heads, depth; text width, layers), theta (
 mean (the processor's image_mean), bg (the shapes' background colour), tasks (the pretraining mixture, a list of
 task names; a name twice doubles its share), steps, lr, bs, warm, images, seed (the recipe of builtin/base.py with
 these changed), area (every shape of a size drawn with the same area), radii ([small, large] shape sizes as fractions
-of the image), imsize (image side in pixels), outline (an outline width in pixels; outline_color), tower (pretrain the vision tower
-first: {TowerRecipe fields}, builtin/tower.py), extra ({"any":
-{config overrides}}), threads (torch threads). Each candidate gets its own folder
+of the image), imsize (image side in pixels), outline (an outline width in pixels; outline_color), tower (pretrain
+the vision tower first: {TowerRecipe fields}, builtin/tower.py), extra ({"any": {config overrides}}), threads
+(torch threads). Each candidate gets its own folder
 under runs/base_candidates/NAME and its own VLMTUNE_CACHE there; the last line printed is its probe.
 """
 

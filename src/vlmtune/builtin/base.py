@@ -101,11 +101,10 @@ def builtin_processor():
     return build_processor(build_tokenizer(corpus_texts()), merge_size=MERGE_SIZE)
 
 
-def write_random_init(out: Path, merge_size: int = MERGE_SIZE) -> Path:
-    """The untrained tiny Qwen2-VL, its tokenizer and processor, as a model folder (seeded).
+def random_init(merge_size: int = MERGE_SIZE):
+    """The untrained tiny Qwen2-VL and its processor (tokenizer inside), seeded.
 
     Args:
-        out: The folder to write.
         merge_size: Side of the square of patches one image token holds: the base's (4: one token per quadrant of a
             64-pixel image), or Qwen2-VL's own 2 (16 tokens), which the tests' random model keeps.
     """
@@ -115,22 +114,15 @@ def write_random_init(out: Path, merge_size: int = MERGE_SIZE) -> Path:
     processor = build_processor(tokenizer, merge_size=merge_size)
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(tiny_config(tokenizer, rope_theta=ROPE_THETA, merge_size=merge_size))
+    return model, processor
+
+
+def write_random_init(out: Path, merge_size: int = MERGE_SIZE) -> Path:
+    """``random_init``'s model and processor, as a model folder."""
+    model, processor = random_init(merge_size)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
-
-
-def pretrain_vision(init: Path, out: Path, echo=print) -> dict[str, float]:
-    """The first stage: the model folder ``init`` with its vision tower and merger pretrained as a classifier of the
-    scenes' attributes (``vlmtune.builtin.tower``), written to ``out``; returns the held-out accuracies."""
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(init)
-    processor = AutoProcessor.from_pretrained(init)
-    accuracy = pretrain_tower(model, processor, echo=echo)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return accuracy
 
 
 def ensure_base(echo=print) -> Path:
@@ -142,7 +134,11 @@ def ensure_base(echo=print) -> Path:
     if work.exists():
         shutil.rmtree(work)
     echo(f"building the builtin base model once (cached in {final}) ...")
-    tower = pretrain_vision(write_random_init(work / "init"), work / "tower", echo)
+    # First stage: the tower and merger as a classifier of the scenes; the recipe then starts from its folder.
+    model, processor = random_init()
+    tower = pretrain_tower(model, processor, echo=echo)
+    model.save_pretrained(work / "tower", safe_serialization=True)
+    processor.save_pretrained(work / "tower")
     cfg = Config.model_validate(
         deep_merge(
             PRETRAIN,
